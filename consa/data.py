@@ -1,0 +1,166 @@
+"""Training and evaluation data: local text packed into fixed-length sequences, plus synthetic
+multi-key retrieval documents.
+
+Retrieval documents are what make long-range heads matter: a few `KEY_abcd = "12345"` lines sit at
+random depths inside filler text and the document ends with `assert KEY_abcd == "`; only a unit
+that can see far back can complete the value. The format matches the testbed model's training data.
+"""
+
+import json
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from consa.errors import DataError
+
+TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".json", ".jsonl", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs"}
+
+
+# -- reading text ---------------------------------------------------------------------------------
+def iter_texts(path, max_files: int | None = None, seed: int = 0):
+    """Yield documents from a file, a directory of text files, or a .jsonl with a `text` field."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"dataset path does not exist: {path}")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise DataError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) under {path}")
+        random.Random(seed).shuffle(files)  # a dataset directory is usually sorted by topic
+    else:
+        files = [path]
+    for f in files[:max_files]:
+        if f.suffix == ".jsonl":
+            yield from _iter_jsonl(f)
+        else:
+            try:
+                yield f.read_text(encoding="utf-8", errors="replace")
+            except OSError as e:
+                raise DataError(f"cannot read {f}: {e}") from None
+
+
+def _iter_jsonl(path: Path):
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno} is not valid JSON: {e.msg}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{path}:{lineno} has no string field 'text'")
+            yield record["text"]
+
+
+def pack_tokens(tokenizer, texts, seq_len: int, max_sequences: int | None = None) -> torch.Tensor:
+    """Concatenate tokenized documents (EOS between them) and cut into (N, seq_len) rows."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    buffer: list[int] = []
+    rows: list[list[int]] = []
+    for text in texts:
+        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        buffer.append(eos)
+        while len(buffer) >= seq_len:
+            rows.append(buffer[:seq_len])
+            buffer = buffer[seq_len:]
+            if max_sequences is not None and len(rows) >= max_sequences:
+                return torch.tensor(rows, dtype=torch.long)
+    if not rows:
+        raise DataError(f"the dataset holds fewer than seq_len={seq_len} tokens")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# -- synthetic retrieval ----------------------------------------------------------------------------
+@dataclass
+class RetrievalDoc:
+    input_ids: list  # prompt tokens, ending right before the value
+    answer: str  # the value the model should produce
+    depths: list  # relative depth (0..1) of each key line in the document
+
+
+def _key_name(rng: random.Random) -> str:
+    return "KEY_" + "".join(rng.choice(string.ascii_lowercase) for _ in range(4))
+
+
+def retrieval_document(tokenizer, filler_ids: list, seq_len: int, rng: random.Random,
+                       num_keys: int = 4, depths: list | None = None, query_index: int | None = None) -> RetrievalDoc:
+    """`num_keys` key lines at random (or given) depths inside filler, then the query for one of them.
+
+    The prompt is exactly seq_len tokens minus the answer's tokens, so loss and retrieval are
+    measured at the context length asked for.
+    """
+    names = []
+    while len(names) < num_keys:
+        name = _key_name(rng)
+        if name not in names:
+            names.append(name)
+    values = ["".join(rng.choice(string.digits) for _ in range(5)) for _ in names]
+    key_ids = [tokenizer(f'\n{n} = "{v}"\n', add_special_tokens=False)["input_ids"] for n, v in zip(names, values)]
+    q = rng.randrange(num_keys) if query_index is None else query_index
+    query_ids = tokenizer(f'\nassert {names[q]} == "', add_special_tokens=False)["input_ids"]
+    answer_len = len(tokenizer(values[q], add_special_tokens=False)["input_ids"])
+
+    budget = seq_len - answer_len - len(query_ids) - sum(map(len, key_ids))
+    if budget < num_keys:
+        raise DataError(f"seq_len={seq_len} is too short for a {num_keys}-key retrieval document")
+    if len(filler_ids) < budget:
+        raise DataError("not enough filler text for a retrieval document")
+    start = rng.randrange(0, len(filler_ids) - budget + 1)
+    filler = filler_ids[start:start + budget]
+    depths = sorted(depths if depths is not None else [rng.random() for _ in range(num_keys)])
+    cuts = [int(d * budget) for d in depths]
+    order = list(range(num_keys))
+    rng.shuffle(order)  # which key sits at which depth
+
+    ids, prev = [], 0
+    for cut, k in zip(cuts, order):
+        ids += filler[prev:cut] + key_ids[k]
+        prev = cut
+    ids += filler[prev:] + query_ids
+    depth_of = {k: d for d, k in zip(depths, order)}
+    return RetrievalDoc(input_ids=ids, answer=values[q], depths=[depth_of[k] for k in range(num_keys)])
+
+
+def filler_token_ids(tokenizer, texts, max_tokens: int) -> list:
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= max_tokens:
+            break
+    return ids[:max_tokens]
+
+
+def retrieval_sequences(tokenizer, filler_ids: list, seq_len: int, count: int, seed: int, num_keys: int = 4) -> torch.Tensor:
+    """(count, seq_len) training rows: retrieval prompts followed by their answer (and EOS padding)."""
+    rng = random.Random(seed)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    rows = []
+    for _ in range(count):
+        doc = retrieval_document(tokenizer, filler_ids, seq_len, rng, num_keys=num_keys)
+        row = doc.input_ids + tokenizer(doc.answer + '"', add_special_tokens=False)["input_ids"]
+        rows.append((row + [eos] * seq_len)[:seq_len])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# -- the training mix -----------------------------------------------------------------------------
+def build_dataset(tokenizer, path, seq_len: int, num_sequences: int, retrieval_ratio: float = 0.0,
+                  seed: int = 0, num_keys: int = 4) -> torch.Tensor:
+    """(num_sequences, seq_len) token rows: packed text mixed with retrieval documents at a ratio."""
+    if not 0.0 <= retrieval_ratio <= 1.0:
+        raise DataError(f"retrieval_ratio must be in [0, 1], got {retrieval_ratio}")
+    n_retrieval = int(round(retrieval_ratio * num_sequences))
+    n_text = num_sequences - n_retrieval
+    parts = []
+    if n_text:
+        parts.append(pack_tokens(tokenizer, iter_texts(path, seed=seed), seq_len, max_sequences=n_text))
+    if n_retrieval:
+        filler = filler_token_ids(tokenizer, iter_texts(path, seed=seed + 1), max_tokens=max(seq_len * 8, 65536))
+        parts.append(retrieval_sequences(tokenizer, filler, seq_len, n_retrieval, seed=seed, num_keys=num_keys))
+    rows = torch.cat(parts)
+    # Mix the two kinds so every batch sees both; a seeded permutation keeps runs reproducible.
+    perm = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))
+    return rows[perm]

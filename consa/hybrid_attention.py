@@ -1,0 +1,251 @@
+"""Hybrid full/sliding attention, swapped in through transformers' attention-function registry.
+
+One function, registered under ATTN_NAME, serves every decoder that calls its attention through
+the registry (Qwen3, Qwen2, Llama, Mistral, ...). Each attention module carries a reference to a
+`HybridAttention` that holds gate values z of shape (num_layers, num_kv_heads); the function
+reads the row of `module.layer_idx` and mixes, per KV head and its GQA query group:
+
+    out = z * FA(q, k, v) + (1 - z) * SWA(q, k, v)
+
+With hard gates (every z is 0 or 1) only one of the two is computed per head.
+"""
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from consa.errors import UnsupportedModelError
+
+ATTN_NAME = "consa_hybrid"
+BACKENDS = ("auto", "sdpa", "flex", "flash")
+
+
+class HybridAttention:
+    """Per-model state read by the registered attention function."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, window: int, sink_tokens: int = 0, backend: str = "auto"):
+        if window <= 0:
+            raise ValueError(f"window must be a positive number of tokens, got {window}")
+        if sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
+        self.window, self.sink_tokens, self.backend = window, sink_tokens, backend
+        self.z = None  # (L, K) in [0, 1]; None means every unit is full attention
+        self._block_masks = {}
+
+    def set_gates(self, z: torch.Tensor | None) -> None:
+        """z: (num_layers, num_kv_heads), 1 = full, 0 = SWA; may carry gradient."""
+        if z is not None and tuple(z.shape) != (self.num_layers, self.num_kv_heads):
+            raise ValueError(f"gates must be shaped {(self.num_layers, self.num_kv_heads)}, got {tuple(z.shape)}")
+        self.z = z
+
+    def set_allocation(self, allocation) -> None:
+        self.set_gates(allocation.full_mask().float())
+
+    # -- masks ---------------------------------------------------------------------------------
+    def swa_keep(self, q_len: int, kv_len: int, device) -> torch.Tensor:
+        """(q_len, kv_len) bool: inside the window (or a sink) and causal.
+
+        Queries are the last q_len of kv_len positions: the cache holds every past token here
+        (the runtime's ring buffer handles eviction itself).
+        """
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+        k_pos = torch.arange(kv_len, device=device)[None, :]
+        # Same convention as transformers' sliding_window_overlay: a query sees itself and W-1 before.
+        in_window = (k_pos > q_pos - self.window) | (k_pos < self.sink_tokens)
+        return in_window & (k_pos <= q_pos)
+
+    def flex_block_mask(self, q_len: int, kv_len: int, device):
+        key = (q_len, kv_len, str(device))
+        if key not in self._block_masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            window, sinks, offset = self.window, self.sink_tokens, kv_len - q_len
+
+            def swa_mod(b, h, q_idx, kv_idx):
+                q_pos = q_idx + offset
+                return (kv_idx <= q_pos) & ((kv_idx > q_pos - window) | (kv_idx < sinks))
+
+            self._block_masks[key] = create_block_mask(swa_mod, None, None, q_len, kv_len, device=device)
+        return self._block_masks[key]
+
+
+# -- the registered function ---------------------------------------------------------------------
+_compiled_flex = None
+
+
+def _flex_swa(hybrid, module, query, key, value, scaling):
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = hybrid.flex_block_mask(query.shape[2], key.shape[2], query.device)
+    gqa = query.shape[1] != key.shape[1]
+    out = _compiled_flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous()  # (B, q, H, d)
+
+
+def _flash_swa(hybrid, query, key, value, scaling):
+    from flash_attn import flash_attn_func  # optional extra `gpu`; never imported otherwise
+
+    # flash-attn wants (B, T, H, d); window_size=(left, right) counts tokens before the query.
+    out = flash_attn_func(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+        softmax_scale=scaling, causal=True, window_size=(hybrid.window - 1, 0),
+    )
+    return out
+
+
+def _use_kernel(hybrid, query, key, attention_mask, name) -> bool:
+    """Kernel backends cover the common case only: CUDA, no padding mask, no sinks, prefill."""
+    if not query.is_cuda or attention_mask is not None or hybrid.sink_tokens:
+        return False
+    if hybrid.backend == name:
+        return True
+    if hybrid.backend != "auto":
+        return False
+    if name == "flash":
+        import importlib.util
+
+        return importlib.util.find_spec("flash_attn") is not None
+    return name == "flex" and query.shape[2] == key.shape[2] and query.shape[2] >= 1024
+
+
+def _swa_attention(hybrid, module, query, key, value, attention_mask, scaling, **kwargs):
+    """Sliding-window attention for the given heads; returns (B, q, H, d)."""
+    if _use_kernel(hybrid, query, key, attention_mask, "flash"):
+        return _flash_swa(hybrid, query, key, value, scaling)
+    if _use_kernel(hybrid, query, key, attention_mask, "flex"):
+        return _flex_swa(hybrid, module, query, key, value, scaling)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    keep = hybrid.swa_keep(q_len, kv_len, query.device)[None, None]  # (1, 1, q, kv)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            keep = keep & attention_mask[..., -kv_len:]
+        else:  # additive float mask
+            keep = keep & (attention_mask[..., -kv_len:] == 0)
+    out, _ = sdpa_attention_forward(module, query, key, value, keep, scaling=scaling, **kwargs)
+    return out
+
+
+def _select_heads(module, query, key, value, kv_heads: torch.Tensor):
+    """The query heads of the chosen KV heads (GQA groups stay together)."""
+    groups = query.shape[1] // key.shape[1]
+    q_heads = (kv_heads[:, None] * groups + torch.arange(groups, device=kv_heads.device)).flatten()
+    return query[:, q_heads], key[:, kv_heads], value[:, kv_heads], q_heads
+
+
+def hybrid_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """query (B, H, q, d); key/value (B, K, kv, d), KV heads not yet repeated. Returns (B, q, H, d)."""
+    kwargs.pop("sliding_window", None)  # the window comes from the allocation, not the config
+    kwargs.pop("is_causal", None)
+    hybrid = getattr(module, "consa_hybrid", None)
+    z = None if hybrid is None or hybrid.z is None else hybrid.z[module.layer_idx]  # (K,)
+    full = lambda q, k, v: sdpa_attention_forward(module, q, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]  # noqa: E731
+    swa = lambda q, k, v: _swa_attention(hybrid, module, q, k, v, attention_mask, scaling, dropout=dropout, **kwargs)  # noqa: E731
+
+    if z is None or bool((z == 1).all()):
+        return full(query, key, value), None
+    if bool((z == 0).all()) and not z.requires_grad:
+        return swa(query, key, value), None
+
+    groups = query.shape[1] // key.shape[1]
+    hard = not z.requires_grad and bool(((z == 0) | (z == 1)).all())
+    if hard:
+        # Split the heads into an FA part and an SWA part: each head is computed once.
+        out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])  # (B, q, H, d)
+        for heads_wanted, attend in ((z == 1, full), (z == 0, swa)):
+            kv_heads = heads_wanted.nonzero().flatten()
+            q_sub, k_sub, v_sub, q_heads = _select_heads(module, query, key, value, kv_heads)
+            out[:, :, q_heads] = attend(q_sub, k_sub, v_sub).to(out.dtype)
+        return out, None
+
+    # Soft gates (the search): both paths on every head, mixed per query group.
+    z_q = z.repeat_interleave(groups).to(query.dtype)[None, None, :, None]  # (1, 1, H, 1)
+    return z_q * full(query, key, value) + (1 - z_q) * swa(query, key, value), None
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the function and its mask builder (without the mask, causal masking is lost)."""
+    global _registered
+    if not _registered:
+        AttentionInterface.register(ATTN_NAME, hybrid_attention_forward)
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+        _registered = True
+
+
+# -- installing into a model ---------------------------------------------------------------------
+def attention_modules(model) -> list:
+    """The self-attention modules, in layer order, found by their `layer_idx`."""
+    found = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "layer_idx") and type(mod).__name__.endswith("Attention") and hasattr(mod, "config"):
+            found.setdefault(mod.layer_idx, mod)
+    return [found[i] for i in sorted(found)]
+
+
+def model_shape(model) -> tuple[int, int]:
+    """(num_layers, num_kv_heads) of a decoder, or an UnsupportedModelError saying what is missing."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = getattr(cfg, "num_hidden_layers", None)
+    heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None)
+    if not layers or not heads:
+        raise UnsupportedModelError(
+            f"model type {cfg.model_type!r} does not expose num_hidden_layers / num_key_value_heads"
+        )
+    return int(layers), int(heads)
+
+
+def install(model, window: int, sink_tokens: int = 0, backend: str = "auto") -> HybridAttention:
+    """Swap the model's attention for the hybrid function; every unit starts as full attention."""
+    if not getattr(type(model), "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not route attention through transformers' attention registry, "
+            "so consa cannot swap its attention (supported: Qwen3, Qwen2, Llama, Mistral and other "
+            "registry-based decoders)"
+        )
+    num_layers, num_kv_heads = model_shape(model)
+    modules = attention_modules(model)
+    if len(modules) != num_layers:
+        raise UnsupportedModelError(
+            f"found {len(modules)} attention modules with a layer_idx, expected {num_layers}: "
+            f"{type(model).__name__} is not a plain decoder consa can swap"
+        )
+    register()
+    hybrid = HybridAttention(num_layers, num_kv_heads, window, sink_tokens, backend)
+    for mod in modules:
+        mod.consa_hybrid = hybrid
+    model.consa_previous_attn = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+    model.consa_hybrid = hybrid
+    return hybrid
+
+
+def uninstall(model) -> None:
+    for mod in attention_modules(model):
+        mod.consa_hybrid = None
+    model.set_attn_implementation(getattr(model, "consa_previous_attn", None) or "sdpa")
+    model.consa_hybrid = None
+
+
+def apply_allocation(model, allocation, backend: str = "auto") -> HybridAttention:
+    """Install hard gates from an allocation (evaluation, export checks, serving)."""
+    num_layers, num_kv_heads = model_shape(model)
+    if (allocation.num_layers, allocation.num_kv_heads) != (num_layers, num_kv_heads):
+        raise ValueError(
+            f"allocation is for {allocation.num_layers} layers x {allocation.num_kv_heads} KV heads, "
+            f"the model has {num_layers} x {num_kv_heads}"
+        )
+    hybrid = getattr(model, "consa_hybrid", None)
+    if hybrid is None or hybrid.window != allocation.window or hybrid.sink_tokens != allocation.sink_tokens:
+        hybrid = install(model, allocation.window, allocation.sink_tokens, backend)
+    hybrid.set_allocation(allocation)
+    return hybrid
+
