@@ -1,0 +1,247 @@
+"""`consa jobs ...`: drive a consa server from the shell, for people who do not want curl.
+
+Exit codes: 0 done; 1 the job waited on failed or was cancelled; 2 bad usage (no key, bad flag);
+3 the server refused the request (a problem+json error); 4 the server could not be reached;
+130 interrupted.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+from consa.client import TERMINAL, ApiError, Client, ConnectionFailed
+
+EXIT_JOB_FAILED, EXIT_USAGE, EXIT_API, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+
+
+def add_jobs_commands(subparsers) -> argparse.ArgumentParser:
+    """Add `jobs` with its subcommands to an argparse subparsers object; run them with `run(args)`."""
+    # --url/--key are accepted after any subcommand, where people type them.
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--url", default=None, help="server URL (default: $CONSA_URL, else http://127.0.0.1:8000)")
+    conn.add_argument("--key", default=None, help="API key (default: $CONSA_API_KEY)")
+    conn.add_argument("--json", action="store_true", help="print the server's JSON instead of a summary")
+
+    jobs = subparsers.add_parser("jobs", help="submit and follow allocation jobs on a consa server")
+    jobs.set_defaults(func=run)
+    sub = jobs.add_subparsers(dest="jobs_command", required=True)
+
+    p = sub.add_parser("submit", parents=[conn], help="submit a job (202 + the job)")
+    p.add_argument("--model", required=True, help="hub ID or a path under one of the server's model roots")
+    p.add_argument("--sparsity", type=float, required=True, help="share of attention units that become SWA")
+    p.add_argument("--granularity", choices=["layer", "kv_head"], default=None)
+    p.add_argument("--revision", default=None)
+    for name, kind in [("window", int), ("sink-tokens", int), ("dataset", str), ("retrieval-ratio", float),
+                       ("steps", int), ("seq-len", int), ("batch-size", int), ("lr", float), ("seed", int)]:
+        p.add_argument(f"--{name}", type=kind, default=None)
+    p.add_argument("--objective", choices=["lm", "distill"], default=None)
+    p.add_argument("--evaluate", action="store_true", help="evaluate against the baselines after the search")
+    p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--idempotency-key", default=None, help="resubmitting with the same key returns the same job")
+    p.add_argument("--wait", action="store_true", help="show progress until the job ends; exit 1 if it did not succeed")
+    p.set_defaults(jobs_func=cmd_submit)
+
+    p = sub.add_parser("list", parents=[conn], help="list your jobs, newest first")
+    p.add_argument("--status", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--after", default=None, help="job id: list the jobs older than it (the next page)")
+    p.set_defaults(jobs_func=cmd_list)
+
+    p = sub.add_parser("get", parents=[conn], help="show one job")
+    p.add_argument("job")
+    p.set_defaults(jobs_func=cmd_get)
+
+    p = sub.add_parser("cancel", parents=[conn], help="cancel a job (a running one stops at its next step)")
+    p.add_argument("job")
+    p.set_defaults(jobs_func=cmd_cancel)
+
+    p = sub.add_parser("logs", parents=[conn], help="print a job's events")
+    p.add_argument("job")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    p.set_defaults(jobs_func=cmd_logs)
+
+    p = sub.add_parser("download", parents=[conn], help="download one artifact, or all of them")
+    p.add_argument("job")
+    p.add_argument("name", nargs="?", default=None, help="artifact name (default: every artifact)")
+    p.add_argument("-o", "--output", default=None,
+                   help="file or directory to write to (default: ./NAME, or ./JOB/ for all artifacts)")
+    p.set_defaults(jobs_func=cmd_download)
+    return jobs
+
+
+def run(args) -> int:
+    """Run the parsed `consa jobs ...` command; turn client errors into messages and exit codes."""
+    client = Client(args.url, args.key)
+    if not client.key:
+        print("consa jobs: error: no API key; pass --key or set CONSA_API_KEY "
+              "(an admin creates one with `consa keys create NAME`)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.jobs_func(client, args)
+    except ApiError as e:
+        print(f"consa jobs {args.jobs_command}: error: {_describe(e)}", file=sys.stderr)
+        return EXIT_API
+    except ConnectionFailed as e:
+        print(f"consa jobs {args.jobs_command}: error: {e} (is the server running? check --url / CONSA_URL)",
+              file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _describe(e: ApiError) -> str:
+    msg = f"{e.title} ({e.status})"
+    if e.detail:
+        msg += f": {e.detail}"
+    if e.status == 401:
+        msg += " — check the API key"
+    return msg
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _job_line(job: dict) -> str:
+    p = job.get("progress") or {}
+    parts = [job["id"], job["status"], job["model"]]
+    if p:
+        parts.append(f"step {p.get('step')}/{p.get('total_steps')}")
+        if p.get("loss") is not None:
+            parts.append(f"loss {p['loss']:.4f}")
+        if p.get("sparsity") is not None:
+            parts.append(f"sparsity {p['sparsity']:.3f}")
+    if job.get("error"):
+        parts.append(f"error {job['error']['code']}: {job['error']['message']}")
+    return "  ".join(parts)
+
+
+# -- commands ---------------------------------------------------------------------------------
+def cmd_submit(client: Client, args) -> int:
+    params = {"model": args.model, "sparsity": args.sparsity}
+    for field in ("granularity", "revision", "window", "sink_tokens", "dataset", "retrieval_ratio", "steps",
+                  "seq_len", "batch_size", "lr", "objective", "seed"):
+        if getattr(args, field) is not None:
+            params[field] = getattr(args, field)
+    if args.evaluate:
+        params["evaluate"] = True
+    if args.metadata:
+        bad = [m for m in args.metadata if "=" not in m]
+        if bad:
+            print(f"consa jobs submit: error: --metadata wants KEY=VALUE, got {bad[0]!r}", file=sys.stderr)
+            return EXIT_USAGE
+        params["metadata"] = dict(m.split("=", 1) for m in args.metadata)
+
+    job = client.submit(params, idempotency_key=args.idempotency_key)
+    if not args.wait:
+        _print_json(job) if args.json else print(_job_line(job))
+        return 0
+    print(f"submitted {job['id']}", file=sys.stderr)
+    try:
+        job = wait_with_progress(client, job["id"])
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; the job goes on (consa jobs cancel {job['id']} stops it)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    _print_json(job) if args.json else print(_job_line(job))
+    return 0 if job["status"] == "succeeded" else EXIT_JOB_FAILED
+
+
+def wait_with_progress(client: Client, job_id: str, poll_s: float = 2.0) -> dict:
+    """Poll until the job ends, drawing a tqdm bar (step/total, loss, sparsity) on stderr."""
+    from tqdm import tqdm  # comes with transformers; imported here so `consa jobs list` starts fast
+
+    bar = None
+    status = None
+    try:
+        while True:
+            job = client.get(job_id)
+            p = job.get("progress") or {}
+            if bar is None and p.get("total_steps"):
+                bar = tqdm(total=p["total_steps"], desc=job_id, unit="step", file=sys.stderr)
+            if bar is not None:
+                bar.n = p.get("step") or 0
+                post = {"status": job["status"]}
+                if p.get("loss") is not None:
+                    post["loss"] = f"{p['loss']:.4f}"
+                if p.get("sparsity") is not None:
+                    post["sparsity"] = f"{p['sparsity']:.3f}"
+                bar.set_postfix(post)
+            elif job["status"] != status:
+                print(f"{job_id}: {job['status']}", file=sys.stderr)
+            status = job["status"]
+            if status in TERMINAL:
+                return job
+            time.sleep(poll_s)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def cmd_list(client: Client, args) -> int:
+    page = client.list(status=args.status, model=args.model, limit=args.limit, after=args.after)
+    if args.json:
+        _print_json(page)
+        return 0
+    for job in page["data"]:
+        print(_job_line(job))
+    if page.get("has_more") and page["data"]:
+        print(f"(more: consa jobs list --after {page['data'][-1]['id']})", file=sys.stderr)
+    return 0
+
+
+def cmd_get(client: Client, args) -> int:
+    job = client.get(args.job)
+    _print_json(job) if args.json else print(_job_line(job))
+    return 0
+
+
+def cmd_cancel(client: Client, args) -> int:
+    job = client.cancel(args.job)
+    _print_json(job) if args.json else print(_job_line(job))
+    return 0
+
+
+def cmd_logs(client: Client, args) -> int:
+    for event in client.iter_events(args.job, follow=args.follow):
+        if args.json:
+            print(json.dumps(event), flush=True)
+        else:
+            print(f"{event['created_at']}  {event['type']:<8}  {event['message']}", flush=True)
+    return 0
+
+
+def cmd_download(client: Client, args) -> int:
+    from pathlib import Path
+
+    listed = {a["name"]: a for a in client.artifacts(args.job)}
+    if args.name is not None:
+        if args.name not in listed:
+            names = ", ".join(listed) or "none yet"
+            print(f"consa jobs download: error: job {args.job} has no artifact {args.name!r} (it has: {names})",
+                  file=sys.stderr)
+            return EXIT_API
+        wanted, dest = [listed[args.name]], Path(args.output or args.name)
+    else:
+        if not listed:
+            print(f"consa jobs download: error: job {args.job} has no artifacts yet", file=sys.stderr)
+            return EXIT_API
+        wanted, dest = list(listed.values()), Path(args.output or args.job)
+        dest.mkdir(parents=True, exist_ok=True)  # a directory even if it does not exist yet
+    for a in wanted:
+        path = client.download(args.job, a["name"], dest, sha256=a.get("sha256"))
+        print(f"{path}  {a['size']} bytes  sha256 {a['sha256']}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Standalone entry (`python -m consa.jobs_cli ...`), the same as `consa jobs ...`."""
+    parser = argparse.ArgumentParser(prog="consa")
+    add_jobs_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
