@@ -180,7 +180,7 @@ def wait_with_progress(client: Client, job_id: str, poll_s: float = 2.0) -> dict
 
 
 def cmd_list(client: Client, args) -> int:
-    page = client.list(status=args.status, model=args.model, limit=args.limit, after=args.after)
+    page = client.list_jobs(status=args.status, model=args.model, limit=args.limit, after=args.after)
     if args.json:
         _print_json(page)
         return 0
