@@ -1,0 +1,69 @@
+"""Run several allocations on the same data and tabulate them (what `consa compare` calls)."""
+
+import re
+from pathlib import Path
+
+from consa.evaluation import EvalSet, build_eval_set, evaluate
+
+# Columns of the markdown table: (record key, header, format)
+TABLE_COLUMNS = (
+    ("name", "allocation", "{}"),
+    ("method", "method", "{}"),
+    ("granularity", "granularity", "{}"),
+    ("sparsity", "sparsity", "{:.2f}"),
+    ("loss", "loss", "{:.4f}"),
+    ("loss_pos_ge_window", "loss ≥W", "{:.4f}"),
+    ("retrieval_acc", "retrieval", "{:.3f}"),
+    ("kv_bytes_ratio", "KV ratio", "{:.3f}"),
+)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "allocation"
+
+
+def compare(model, tokenizer, allocations: dict, *, data, seq_len: int = 4096, num_sequences: int = 16,
+            retrieval_docs: int = 100, seed: int = 0, window: int | None = None, batch_size: int = 8,
+            out_dir=None, progress=print) -> list[dict]:
+    """Evaluate each allocation (name -> Allocation, or None for the unmodified model) on one EvalSet.
+
+    Returns one record per allocation: {"name", "method", "granularity", "sparsity", **evaluate(...)};
+    with `out_dir`, writes `<name>.png` heatmaps there (and `heatmap` in the record).
+    """
+    eval_set = data if isinstance(data, EvalSet) else build_eval_set(
+        tokenizer, data, seq_len=seq_len, num_sequences=num_sequences, retrieval_docs=retrieval_docs, seed=seed)
+    if window is None:  # the unmodified model's loss split uses the allocations' window
+        window = next((a.window for a in allocations.values() if a is not None), None)
+    records = []
+    for name, allocation in allocations.items():
+        result = evaluate(model, tokenizer, allocation, data=eval_set, window=window, batch_size=batch_size)
+        record = {"name": name,
+                  "method": allocation.method if allocation is not None else "full",
+                  "granularity": allocation.granularity if allocation is not None else None,
+                  **result}
+        if out_dir is not None and allocation is not None:
+            from consa.heatmap import save_heatmap
+
+            record["heatmap"] = str(save_heatmap(allocation, Path(out_dir) / f"{_slug(name)}.png"))
+        records.append(record)
+        if progress is not None:
+            progress(f"{name}: loss {result['loss']:.4f} retrieval {result['retrieval_acc']} "
+                     f"kv {result['kv_bytes_ratio']:.3f} ({result['seconds']:.1f}s)")
+    return records
+
+
+def _cell(value, fmt: str, std=None) -> str:
+    if value is None:
+        return "–"
+    text = fmt.format(value) if not isinstance(value, str) else value
+    return f"{text} ± {fmt.format(std)}" if std is not None else text
+
+
+def markdown_table(records: list[dict], columns=TABLE_COLUMNS) -> str:
+    """A markdown table of records; a `<key>_std` field is shown as `mean ± std`."""
+    columns = [c for c in columns if any(c[0] in r for r in records)]
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for r in records:
+        lines.append("| " + " | ".join(_cell(r.get(k), fmt, r.get(f"{k}_std")) for k, _, fmt in columns) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,40 @@
+import json
+
+import torch
+
+import tiny
+from consa.baselines import build_baseline
+from consa.compare import compare, markdown_table
+from consa.heatmap import save_heatmap
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_heatmap_png_is_written(tmp_path):
+    a = build_baseline("interleave-1:1", (12, 4), 0.5, "kv_head", 256)
+    a.gate_prob_full = torch.rand(12, 4).tolist()  # shaded by probability, as a learned allocation
+    path = save_heatmap(a, tmp_path / "sub" / "alloc.png")
+    data = path.read_bytes()
+    assert data[:8] == PNG and len(data) > 2000
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > 100 and height > 200  # taller than wide: 12 layers x 4 heads
+
+
+def test_compare_writes_table_and_heatmaps(tmp_path, text_dir, tokenizer):
+    model = tiny.build_model()
+    allocations = {"full": None, "bottom/half": build_baseline("bottom", (4, 2), 0.5, "layer", 16),
+                   "even": build_baseline("even", (4, 2), 0.5, "kv_head", 16)}
+    records = compare(model, tokenizer, allocations, data=text_dir, seq_len=160, num_sequences=2,
+                      retrieval_docs=2, out_dir=tmp_path, progress=None)
+    assert [r["name"] for r in records] == ["full", "bottom/half", "even"]
+    assert records[0]["method"] == "full" and records[0]["kv_bytes_ratio"] == 1.0
+    assert records[1]["kv_bytes_ratio"] < 1.0 and "loss_pos_ge_window" in records[0]
+    assert (tmp_path / "bottom_half.png").read_bytes()[:8] == PNG and (tmp_path / "even.png").exists()
+    json.dumps(records)  # JSON-able as `consa eval` / `consa compare` print it
+    table = markdown_table(records)
+    assert table.count("\n") == 2 + len(records) and "| bottom/half | bottom | layer | 0.50 |" in table
+
+
+def test_markdown_table_shows_spread():
+    table = markdown_table([{"method": "random", "sparsity": 0.5, "loss": 2.0, "loss_std": 0.01, "retrieval_acc": None}])
+    assert "2.0000 ± 0.0100" in table and "–" in table
