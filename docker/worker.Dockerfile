@@ -16,6 +16,7 @@ COPY consa ./consa
 COPY service ./service
 COPY worker ./worker
 # torch is already in the base image and satisfies consa's "torch>=2.4", so pip keeps it.
+RUN pip install ".[service]"
 RUN if [ "$FLASH_ATTN" = "1" ]; then \
         pip install packaging ninja && MAX_JOBS=4 pip install --no-build-isolation "flash-attn>=2.6"; \
     fi
@@ -25,4 +26,7 @@ USER consa
 # HF_HOME on the data volume: hub downloads survive container restarts and are shared by workers.
 ENV CONSA_VAR_DIR=/data CONSA_ARTIFACT_DIR=/data/artifacts HF_HOME=/data/hf
 
-CMD ["worker"]
+# One job at a time on the one GPU this container sees: solo pool (CUDA does not survive fork) and
+# prefetch 1 (an idle worker on another GPU gets the next job, not this busy one).
+CMD ["celery", "-A", "worker.celery_app:celery_app", "worker", "--queues", "gpu", "--pool", "solo", \
+     "--concurrency", "1", "--prefetch-multiplier", "1", "--loglevel", "INFO"]
