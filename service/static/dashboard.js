@@ -197,7 +197,9 @@ async function jobPage() {
       const img = el("img", { id: "heatmap-img", alt: "FA/SWA allocation heatmap", src: URL.createObjectURL(blob) });
       document.getElementById("heatmap").replaceChildren(img);
     }
-    const evaluation = artifacts.find((a) => a.name.startsWith("evaluation"));
+    // The evaluation table: prefer the markdown one (made for reading), then JSON, then CSV.
+    const evals = artifacts.filter((a) => a.name.startsWith("evaluation"));
+    const evaluation = [".md", ".json", ".csv", ".tsv"].map((ext) => evals.find((a) => a.name.endsWith(ext))).find(Boolean);
     if (evaluation) {
       const text = await (await api(base + "/artifacts/" + encodeURIComponent(evaluation.name))).text();
       document.getElementById("evaluation").replaceChildren(evaluationTable(evaluation.name, text));

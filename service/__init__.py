@@ -1,0 +1,1 @@
+"""The consa allocation service: a thin FastAPI layer over the database; the worker runs consa."""

@@ -1,0 +1,59 @@
+"""Artifact files on disk: <artifact_dir>/<job id>/<name>, written atomically, described by size + sha256."""
+
+import hashlib
+import mimetypes
+import os
+import re
+import shutil
+from pathlib import Path
+
+# One path segment of safe characters: no "/", no "..", no hidden files. Checked before any disk access.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+
+mimetypes.add_type("text/markdown", ".md")
+mimetypes.add_type("application/octet-stream", ".safetensors")
+
+
+def valid_name(name: str) -> bool:
+    return bool(_NAME.fullmatch(name)) and ".." not in name
+
+
+def content_type(name: str) -> str:
+    if name.endswith(".tar.gz"):
+        return "application/gzip"
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+def job_dir(root: Path, job_id: str) -> Path:
+    return Path(root) / job_id
+
+
+def artifact_path(root: Path, job_id: str, name: str) -> Path:
+    if not valid_name(name):
+        raise ValueError(f"invalid artifact name {name!r}")
+    return job_dir(root, job_id) / name
+
+
+def publish(src: Path, root: Path, job_id: str, name: str) -> tuple[int, str]:
+    """Copy `src` into the store under `name`; return (size, sha256) of the bytes stored.
+
+    The copy goes to a temporary file in the destination directory and is renamed into place, so a
+    reader never sees a half-written artifact and a crash leaves no file with that name.
+    """
+    dest = artifact_path(root, job_id, name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{name}.tmp")
+    digest, size = hashlib.sha256(), 0
+    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        while chunk := fin.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+            fout.write(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    os.replace(tmp, dest)
+    return size, digest.hexdigest()
+
+
+def remove_job_files(root: Path, job_id: str) -> None:
+    shutil.rmtree(job_dir(root, job_id), ignore_errors=True)

@@ -1,0 +1,211 @@
+"""Data access for keys, jobs, events and artifacts. Keyword-only, one session per call site.
+
+Status changes are conditional UPDATEs (`WHERE status IN ...`), so the API cancelling a job and the
+worker claiming or finishing it can race without either overwriting the other.
+"""
+
+import datetime as dt
+import hashlib
+import secrets
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from service.models import (CANCEL_REQUESTED, CANCELLED, QUEUED, RUNNING, TERMINAL, ApiKey, Artifact, Job,
+                            JobEvent, utcnow)
+
+KEY_PREFIX = "consa_"
+
+
+# -- API keys ---------------------------------------------------------------------------------
+def hash_key(key: str) -> str:
+    # Keys are 256 random bits, so a plain sha256 is enough: there is nothing to brute-force,
+    # and a fast hash keeps the per-request lookup cheap (bcrypt is for low-entropy passwords).
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_api_key(session: Session, *, name: str) -> str:
+    """Store a new key (hashed) and return it in clear: the only time it is ever visible."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(name=name, prefix=key[: len(KEY_PREFIX) + 6], key_hash=hash_key(key)))
+    session.commit()
+    return key
+
+
+def get_api_key(session: Session, *, key: str) -> ApiKey | None:
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+    return row if row is not None and row.revoked_at is None else None
+
+
+# -- jobs -------------------------------------------------------------------------------------
+def new_job_id() -> str:
+    return "job_" + secrets.token_hex(12)
+
+
+def create_job(session: Session, *, api_key_id: int, model: str, params: dict, meta: dict,
+               idempotency_key: str | None = None, request_hash: str | None = None) -> Job:
+    job = Job(id=new_job_id(), api_key_id=api_key_id, status=QUEUED, model=model, params=params, meta=meta,
+              idempotency_key=idempotency_key, request_hash=request_hash)
+    session.add(job)
+    session.flush()
+    add_event(session, job_pk=job.pk, type="status", message="job queued", data={"status": QUEUED})
+    session.commit()
+    return job
+
+
+def get_job(session: Session, *, job_id: str, api_key_id: int | None = None) -> Job | None:
+    """The job, or None when it does not exist or belongs to another key (callers answer 404 for both)."""
+    query = select(Job).where(Job.id == job_id)
+    if api_key_id is not None:
+        query = query.where(Job.api_key_id == api_key_id)
+    return session.scalar(query)
+
+
+def get_job_by_idempotency_key(session: Session, *, api_key_id: int, idempotency_key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.api_key_id == api_key_id, Job.idempotency_key == idempotency_key))
+
+
+def list_jobs(session: Session, *, api_key_id: int, limit: int, after: str | None = None,
+              status: str | None = None, model: str | None = None) -> tuple[list[Job], bool]:
+    """Newest first. `after` is the id of the last job of the previous page. Returns (jobs, has_more)."""
+    query = select(Job).where(Job.api_key_id == api_key_id)
+    if status:
+        query = query.where(Job.status == status)
+    if model:
+        query = query.where(Job.model == model)
+    if after:
+        cursor = get_job(session, job_id=after, api_key_id=api_key_id)
+        if cursor is None:
+            raise LookupError(after)
+        query = query.where(Job.pk < cursor.pk)
+    rows = list(session.scalars(query.order_by(Job.pk.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def count_jobs_by_status(session: Session) -> dict[str, int]:
+    return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+
+
+def _set_status(session: Session, *, job_pk: int, old: tuple[str, ...], new: str, **values) -> bool:
+    result = session.execute(update(Job).where(Job.pk == job_pk, Job.status.in_(old)).values(status=new, **values))
+    return result.rowcount == 1
+
+
+def request_cancel(session: Session, *, job: Job) -> Job:
+    """A queued job is cancelled at once; a running one is asked to stop at its next step."""
+    if _set_status(session, job_pk=job.pk, old=(QUEUED,), new=CANCELLED, finished_at=utcnow()):
+        add_event(session, job_pk=job.pk, type="status", message="job cancelled before it started",
+                  data={"status": CANCELLED})
+    elif _set_status(session, job_pk=job.pk, old=(RUNNING,), new=CANCEL_REQUESTED):
+        add_event(session, job_pk=job.pk, type="status", message="cancel requested; the job stops at its next step",
+                  data={"status": CANCEL_REQUESTED})
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def claim_job(session: Session, *, job_id: str, worker: str) -> Job | None:
+    """Atomically move a queued job to running. None when another delivery already took it or it ended."""
+    job = get_job(session, job_id=job_id)
+    if job is None:
+        return None
+    now = utcnow()
+    if not _set_status(session, job_pk=job.pk, old=(QUEUED,), new=RUNNING, started_at=now, heartbeat_at=now,
+                       worker=worker, attempts=Job.attempts + 1):
+        session.rollback()
+        return None
+    add_event(session, job_pk=job.pk, type="status", message=f"job running on {worker}", data={"status": RUNNING})
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def record_progress(session: Session, *, job: Job, progress: dict) -> str:
+    """Store the latest step metrics + an event, beat the heartbeat; return the status (for cancel checks)."""
+    session.execute(update(Job).where(Job.pk == job.pk).values(progress=progress, heartbeat_at=utcnow()))
+    add_event(session, job_pk=job.pk, type="progress",
+              message=f"step {progress.get('step')}/{progress.get('total_steps')}", data=progress)
+    session.commit()
+    return job_status(session, job_pk=job.pk)
+
+
+def job_status(session: Session, *, job_pk: int) -> str:
+    return session.scalar(select(Job.status).where(Job.pk == job_pk))
+
+
+def finish_job(session: Session, *, job: Job, status: str, error_code: str | None = None,
+               error_message: str | None = None, error_type: str | None = None) -> bool:
+    """Move a running (or cancel-requested) job to its terminal state, once."""
+    done = _set_status(session, job_pk=job.pk, old=(RUNNING, CANCEL_REQUESTED), new=status, finished_at=utcnow(),
+                       error_code=error_code, error_message=error_message, error_type=error_type)
+    if done:
+        message = f"job {status}" + (f": {error_message}" if error_message else "")
+        data = {"status": status} | ({"error": {"code": error_code, "type": error_type}} if error_code else {})
+        add_event(session, job_pk=job.pk, type="status", message=message, data=data)
+    session.commit()
+    return done
+
+
+def mark_lost(session: Session, *, job: Job, stale_before: dt.datetime) -> bool:
+    """Fail a running job whose worker stopped beating (it crashed); never touch a live one."""
+    result = session.execute(
+        update(Job).where(Job.pk == job.pk, Job.status.in_((RUNNING, CANCEL_REQUESTED)), Job.heartbeat_at < stale_before)
+        .values(status="failed", finished_at=utcnow(), error_code="worker_lost", error_type="system",
+                error_message="the worker running this job stopped; submit the job again"))
+    if result.rowcount == 1:
+        add_event(session, job_pk=job.pk, type="status", message="job failed: worker lost", data={"status": "failed"})
+    session.commit()
+    return result.rowcount == 1
+
+
+def is_terminal(status: str) -> bool:
+    return status in TERMINAL
+
+
+# -- events -----------------------------------------------------------------------------------
+def add_event(session: Session, *, job_pk: int, type: str, message: str, data: dict | None = None) -> None:
+    session.add(JobEvent(job_pk=job_pk, type=type, message=message, data=data))
+
+
+def log_event(session: Session, *, job: Job, type: str, message: str, data: dict | None = None) -> None:
+    add_event(session, job_pk=job.pk, type=type, message=message, data=data)
+    session.commit()
+
+
+def list_events(session: Session, *, job: Job, limit: int, after: int | None = None) -> tuple[list[JobEvent], bool]:
+    """Oldest first, so a client polls with after=<last id it saw>. Returns (events, has_more)."""
+    query = select(JobEvent).where(JobEvent.job_pk == job.pk)
+    if after is not None:
+        query = query.where(JobEvent.id > after)
+    rows = list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+# -- artifacts --------------------------------------------------------------------------------
+def add_artifact(session: Session, *, job: Job, name: str, size: int, sha256: str, content_type: str) -> Artifact:
+    artifact = Artifact(job_pk=job.pk, name=name, size=size, sha256=sha256, content_type=content_type)
+    session.add(artifact)
+    add_event(session, job_pk=job.pk, type="info", message=f"artifact {name} stored ({size} bytes)",
+              data={"artifact": name, "size": size, "sha256": sha256})
+    session.commit()
+    return artifact
+
+
+def list_artifacts(session: Session, *, job: Job) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_pk == job.pk).order_by(Artifact.id)))
+
+
+def get_artifact(session: Session, *, job: Job, name: str) -> Artifact | None:
+    return session.scalar(select(Artifact).where(Artifact.job_pk == job.pk, Artifact.name == name))
+
+
+def fail_orphans(session: Session, *, worker: str) -> int:
+    """Fail the jobs a worker left running when its process died (it runs one job at a time)."""
+    jobs = list(session.scalars(select(Job).where(Job.worker == worker, Job.status.in_((RUNNING, CANCEL_REQUESTED)))))
+    for job in jobs:
+        _set_status(session, job_pk=job.pk, old=(RUNNING, CANCEL_REQUESTED), new="failed", finished_at=utcnow(),
+                    error_code="worker_lost", error_type="system",
+                    error_message="the worker running this job stopped; submit the job again")
+        add_event(session, job_pk=job.pk, type="status", message="job failed: worker lost", data={"status": "failed"})
+    session.commit()
+    return len(jobs)

@@ -1,0 +1,50 @@
+"""Liveness, readiness and Prometheus metrics. No authentication: probes and scrapers have no keys."""
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from service import schemas
+from service.db import engine_for
+from service.deps import SettingsDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=schemas.Health, summary="The API process is up")
+def healthz():
+    return schemas.Health(status="ok")
+
+
+@router.get("/readyz", response_model=schemas.Health, summary="The database and the broker are reachable",
+            responses={503: {"model": schemas.Health}})
+def readyz(request: Request, settings: SettingsDep):
+    checks = {"database": _check_database(settings.database_url), "broker": _check_broker(request.app.state.celery)}
+    ok = all(v == "ok" for v in checks.values())
+    body = schemas.Health(status="ok" if ok else "unavailable", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+def _check_database(url: str) -> str:
+    try:
+        with engine_for(url).connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return "ok"
+    except Exception as e:
+        return f"error: {type(e).__name__}"
+
+
+def _check_broker(celery) -> str:
+    try:
+        with celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
+        return "ok"
+    except Exception as e:
+        return f"error: {type(e).__name__}"
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+def metrics(request: Request):
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,101 @@
+"""/v1/jobs: create, list, read and cancel allocation jobs."""
+
+import hashlib
+import json
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy.exc import IntegrityError
+
+from service import crud, schemas
+from service.deps import ApiKeyDep, JobDep, SessionDep, SettingsDep
+from service.locations import resolve_dataset, resolve_model
+from service.problems import ProblemError
+from worker.celery_app import enqueue
+
+log = logging.getLogger("consa.service")
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_PROBLEMS = {code: {"model": schemas.Problem, "content": {"application/problem+json": {}}}
+             for code in (400, 401, 404, 422, 503)}
+
+
+def _request_hash(body: schemas.JobCreate) -> str:
+    # The validated body with defaults filled in: two requests that ask for the same search match.
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+@router.post("", status_code=202, response_model=schemas.Job, responses=_PROBLEMS,
+             summary="Create an allocation job")
+def create_job(body: schemas.JobCreate, request: Request, response: Response, session: SessionDep,
+               key: ApiKeyDep, settings: SettingsDep,
+               idempotency_key: Annotated[str | None, Header(max_length=255,
+                                                             description="Retry-safe creation: the same key and "
+                                                                         "body return the same job.")] = None):
+    """Queue a search. Answers 202 with the job; poll it, or follow its events."""
+    request_hash = _request_hash(body)
+    if idempotency_key is not None:
+        existing = crud.get_job_by_idempotency_key(session, api_key_id=key.id, idempotency_key=idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash, response)
+
+    params = body.model_dump(exclude={"metadata"})
+    params["model"] = resolve_model(settings, body.model)
+    params["dataset"] = resolve_dataset(settings, body.dataset)
+    try:
+        job = crud.create_job(session, api_key_id=key.id, model=body.model, params=params, meta=body.metadata,
+                              idempotency_key=idempotency_key, request_hash=request_hash)
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the insert; answer with its job.
+        session.rollback()
+        existing = crud.get_job_by_idempotency_key(session, api_key_id=key.id, idempotency_key=idempotency_key)
+        return _replay(existing, request_hash, response)
+
+    try:
+        enqueue(request.app.state.celery, job.id, settings.queue)
+    except Exception as e:  # broker down: the row must not claim a job is queued when it is not
+        log.exception("could not enqueue %s", job.id)
+        crud.finish_job(session, job=job, status="failed", error_code="broker_unavailable", error_type="system",
+                        error_message=f"the job could not be queued: {type(e).__name__}")
+        raise ProblemError(503, "the job queue is unavailable; try again later", code="broker_unavailable") from None
+    request.app.state.metrics.jobs_created.inc()
+    return schemas.Job.of(job)
+
+
+def _replay(job, request_hash: str, response: Response) -> schemas.Job:
+    if job.request_hash != request_hash:
+        raise ProblemError(422, "this Idempotency-Key was already used with a different request body",
+                           code="idempotency_key_reused")
+    response.headers["Idempotent-Replayed"] = "true"
+    return schemas.Job.of(job)
+
+
+@router.get("", response_model=schemas.JobList, responses=_PROBLEMS, summary="List your jobs, newest first")
+def list_jobs(session: SessionDep, key: ApiKeyDep, settings: SettingsDep,
+              status: Annotated[schemas.Status | None, Query()] = None,
+              model: Annotated[str | None, Query(max_length=1000)] = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              after: Annotated[str | None, Query(max_length=40, description="Last job id of the previous page.")] = None):
+    try:
+        jobs, has_more = crud.list_jobs(session, api_key_id=key.id, limit=min(limit, settings.max_page_size),
+                                        after=after, status=status, model=model)
+    except LookupError:
+        raise ProblemError(400, f"unknown cursor job {after}", code="invalid_cursor") from None
+    data = [schemas.Job.of(j) for j in jobs]
+    return schemas.JobList(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                           last_id=data[-1].id if data else None)
+
+
+@router.get("/{job_id}", response_model=schemas.Job, responses=_PROBLEMS, summary="Get a job")
+def get_job(job: JobDep):
+    return schemas.Job.of(job)
+
+
+@router.post("/{job_id}/cancel", response_model=schemas.Job, responses=_PROBLEMS, summary="Cancel a job")
+def cancel_job(job: JobDep, session: SessionDep):
+    """A queued job ends `cancelled` at once; a running one turns `cancel_requested` and stops at its next
+    step. Cancelling a finished job changes nothing."""
+    return schemas.Job.of(crud.request_cancel(session, job=job))
+
+

@@ -1,0 +1,148 @@
+"""Real servers for the service tests: `consa serve` (uvicorn + a Celery worker process) in a subprocess,
+against the embedded default (SQLite + kombu's SQLAlchemy transport) or against Redis + PostgreSQL.
+
+Each server gets its own var dir, its own Postgres database and its own Celery queue name, so test
+sessions running side by side on one machine (other engineers, CI) never see each other's jobs.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("CONSA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("CONSA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_python(code: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, check=True)
+
+
+# -- PostgreSQL: one throwaway database per server ---------------------------------------------
+def create_database(base_url: str) -> tuple[str, str]:
+    import sqlalchemy as sa
+
+    name = "consa_test_" + uuid.uuid4().hex[:12]
+    engine = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return base_url.rsplit("/", 1)[0] + "/" + name, name
+
+
+def drop_database(base_url: str, name: str) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+class Server:
+    """`consa serve` in a child process; `.client(key)` talks to it over real HTTP."""
+
+    def __init__(self, env: dict, log_path: Path):
+        self.env, self.log_path = env, log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout: float = 90) -> "Server":
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", f"from service.cli import serve; serve('127.0.0.1', {self.port})"],
+            env=self.env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"consa serve exited {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"consa serve not ready after {timeout}s:\n{self.log_path.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # serve() stops its worker on the way out
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # our own session: serve + its worker
+                self.proc.wait()
+        self.log.close()
+
+    def create_key(self, name: str) -> str:
+        out = run_python(f"from service.cli import create_key; create_key({name!r})", self.env).stdout
+        return out.strip().splitlines()[-1]
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+def wait_for(client: httpx.Client, job_id: str, statuses=TERMINAL, timeout: float = 120, poll_s: float = 0.1) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(poll_s)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s")
+
+
+def assert_problem(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
+    body = response.json()
+    assert body["status"] == status and body["title"] and "type" in body
+    if code:
+        assert body.get("code") == code, body
+    return body
+
+
+@pytest.fixture(scope="module", params=["embedded", "redis-postgres"])
+def server(request, tmp_path_factory, tiny_model_dir, text_dir):
+    """A running `consa serve` with two API keys (`server.alice`, `server.bob`), per backend."""
+    var = tmp_path_factory.mktemp(f"var-{request.param}")
+    broken = tiny_model_dir.parent / "not-a-model"
+    broken.mkdir(exist_ok=True)
+    (broken / "README.md").write_text("this directory holds no model\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSA_")}
+    env |= {"CONSA_VAR_DIR": str(var), "CONSA_MODEL_ROOTS": str(tiny_model_dir.parent),
+            "CONSA_DATA_ROOTS": str(text_dir.parent), "CONSA_DEFAULT_DATASET": str(text_dir),
+            "CONSA_ALLOW_HUB_MODELS": "false", "PYTHONPATH": str(ROOT),
+            "CONSA_QUEUE": "gpu-test-" + uuid.uuid4().hex[:8], "OMP_NUM_THREADS": "1"}
+    db_name = None
+    if request.param == "redis-postgres":
+        env["CONSA_DATABASE_URL"], db_name = create_database(POSTGRES_URL)
+        env["CONSA_BROKER_URL"] = REDIS_URL
+    srv = Server(env, var / "serve.log").start()
+    try:
+        srv.backend = request.param
+        srv.model, srv.broken_model, srv.data = str(tiny_model_dir), str(broken), str(text_dir)
+        srv.alice, srv.bob = srv.create_key("alice"), srv.create_key("bob")
+        yield srv
+    finally:
+        srv.stop()
+        if db_name:
+            drop_database(POSTGRES_URL, db_name)

@@ -1,0 +1,92 @@
+"""The service end to end: real HTTP, a real Celery worker process, a tiny random model.
+
+Every test runs twice: on the embedded default (SQLite + kombu's SQLAlchemy transport) and on
+Redis + PostgreSQL (the `server` fixture's params).
+"""
+
+import hashlib
+import time
+
+from service_fixtures import assert_problem, server, wait_for  # noqa: F401  (server is a fixture)
+
+SMALL = {"sparsity": 0.5, "granularity": "kv_head", "window": 16, "seq_len": 64, "steps": 8, "lr": 0.2}
+
+
+def submit(client, server, **fields):
+    body = {"model": server.model, "dataset": server.data} | SMALL | fields
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_job_runs_to_success_with_downloadable_artifacts(server):
+    with server.client(server.alice) as client:
+        job = submit(client, server, metadata={"run": "e2e"})
+        assert job["status"] == "queued" and job["object"] == "allocation.job" and job["id"].startswith("job_")
+        seen = {job["status"]}
+        deadline = time.monotonic() + 120
+        while job["status"] not in ("succeeded", "failed", "cancelled") and time.monotonic() < deadline:
+            time.sleep(0.05)
+            job = client.get(f"/v1/jobs/{job['id']}").json()
+            seen.add(job["status"])
+        assert job["status"] == "succeeded", job
+        assert job["error"] is None and job["metadata"] == {"run": "e2e"}
+        assert job["progress"]["step"] == job["progress"]["total_steps"] == SMALL["steps"]
+        assert job["started_at"] and job["finished_at"] >= job["started_at"] >= job["created_at"]
+
+        # The events tell the whole story, in order: queued -> running -> one progress per step -> succeeded.
+        events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+        statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
+        assert statuses == ["queued", "running", "succeeded"], (statuses, seen)
+        steps = [e["data"]["step"] for e in events if e["type"] == "progress"]
+        assert steps == list(range(1, SMALL["steps"] + 1))
+
+        listed = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+        names = {a["name"] for a in listed}
+        assert {"manifest.json", "gates.safetensors"} <= names
+        for artifact in listed:
+            body = client.get(artifact["url"]).content
+            assert len(body) == artifact["size"] and hashlib.sha256(body).hexdigest() == artifact["sha256"]
+        manifest = client.get(f"/v1/jobs/{job['id']}/artifacts/manifest.json").json()
+        assert manifest["format"] == "consa.allocation/v1" and manifest["sparsity_achieved"] == 0.5
+        assert manifest["model"] == server.model
+
+
+def test_artifact_download_supports_range_and_etag(server):
+    with server.client(server.alice) as client:
+        job = wait_for(client, submit(client, server, steps=2)["id"])
+        url = f"/v1/jobs/{job['id']}/artifacts/manifest.json"
+        full = client.get(url)
+        etag = full.headers["etag"]
+        assert etag == '"' + hashlib.sha256(full.content).hexdigest() + '"'
+        part = client.get(url, headers={"Range": "bytes=10-19"})
+        assert part.status_code == 206 and part.content == full.content[10:20]
+        assert part.headers["content-range"] == f"bytes 10-19/{len(full.content)}"
+        assert client.get(url, headers={"If-None-Match": etag}).status_code == 304
+        assert_problem(client.get(url, headers={"Range": f"bytes={len(full.content) + 5}-"}), 416)
+
+
+def test_cancel_mid_run_ends_cancelled(server):
+    with server.client(server.alice) as client:
+        job = submit(client, server, steps=5000)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until the search is really stepping
+            job = client.get(f"/v1/jobs/{job['id']}").json()
+            if (job["progress"] or {}).get("step", 0) >= 2:
+                break
+            time.sleep(0.1)
+        assert job["status"] == "running", job
+        response = client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert response.status_code == 200 and response.json()["status"] in ("cancel_requested", "cancelled")
+        job = wait_for(client, job["id"], timeout=60)
+        assert job["status"] == "cancelled", job
+        assert job["progress"]["step"] < 5000 and job["error"] is None
+        assert client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"] == []
+
+
+def test_unloadable_model_fails_with_a_user_error(server):
+    with server.client(server.alice) as client:
+        job = wait_for(client, submit(client, server, model=server.broken_model)["id"])
+        assert job["status"] == "failed", job
+        assert job["error"]["type"] == "user" and job["error"]["code"] == "model_not_loadable"
+        assert "cannot load model" in job["error"]["message"]

@@ -1,0 +1,176 @@
+"""Run one allocation job: claim it, search, store artifacts, record the end. The database is the truth.
+
+setup (claim the row, build the SearchConfig) -> search (progress + cancel checks every step) ->
+artifacts (manifest, gates, heatmap, checkpoint, evaluation) -> terminal status.
+"""
+
+import datetime as dt
+import logging
+import math
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from service import artifacts, crud
+from service.db import sessionmaker_for
+from service.models import CANCEL_REQUESTED, CANCELLED, FAILED, RUNNING, SUCCEEDED, Job, utcnow
+from service.settings import Settings
+
+log = logging.getLogger("consa.worker")
+
+# Job params that are SearchConfig fields under the same name (dataset is `data` there).
+_SEARCH_FIELDS = ("model", "revision", "sparsity", "granularity", "window", "sink_tokens", "retrieval_ratio",
+                  "seq_len", "batch_size", "steps", "lr", "objective", "seed")
+
+
+def run_job(job_id: str, settings: Settings, worker: str) -> str | None:
+    """Run the job if this delivery may; return its final status, or None when it was not ours to run."""
+    with sessionmaker_for(settings.database_url)() as session:
+        job = crud.claim_job(session, job_id=job_id, worker=worker)
+        if job is None:
+            _not_claimed(session, job_id, settings)
+            return None
+        log.info("running %s on %s", job.id, worker)
+        return JobRun(session, job, settings).run()
+
+
+def _not_claimed(session: Session, job_id: str, settings: Settings) -> None:
+    """A delivery we may not run: unknown id, already finished, or running elsewhere (a redelivery)."""
+    job = crud.get_job(session, job_id=job_id)
+    if job is None:
+        log.warning("job %s is not in the database; dropping the message", job_id)
+    elif job.status in (RUNNING, CANCEL_REQUESTED):
+        stale_before = utcnow() - dt.timedelta(seconds=settings.stale_after_s)
+        if crud.mark_lost(session, job=job, stale_before=stale_before):
+            log.warning("job %s was running with no heartbeat since %s: marked failed", job_id, job.heartbeat_at)
+        else:
+            log.info("job %s is running elsewhere; ignoring this redelivery", job_id)
+    else:
+        log.info("job %s is already %s; ignoring this delivery", job_id, job.status)
+
+
+def fail_orphans(settings: Settings, worker: str) -> int:
+    """At worker start: jobs still marked running on this worker name died with its previous process."""
+    with sessionmaker_for(settings.database_url)() as session:
+        return crud.fail_orphans(session, worker=worker)
+
+
+class JobRun:
+    def __init__(self, session: Session, job: Job, settings: Settings):
+        self.session, self.job, self.settings = session, job, settings
+        self.params = job.params
+        self.staging: Path | None = None
+
+    def event(self, type: str, message: str, data: dict | None = None) -> None:
+        crud.log_event(self.session, job=self.job, type=type, message=message, data=data)
+
+    def finish(self, status: str, **error) -> str:
+        crud.finish_job(self.session, job=self.job, status=status, **error)
+        return crud.job_status(self.session, job_pk=self.job.pk)
+
+    # -- the phases -----------------------------------------------------------------------------
+    def run(self) -> str:
+        from consa.errors import Cancelled, ConsaError
+
+        self.settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+        # Same filesystem as the store, so publishing is a copy + rename without crossing devices.
+        self.staging = Path(tempfile.mkdtemp(prefix=f".staging-{self.job.id}-", dir=self.settings.artifact_dir))
+        try:
+            config = self.search_config()
+            if config is None:
+                return crud.job_status(self.session, job_pk=self.job.pk)
+            result = self.search(config)
+            self.store(result)
+            return self.finish(SUCCEEDED)
+        except Cancelled:
+            return self.finish(CANCELLED)
+        except ConsaError as e:  # the user's model, data or settings: they can fix it
+            return self.finish(FAILED, error_code=e.code, error_type="user", error_message=str(e))
+        except Exception as e:
+            log.exception("job %s failed", self.job.id)
+            return self.finish(FAILED, error_code="internal_error", error_type="system",
+                               error_message=f"{type(e).__name__}: {e}"[:2000])
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def search_config(self):
+        from consa.search import SearchConfig
+
+        fields = {name: self.params[name] for name in _SEARCH_FIELDS}
+        try:
+            return SearchConfig(**fields, data=self.params["dataset"])
+        except ValueError as e:  # the request passed the API's checks but not the library's
+            self.finish(FAILED, error_code="invalid_request", error_type="user", error_message=str(e))
+            return None
+
+    def search(self, config):
+        from consa.search import run_search
+
+        def progress(record: dict) -> None:
+            clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
+            crud.record_progress(self.session, job=self.job, progress=clean)
+
+        def should_cancel() -> bool:
+            return crud.job_status(self.session, job_pk=self.job.pk) == CANCEL_REQUESTED
+
+        self.event("info", f"search: {config.steps} steps, sparsity {config.sparsity}, {config.granularity}, "
+                           f"window {config.window}")
+        return run_search(config, progress=progress, should_cancel=should_cancel)
+
+    def store(self, result) -> None:
+        out = self.staging
+        result.save(out)
+        self.publish(out / "manifest.json", "manifest.json")
+        self.publish(out / "gates.safetensors", "gates.safetensors")
+        self.heatmap(result.allocation, out)
+        self.checkpoint(result.allocation, out)
+        if self.params.get("evaluate"):
+            self.evaluate(result.allocation, out)
+
+    def publish(self, path: Path, name: str) -> None:
+        size, sha256 = artifacts.publish(path, self.settings.artifact_dir, self.job.id, name)
+        crud.add_artifact(self.session, job=self.job, name=name, size=size, sha256=sha256,
+                          content_type=artifacts.content_type(name))
+
+    # -- optional artifacts: each says so in the events when this consa build cannot make it --------
+    def heatmap(self, allocation, out: Path) -> None:
+        try:
+            from consa.heatmap import save_heatmap
+
+            path = save_heatmap(allocation, out / "heatmap.png")
+        except ImportError as e:
+            self.event("warning", f"heatmap not available: {e}")
+            return
+        self.publish(Path(path), "heatmap.png")
+
+    def checkpoint(self, allocation, out: Path) -> None:
+        try:
+            from consa.export import export_hybrid
+        except ImportError:
+            self.event("warning", "hybrid checkpoint not available: this consa build has no consa.export")
+            return
+        self.event("info", "exporting the hybrid checkpoint")
+        export_dir = out / "checkpoint"
+        export_hybrid(self.params["model"], allocation, export_dir)
+        archive = out / "checkpoint.tar.gz"
+        # compresslevel 1: weights barely compress, and level 9 would cost minutes on a large model.
+        with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+            tar.add(export_dir, arcname="checkpoint")
+        self.publish(archive, "checkpoint.tar.gz")
+
+    def evaluate(self, allocation, out: Path) -> None:
+        try:
+            from consa.compare import compare_allocations
+        except ImportError:
+            self.event("warning", "evaluation not available: this consa build has no consa.compare")
+            return
+        self.event("info", "evaluating the allocation against the baselines")
+        eval_dir = out / "evaluation"
+        compare_allocations(model=self.params["model"], allocation=allocation, data=self.params["dataset"],
+                            out_dir=eval_dir, seed=self.params["seed"])
+        for path in sorted(eval_dir.iterdir()):
+            if path.is_file() and artifacts.valid_name(path.name):
+                self.publish(path, path.name)
