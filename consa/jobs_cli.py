@@ -22,6 +22,7 @@ def add_jobs_commands(subparsers) -> argparse.ArgumentParser:
     conn.add_argument("--url", default=None, help="server URL (default: $CONSA_URL, else http://127.0.0.1:8000)")
     conn.add_argument("--key", default=None, help="API key (default: $CONSA_API_KEY)")
     conn.add_argument("--json", action="store_true", help="print the server's JSON instead of a summary")
+    conn.add_argument("--interval", type=float, default=2.0, help="seconds between polls (--wait, --follow)")
 
     jobs = subparsers.add_parser("jobs", help="submit and follow allocation jobs on a consa server")
     jobs.set_defaults(func=run)
@@ -140,7 +141,7 @@ def cmd_submit(client: Client, args) -> int:
         return 0
     print(f"submitted {job['id']}", file=sys.stderr)
     try:
-        job = wait_with_progress(client, job["id"])
+        job = wait_with_progress(client, job["id"], args.interval)
     except KeyboardInterrupt:
         print(f"\nstopped waiting; the job goes on (consa jobs cancel {job['id']} stops it)", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -204,7 +205,7 @@ def cmd_cancel(client: Client, args) -> int:
 
 
 def cmd_logs(client: Client, args) -> int:
-    for event in client.iter_events(args.job, follow=args.follow):
+    for event in client.iter_events(args.job, follow=args.follow, poll_s=args.interval):
         if args.json:
             print(json.dumps(event), flush=True)
         else:

@@ -1,0 +1,162 @@
+"""`consa jobs ...` and consa.client over real HTTP against a real `consa serve` (API + Celery worker
+process, embedded SQLite broker) running a tiny random model."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from consa import jobs_cli
+from consa.client import ApiError, Client
+from service_fixtures import ROOT, Server
+
+SMALL = {"sparsity": 0.5, "granularity": "kv_head", "window": 16, "seq_len": 64, "steps": 6, "lr": 0.2}
+_shared = {}
+
+
+def shared_server(tmp_path_factory, tiny_model_dir, text_dir) -> Server:
+    """One embedded server for this module and test_dashboard.py: each start costs a worker's torch import."""
+    if "server" not in _shared:
+        var = tmp_path_factory.mktemp("var-client")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONSA_")}
+        env |= {"CONSA_VAR_DIR": str(var), "CONSA_MODEL_ROOTS": str(tiny_model_dir.parent),
+                "CONSA_DATA_ROOTS": str(text_dir.parent), "CONSA_DEFAULT_DATASET": str(text_dir),
+                "CONSA_ALLOW_HUB_MODELS": "false", "PYTHONPATH": str(ROOT),
+                "CONSA_QUEUE": "gpu-test-" + uuid.uuid4().hex[:8], "OMP_NUM_THREADS": "1"}
+        srv = Server(env, var / "serve.log").start()
+        srv.model, srv.data = str(tiny_model_dir), str(text_dir)
+        srv.alice, srv.bob = srv.create_key("alice"), srv.create_key("bob")
+        _shared["server"] = srv
+    return _shared["server"]
+
+
+@pytest.fixture(scope="session")
+def jobs_server(tmp_path_factory, tiny_model_dir, text_dir):
+    srv = shared_server(tmp_path_factory, tiny_model_dir, text_dir)
+    yield srv
+    srv.stop()  # idempotent: test_dashboard's fixture may stop it too
+
+
+@pytest.fixture
+def cli(jobs_server, monkeypatch, capsys):
+    """Run `consa jobs ...` in this process as alice; returns (exit code, stdout, stderr)."""
+    monkeypatch.setenv("CONSA_URL", jobs_server.url)
+    monkeypatch.setenv("CONSA_API_KEY", jobs_server.alice)
+
+    def run(*argv):
+        code = jobs_cli.main(["jobs", *map(str, argv)])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def submit_args(server, **fields):
+    args = ["--model", server.model, "--dataset", server.data]
+    for name, value in (SMALL | fields).items():
+        args += [f"--{name.replace('_', '-')}", value]
+    return args
+
+
+def wait_until(predicate, timeout=120, poll_s=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError("timed out")
+
+
+def test_submit_wait_list_get_logs_download(cli, jobs_server, tmp_path):
+    code, out, err = cli("submit", *submit_args(jobs_server), "--metadata", "run=cli", "--wait", "--interval", "0.2")
+    assert code == 0, err
+    job_id = out.split()[0]
+    assert "succeeded" in out and job_id.startswith("job_")
+    # The tqdm bar on stderr: the step count reached the total, with loss and sparsity shown.
+    assert f"{SMALL['steps']}/{SMALL['steps']}" in err and "loss=" in err and "sparsity=" in err
+
+    code, out, _ = cli("list", "--limit", "5")
+    assert code == 0 and job_id in out
+    code, out, _ = cli("get", job_id, "--json")
+    job = json.loads(out)
+    assert job["status"] == "succeeded" and job["metadata"] == {"run": "cli"}
+    assert job["progress"]["step"] == SMALL["steps"]
+
+    code, out, _ = cli("logs", job_id)
+    assert code == 0 and "job running" in out and f"step {SMALL['steps']}/{SMALL['steps']}" in out
+    assert out.strip().splitlines()[-1].endswith("job succeeded")
+
+    # All artifacts into a directory: the bytes match the sha256 the server lists.
+    code, out, err = cli("download", job_id, "-o", tmp_path / "all")
+    assert code == 0, err
+    listed = Client(jobs_server.url, jobs_server.alice).artifacts(job_id)
+    assert {"manifest.json", "gates.safetensors"} <= {a["name"] for a in listed}
+    for a in listed:
+        data = (tmp_path / "all" / a["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == a["sha256"] and len(data) == a["size"]
+    # One artifact to a chosen file name.
+    code, _, _ = cli("download", job_id, "manifest.json", "-o", tmp_path / "m.json")
+    assert code == 0 and json.loads((tmp_path / "m.json").read_text())["format"] == "consa.allocation/v1"
+    code, _, err = cli("download", job_id, "nope.bin")
+    assert code == jobs_cli.EXIT_API and "no artifact 'nope.bin'" in err and "manifest.json" in err
+
+
+def test_cancel_and_follow_logs_until_the_end(cli, jobs_server):
+    code, out, _ = cli("submit", *submit_args(jobs_server, steps=5000))
+    job_id = out.split()[0]
+    client = Client(jobs_server.url, jobs_server.alice)
+    wait_until(lambda: (client.get(job_id)["progress"] or {}).get("step", 0) >= 1)
+    code, out, _ = cli("cancel", job_id)
+    assert code == 0 and ("cancel_requested" in out or "cancelled" in out)
+    # --follow returns by itself once the job has ended, and the last line says how.
+    code, out, _ = cli("logs", job_id, "--follow", "--interval", "0.2")
+    assert code == 0 and out.strip().splitlines()[-1].endswith("job cancelled")
+    assert client.get(job_id)["status"] == "cancelled"
+
+
+def test_wait_on_a_failing_job_exits_1_with_its_error(cli, jobs_server):
+    broken = Path(jobs_server.model).parent / "not-a-model-client"  # inside the allowed model root, no model
+    broken.mkdir(exist_ok=True)
+    code, out, err = cli("submit", *submit_args(jobs_server), "--model", broken, "--wait", "--interval", "0.2")
+    assert code == jobs_cli.EXIT_JOB_FAILED
+    assert "failed" in out and "error" in out
+
+
+def test_problem_json_errors_become_messages_and_exit_codes(cli, jobs_server, monkeypatch):
+    code, _, err = cli("submit", *submit_args(jobs_server, sparsity=1.5))
+    assert code == jobs_cli.EXIT_API and "(422)" in err and "sparsity" in err
+
+    code, _, err = cli("get", "job_doesnotexist")
+    assert code == jobs_cli.EXIT_API and "(404)" in err and "job_doesnotexist" in err
+
+    # Another key's job answers exactly like a missing one.
+    job = Client(jobs_server.url, jobs_server.bob).submit({"model": jobs_server.model, **SMALL, "steps": 1})
+    code, _, err = cli("get", job["id"])
+    assert code == jobs_cli.EXIT_API and "(404)" in err
+
+    code, _, err = cli("list", "--key", "consa_wrong")
+    assert code == jobs_cli.EXIT_API and "(401)" in err and "check the API key" in err
+
+    with pytest.raises(ApiError) as e:
+        Client(jobs_server.url, jobs_server.alice).submit({"model": jobs_server.model, "sparsity": 0.5,
+                                                           "granularity": "row"})
+    assert e.value.status == 422 and e.value.code == "validation_error" and "granularity" in e.value.detail
+
+
+def test_usage_and_connection_errors_exit_codes(tmp_path):
+    # As a real process: sys.exit carries the code, and nothing but the message reaches stderr.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSA_")} | {"PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "consa.jobs_cli", "jobs", "list"]
+    no_key = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert no_key.returncode == jobs_cli.EXIT_USAGE and "no API key" in no_key.stderr
+    env |= {"CONSA_API_KEY": "consa_x", "CONSA_URL": "http://127.0.0.1:9"}  # nothing listens on port 9
+    down = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert down.returncode == jobs_cli.EXIT_UNREACHABLE and "cannot reach http://127.0.0.1:9" in down.stderr
+    assert "Traceback" not in down.stderr
