@@ -38,3 +38,30 @@ def test_compare_writes_table_and_heatmaps(tmp_path, text_dir, tokenizer):
 def test_markdown_table_shows_spread():
     table = markdown_table([{"method": "random", "sparsity": 0.5, "loss": 2.0, "loss_std": 0.01, "retrieval_acc": None}])
     assert "2.0000 ± 0.0100" in table and "–" in table
+
+
+def test_quality_benchmark_runs_end_to_end(tmp_path, tiny_model_dir, text_dir):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    records = quality.main(["--model", str(tiny_model_dir), "--eval-data", str(text_dir), "--train-data", str(text_dir),
+                            "--out", str(tmp_path), "--sparsities", "0.5", "--window", "16", "--seq-len", "160",
+                            "--eval-sequences", "2", "--retrieval-docs", "2", "--steps", "2", "--search-seq-len", "64",
+                            "--calibration-sequences", "2", "--random-seeds", "2", "--device", "cpu", "--pack"])
+    methods = {(r["method"], r["granularity"]) for r in records}
+    assert ("full", None) in methods and ("learned-distill", "kv_head") in methods and ("even", "kv_head") in methods
+    assert ("even", "layer") not in methods and ("heuristic-loss", "layer") in methods
+    assert len(records) == 1 + (2 + 6 + 1) + (2 + 7 + 1)
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    for r in saved:
+        assert {"method", "granularity", "sparsity", "loss", "retrieval_acc", "kv_bytes_ratio"} <= set(r)
+        assert r["sparsity"] in (0.0, 0.5)
+    random = next(r for r in saved if r["method"] == "random")
+    assert "loss_std" in random and len(random["runs"]) == 2
+    assert "| learned-lm | layer | 0.50 |" in (tmp_path / "quality.md").read_text()
+    import tarfile
+    with tarfile.open(tmp_path / "heatmaps.tar.gz") as tar:
+        assert len(tar.getnames()) == 2 + 6 + 2 + 7  # every non-random allocation has a heatmap

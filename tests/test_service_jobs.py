@@ -90,3 +90,15 @@ def test_unloadable_model_fails_with_a_user_error(server):
         assert job["status"] == "failed", job
         assert job["error"]["type"] == "user" and job["error"]["code"] == "model_not_loadable"
         assert "cannot load model" in job["error"]["message"]
+
+
+def test_evaluate_adds_the_comparison_table(server):
+    if server.backend != "embedded":
+        return  # the evaluation path does not depend on the backend; once is enough for the runtime budget
+    with server.client(server.alice) as client:
+        job = wait_for(client, submit(client, server, steps=3, evaluate=True)["id"], timeout=180)
+        assert job["status"] == "succeeded", job
+        names = {a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
+        assert {"evaluation.md", "evaluation.json", "heatmap.png"} <= names
+        table = client.get(f"/v1/jobs/{job['id']}/artifacts/evaluation.md").text
+        assert "| learned |" in table and "| full |" in table

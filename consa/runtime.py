@@ -1,0 +1,390 @@
+"""Generation with a per-unit KV cache: full-attention (FA) heads keep every token, sliding-window
+(SWA) heads keep only their sink tokens and the last W tokens, so the cache really shrinks.
+
+`HybridCache` is a transformers `Cache` with one `HybridCacheLayer` per decoder layer. A layer
+stores its FA heads and its SWA heads in separate tensors:
+
+    fa_k, fa_v    (B, n_fa, capacity, d)   grows with the context (capacity doubles, or is static)
+    swa_k, swa_v  (B, n_swa, S + W, d)     slots [0, S) hold the sinks, [S, S + W) a ring buffer
+    swa_pos       (S + W,)                 absolute position held by each slot, -1 = empty
+
+`update()` returns the layer itself instead of key/value tensors; consa's registered attention
+function sees that (`hybrid_attend`) and lets the layer compute attention over its own storage:
+FA heads over the whole context, SWA heads over their window only, so decoding reads W tokens per
+SWA head instead of the whole context.
+
+Layer-granularity checkpoints exported with `layer_types` need none of this: a stock
+`DynamicCache(config=...)` already keeps sliding layers short. `make_cache` picks the right one.
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+
+PREFILL_CHUNK = 1024  # queries per SDPA call for SWA heads in prefill: keys outside the window are skipped
+
+
+# -- attention kernels -------------------------------------------------------------------------------
+def _sdpa(q, k, v, mask=None, is_causal=False, scale=None):
+    """q (B, Hq, q, d); k/v (B, Hk, kv, d) with Hq a multiple of Hk; mask bool broadcastable to (B, Hq, q, kv)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        # Only flash/math kernels take enable_gqa; a masked call would fall back to math, so repeat K/V
+        # (cheap: masked calls here cover a window or a chunk, never the whole context on every head).
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+def decode_attention(q, k, v, valid=None, scale=None):
+    """One query token against a cache. q (B, Hq, 1, d); k/v (B, Hk, T, d); valid (T,) bool or None.
+
+    A plain matmul-softmax-matmul: each K/V byte is read once by a GEMM (bandwidth-bound, which is
+    what decoding is), a validity mask costs T booleans, and nothing depends on a host-side length,
+    so it can be captured in a CUDA graph over static storage.
+    """
+    B, Hq, _, d = q.shape
+    Hk = k.shape[1]
+    qg = q.reshape(B, Hk, Hq // Hk, d)  # (B, Hk, g, d): a GQA group shares its K/V
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (scale if scale is not None else d ** -0.5)  # (B, Hk, g, T)
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    out = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # (B, Hk, g, d)
+    return out.view(B, Hq, 1, d)
+
+
+def banded_attention(q, q0, span_k, span_v, k0, window, sink_k=None, sink_v=None, mask=None, scale=None,
+                     chunk=PREFILL_CHUNK):
+    """Sliding-window attention for a run of queries, skipping keys outside each chunk's window.
+
+    q (B, Hq, q, d) at positions q0..q0+q-1; span_k/v (B, Hk, n, d) at contiguous positions k0..k0+n-1;
+    sink_k/v (B, Hk, ns, d) at positions 0..ns-1 (all < k0). mask: optional padding mask (B, 1, q, P)
+    over absolute key positions. A query at p sees p-window+1..p and every sink <= p.
+    """
+    B, Hq, q_len, d = q.shape
+    ns = 0 if sink_k is None else sink_k.shape[2]
+    out = q.new_empty(B, Hq, q_len, d)
+    for a in range(0, q_len, chunk):
+        b = min(q_len, a + chunk)
+        q_pos = torch.arange(q0 + a, q0 + b, device=q.device)[:, None]  # (c, 1)
+        lo = max(0, q0 + a - window + 1 - k0)  # span rows any query of the chunk can see
+        hi = max(lo, q0 + b - k0)
+        k_pos = torch.arange(k0 + lo, k0 + hi, device=q.device)[None, :]  # (1, n)
+        keep = (k_pos <= q_pos) & (k_pos > q_pos - window)  # (c, n)
+        keys, values = span_k[:, :, lo:hi], span_v[:, :, lo:hi]
+        if ns:
+            sink_pos = torch.arange(ns, device=q.device)[None, :]
+            keep = torch.cat([sink_pos <= q_pos, keep], 1)
+            keys, values = torch.cat([sink_k, keys], 2), torch.cat([sink_v, values], 2)
+            k_pos = torch.cat([sink_pos, k_pos], 1)
+        keep = keep[None, None]  # (1, 1, c, n)
+        if mask is not None:
+            keep = keep & mask[:, :, a:b, k_pos[0]]
+        out[:, :, a:b] = _sdpa(q[:, :, a:b], keys, values, keep, scale=scale)
+    return out
+
+
+def _as_bool_mask(mask):
+    """HF masks are bool (True = attend) or additive floats (0 = attend)."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask == 0
+
+
+def _to(sel, device):
+    return sel.to(device) if isinstance(sel, torch.Tensor) else sel
+
+
+def _heads(idx: list[int]):
+    """A slice when the heads are contiguous (a view, no copy), else an index tensor."""
+    if idx and idx == list(range(idx[0], idx[-1] + 1)):
+        return slice(idx[0], idx[-1] + 1)
+    return torch.tensor(idx, dtype=torch.long)
+
+
+# -- the cache ---------------------------------------------------------------------------------------
+class HybridCacheLayer(CacheLayerMixin):
+    """One decoder layer's cache with FA heads and SWA heads stored apart (see module docstring)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, full_heads: list[bool], window: int, sink_tokens: int = 0, max_length: int | None = None):
+        super().__init__()
+        self.window, self.sinks, self.max_length = window, sink_tokens, max_length
+        self.fa_idx = [h for h, f in enumerate(full_heads) if f]
+        self.swa_idx = [h for h, f in enumerate(full_heads) if not f]
+        self.num_kv_heads = len(full_heads)
+        self.seen = 0  # tokens written so far (host-side; graph decoding uses `graph_position`)
+        self.graph_position = None  # (1,) long on device: the position being decoded inside a CUDA graph
+        self.fa_k = self.fa_v = self.swa_k = self.swa_v = self.swa_pos = None
+
+    # -- storage ------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states):
+        B, _, _, d = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        new = functools.partial(torch.zeros, dtype=self.dtype, device=self.device)
+        capacity = self.max_length or 256
+        self.fa_k, self.fa_v = new(B, len(self.fa_idx), capacity, d), new(B, len(self.fa_idx), capacity, d)
+        slots = self.sinks + self.window
+        self.swa_k, self.swa_v = new(B, len(self.swa_idx), slots, d), new(B, len(self.swa_idx), slots, d)
+        self.swa_pos = torch.full((slots,), -1, dtype=torch.long, device=self.device)
+        self.fa_sel, self.swa_sel = _to(_heads(self.fa_idx), self.device), _to(_heads(self.swa_idx), self.device)
+        self._q_sel = None
+        self.is_initialized = True
+
+    def _reserve(self, length: int):
+        """Make FA storage hold `length` tokens: capacity doubling keeps appends amortised O(1)."""
+        capacity = self.fa_k.shape[2]
+        if length <= capacity:
+            return
+        if self.max_length is not None:
+            raise ValueError(f"HybridCache was built for max_length={self.max_length} tokens, got {length}")
+        capacity = max(length, 2 * capacity)
+        grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], capacity - t.shape[2], t.shape[3])], 2)  # noqa: E731
+        self.fa_k, self.fa_v = grow(self.fa_k), grow(self.fa_v)
+
+    def _slot(self, pos):
+        """Buffer slot of an absolute position (int or tensor): sinks keep theirs, the rest wrap around."""
+        return torch.where(pos < self.sinks, pos, (pos - self.sinks) % self.window + self.sinks) \
+            if isinstance(pos, torch.Tensor) else (pos if pos < self.sinks else (pos - self.sinks) % self.window + self.sinks)
+
+    def _ordered_window(self):
+        """The SWA tokens held now, oldest first: sinks (0..ns-1) and a contiguous span from k0."""
+        ns = min(self.sinks, self.seen)
+        k0 = max(self.sinks, self.seen - self.window)
+        slots = [self._slot(p) for p in range(k0, self.seen)]
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        return (self.swa_k[:, :, :ns], self.swa_v[:, :, :ns],
+                self.swa_k.index_select(2, idx), self.swa_v.index_select(2, idx), k0)
+
+    # -- Cache API ----------------------------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        """key/value_states (B, K, q, d) for the new tokens. Stores them; attention runs in `hybrid_attend`."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._new_k, self._new_v = key_states, value_states
+        return self, self
+
+    def hybrid_attend(self, module, query, attention_mask=None, scaling=None, **kwargs):
+        """query (B, H, q, d) for the new tokens -> (B, q, H, d), then the new tokens are committed."""
+        k_new, v_new = self._new_k, self._new_v
+        self._new_k = self._new_v = None
+        B, H, q_len, d = query.shape
+        if self._q_sel is None:  # query heads of each part: a GQA group follows its KV head
+            groups = H // self.num_kv_heads
+            self._q_sel = [_to(_heads([h * groups + g for h in idx for g in range(groups)]), self.device)
+                           for idx in (self.fa_idx, self.swa_idx)]
+        mask = _as_bool_mask(attention_mask)
+        out = query.new_empty(B, q_len, H, d)
+        graph = self.graph_position is not None and q_len == 1
+        if self.fa_idx:
+            q_sel = self._q_sel[0]
+            o = self._attend_full(query[:, q_sel], k_new[:, self.fa_sel], v_new[:, self.fa_sel], mask, scaling, graph)
+            out[:, :, q_sel] = o.transpose(1, 2)  # (B, q, n_fa * g, d)
+        if self.swa_idx:
+            q_sel = self._q_sel[1]
+            o = self._attend_window(query[:, q_sel], k_new[:, self.swa_sel], v_new[:, self.swa_sel], mask, scaling, graph)
+            out[:, :, q_sel] = o.transpose(1, 2)
+        self.seen += q_len
+        return out
+
+    def _attend_full(self, q, k, v, mask, scale, graph):
+        """FA heads: write the new tokens into storage, attend over everything held."""
+        q_len, start = q.shape[2], self.seen
+        if graph:
+            self.fa_k.index_copy_(2, self.graph_position, k)
+            self.fa_v.index_copy_(2, self.graph_position, v)
+            valid = torch.arange(self.fa_k.shape[2], device=q.device) <= self.graph_position  # (capacity,)
+            return decode_attention(q, self.fa_k, self.fa_v, valid, scale)
+        self._reserve(start + q_len)
+        self.fa_k[:, :, start:start + q_len] = k
+        self.fa_v[:, :, start:start + q_len] = v
+        keys, values = self.fa_k[:, :, :start + q_len], self.fa_v[:, :, :start + q_len]
+        if q_len == 1 and mask is None:
+            return decode_attention(q, keys, values, None, scale)
+        if mask is None and start == 0:
+            return _sdpa(q, keys, values, is_causal=True, scale=scale)
+        if mask is None:  # a chunk after a prefix: causal with an offset
+            q_pos = torch.arange(start, start + q_len, device=q.device)[:, None]
+            mask = (torch.arange(start + q_len, device=q.device)[None, :] <= q_pos)[None, None]
+        return _sdpa(q, keys, values, mask[..., :start + q_len], scale=scale)
+
+    def _attend_window(self, q, k, v, mask, scale, graph):
+        """SWA heads: attend over sinks + the last W tokens, then keep only those in the buffer."""
+        q_len, start = q.shape[2], self.seen
+        if graph:
+            slot = self._slot(self.graph_position)
+            self._write_window(slot, self.graph_position, k, v)
+            return decode_attention(q, self.swa_k, self.swa_v, self.swa_pos >= 0, scale)
+        if q_len == 1 and mask is None:
+            # Write first: the slot of position p held p - W, which p no longer sees.
+            slot = torch.tensor([self._slot(start)], device=q.device)
+            self._write_window(slot, torch.tensor([start], device=q.device), k, v)
+            full = start + 1 >= self.sinks + self.window
+            return decode_attention(q, self.swa_k, self.swa_v, None if full else self.swa_pos >= 0, scale)
+        # Several queries (prefill or a chunk): attend over the held window + the new tokens in order.
+        sink_k, sink_v, span_k, span_v, k0 = self._ordered_window()
+        keys_k, keys_v = torch.cat([sink_k, span_k, k], 2), torch.cat([sink_v, span_v, v], 2)
+        ns = min(self.sinks, start + q_len)  # the first ns of the sequence are sinks
+        out = banded_attention(q, start, keys_k[:, :, ns:], keys_v[:, :, ns:], k0, self.window,
+                               keys_k[:, :, :ns] if ns else None, keys_v[:, :, :ns] if ns else None,
+                               mask, scale)
+        # Keep what later tokens can still see: the sinks and the last W positions.
+        keep = [p for p in range(start, start + q_len) if p < self.sinks or p >= start + q_len - self.window]
+        pos = torch.tensor(keep, dtype=torch.long, device=q.device)
+        sel = pos - start
+        self._write_window(self._slot(pos), pos, k.index_select(2, sel), v.index_select(2, sel))
+        return out
+
+    def _write_window(self, slot, pos, k, v):
+        self.swa_k.index_copy_(2, slot, k)
+        self.swa_v.index_copy_(2, slot, v)
+        self.swa_pos.index_copy_(0, slot, pos)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Masks cover absolute positions 0..seen+q-1; SWA heads pick the columns they hold.
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self):
+        self.seen = 0
+        if self.is_initialized:
+            self.swa_pos.fill_(-1)
+
+    def reorder_cache(self, beam_idx):
+        if self.is_initialized:
+            for name in ("fa_k", "fa_v", "swa_k", "swa_v"):
+                setattr(self, name, getattr(self, name).index_select(0, beam_idx.to(self.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        if self.is_initialized:
+            for name in ("fa_k", "fa_v", "swa_k", "swa_v"):
+                setattr(self, name, getattr(self, name).repeat_interleave(repeats, 0))
+
+    def batch_select_indices(self, indices):
+        if self.is_initialized:
+            for name in ("fa_k", "fa_v", "swa_k", "swa_v"):
+                setattr(self, name, getattr(self, name)[indices])
+
+    def crop(self, tokens_to_remove: int):
+        raise NotImplementedError("HybridCache cannot be cropped: SWA heads have dropped old tokens")
+
+    # -- accounting ---------------------------------------------------------------------------------
+    def held_tokens(self) -> tuple[int, int]:
+        """(tokens per FA head, tokens per SWA head) held now."""
+        swa = min(self.seen, self.sinks) + min(max(self.seen - self.sinks, 0), self.window)
+        return self.seen, swa
+
+    def nbytes(self, allocated: bool = False) -> int:
+        if not self.is_initialized:
+            return 0
+        if allocated:
+            return sum(t.numel() * t.element_size() for t in (self.fa_k, self.fa_v, self.swa_k, self.swa_v))
+        B, d, elt = self.fa_k.shape[0], self.fa_k.shape[3], self.fa_k.element_size()
+        fa_tokens, swa_tokens = self.held_tokens()
+        return 2 * B * d * elt * (len(self.fa_idx) * fa_tokens + len(self.swa_idx) * swa_tokens)
+
+
+class HybridCache(Cache):
+    """A KV cache that keeps FA heads whole and SWA heads to their window; pass it to `generate`."""
+
+    def __init__(self, full_mask: torch.Tensor, window: int, sink_tokens: int = 0, max_length: int | None = None):
+        """full_mask (num_layers, num_kv_heads) bool, True = full attention. `max_length` preallocates
+        FA storage once (needed for CUDA-graph decoding); without it, storage doubles as it fills."""
+        layers = [HybridCacheLayer(row.tolist(), window, sink_tokens, max_length) for row in full_mask.bool()]
+        super().__init__(layers=layers)
+        self.window, self.sink_tokens = window, sink_tokens
+
+    @classmethod
+    def for_model(cls, model, allocation=None, max_length: int | None = None) -> "HybridCache":
+        """The cache matching a model's installed hybrid attention (or the given allocation)."""
+        if allocation is not None:
+            return cls(allocation.full_mask(), allocation.window, allocation.sink_tokens, max_length)
+        hybrid = getattr(model, "consa_hybrid", None)
+        if hybrid is None:
+            raise ValueError("the model has no consa hybrid attention installed: load it with consa.load_hybrid "
+                             "or call consa.hybrid_attention.apply_allocation first")
+        z = hybrid.z if hybrid.z is not None else torch.ones(hybrid.num_layers, hybrid.num_kv_heads)
+        if not bool(((z == 0) | (z == 1)).all()):
+            raise ValueError("HybridCache needs hard gates (every unit full or SWA), got soft gate values")
+        return cls(z.detach().cpu() == 1, hybrid.window, hybrid.sink_tokens, max_length)
+
+    def set_graph_position(self, position: torch.Tensor | None):
+        """Decode inside a CUDA graph: every layer reads the position to write from this (1,) device tensor."""
+        for layer in self.layers:
+            layer.graph_position = position
+
+
+def make_cache(model, max_length: int | None = None):
+    """The memory-saving cache for a model: HybridCache for consa's hybrid attention, else a stock
+    DynamicCache built from the config (sliding layers from `layer_types` stay W tokens long)."""
+    if getattr(model, "consa_hybrid", None) is not None:
+        return HybridCache.for_model(model, max_length=max_length)
+    return DynamicCache(config=model.config)
+
+
+def generate(model, *args, **kwargs):
+    """`model.generate` with the memory-saving cache unless the caller passes one."""
+    if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
+        kwargs[cache_kwarg(model)] = make_cache(model)
+    return type(model).generate(model, *args, **kwargs)
+
+
+def use_hybrid_cache(model):
+    """Make `model.generate(...)` use `make_cache(model)` by default (load_hybrid does this)."""
+    model.generate = functools.partial(generate, model)
+    return model
+
+
+# -- accounting ---------------------------------------------------------------------------------------
+def cache_bytes(cache, allocated: bool = False) -> int:
+    """Bytes of K/V a cache holds (HybridCache or any stock cache with keys/values per layer).
+    `allocated=True` counts reserved storage (capacity) instead of the tokens held."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, HybridCacheLayer):
+            total += layer.nbytes(allocated)
+        elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return total
+
+
+def expected_cache_bytes(allocation, context: int, head_dim: int, dtype=torch.bfloat16, batch_size: int = 1) -> int:
+    """What an allocation says the cache should hold after `context` tokens: FA units every token,
+    SWA units their sinks plus the last W tokens."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    swa_tokens = min(context, allocation.sink_tokens) + min(max(context - allocation.sink_tokens, 0), allocation.window)
+    full = allocation.full_mask()
+    n_full = int(full.sum())
+    n_swa = full.numel() - n_full
+    return 2 * batch_size * head_dim * elt * (n_full * context + n_swa * swa_tokens)
+
+
+def floor_ratio(sparsity: float, window: int, context: int) -> float:
+    """The KV-bytes ratio to full attention an SWA share s can reach: (1 - s) + s * W / L."""
+    return (1 - sparsity) + sparsity * min(window, context) / context
+
+
+def cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); forward takes whichever it knows."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(outputs):
+    return getattr(outputs, "cache", None) if getattr(outputs, "cache", None) is not None else outputs.past_key_values
+
+
+__all__ = ["HybridCache", "HybridCacheLayer", "make_cache", "generate", "use_hybrid_cache", "cache_bytes",
+           "expected_cache_bytes", "floor_ratio", "decode_attention", "banded_attention", "cache_kwarg",
+           "output_cache"]

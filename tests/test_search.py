@@ -1,0 +1,143 @@
+"""The search end to end on CPU, through the library and through `consa search`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from consa.errors import Cancelled, DataError, ModelLoadError
+from consa.manifest import load_allocation
+from consa.search import SearchConfig, load_gate_state, run_search
+
+
+def _config(model_dir, data_dir, **kw):
+    base = dict(model=str(model_dir), sparsity=0.5, granularity="kv_head", window=8, data=str(data_dir),
+                seq_len=64, steps=12, batch_size=2)
+    return SearchConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("granularity,sparsity", [("kv_head", 0.5), ("kv_head", 0.375), ("layer", 0.25),
+                                                  ("layer", 1.0), ("kv_head", 0.0)])
+def test_search_reaches_the_exact_sparsity(tiny_model_dir, text_dir, granularity, sparsity):
+    seen = []
+    result = run_search(_config(tiny_model_dir, text_dir, granularity=granularity, sparsity=sparsity),
+                        progress=seen.append)
+    alloc = result.allocation
+    units = 4 if granularity == "layer" else 8
+    assert alloc.sparsity_achieved == round(sparsity * units) / units
+    assert [r["step"] for r in seen] == list(range(1, 13))
+    assert {"loss", "sparsity", "target", "lambda1", "lambda2"} <= set(seen[-1])
+    assert seen[-1]["target"] == pytest.approx(sparsity)
+    if granularity == "layer":
+        assert all(len(set(row)) == 1 for row in alloc.assignment)
+
+
+def test_search_is_seedable(tiny_model_dir, text_dir):
+    a = run_search(_config(tiny_model_dir, text_dir, seed=3))
+    b = run_search(_config(tiny_model_dir, text_dir, seed=3))
+    assert torch.equal(a.gate_state["log_alpha"], b.gate_state["log_alpha"])
+    assert a.allocation.assignment == b.allocation.assignment
+
+
+def test_distill_objective_and_retrieval_mix_run(tiny_model_dir, text_dir):
+    result = run_search(_config(tiny_model_dir, text_dir, objective="distill", seq_len=160, retrieval_ratio=0.5,
+                                steps=4))
+    assert result.allocation.method == "learned-distill"
+    assert result.history[0]["loss"] >= 0  # a KL divergence
+
+
+def test_cancel_hook_stops_the_search(tiny_model_dir, text_dir):
+    calls = []
+
+    def should_cancel():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(Cancelled, match="step 3"):
+        run_search(_config(tiny_model_dir, text_dir), should_cancel=should_cancel)
+
+
+def test_gate_state_saves_and_resumes(tiny_model_dir, text_dir, tmp_path):
+    full = run_search(_config(tiny_model_dir, text_dir, steps=12))
+    first = run_search(_config(tiny_model_dir, text_dir, steps=12))
+    first.save(tmp_path)
+    state = load_gate_state(tmp_path / "gates.safetensors")
+    assert torch.equal(state["log_alpha"], first.gate_state["log_alpha"]) and state["step"] == 12
+    resumed = run_search(_config(tiny_model_dir, text_dir, steps=16), resume_from=tmp_path / "gates.safetensors")
+    assert len(resumed.history) == 4 and resumed.history[0]["step"] == 13
+    assert not torch.equal(resumed.gate_state["log_alpha"], full.gate_state["log_alpha"])
+
+
+def test_manifest_has_the_documented_fields(tiny_model_dir, text_dir, tmp_path):
+    run_search(_config(tiny_model_dir, text_dir)).save(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for key in ("format", "model", "granularity", "num_layers", "num_kv_heads", "window", "sink_tokens",
+                "sparsity_target", "sparsity_achieved", "assignment", "gate_prob_full", "training"):
+        assert key in manifest, key
+    assert manifest["format"] == "consa.allocation/v1"
+    assert (manifest["num_layers"], manifest["num_kv_heads"]) == (4, 2)
+    assert manifest["training"]["steps"] == 12 and manifest["training"]["objective"] == "lm"
+    assert load_allocation(tmp_path).assignment == manifest["assignment"]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("sparsity", 1.5, "sparsity must be in"), ("sparsity", -0.1, "sparsity must be in"),
+    ("window", 0, "window must be"), ("granularity", "block", "unknown granularity"),
+    ("objective", "rl", "unknown objective"), ("steps", 0, "steps must be"),
+])
+def test_bad_settings_are_refused(tiny_model_dir, text_dir, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tiny_model_dir, text_dir, **{field: value})
+
+
+def test_unknown_model_and_data_give_user_errors(tiny_model_dir, text_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        run_search(_config(tmp_path / "nope", text_dir))
+    with pytest.raises(DataError, match="does not exist"):
+        run_search(_config(tiny_model_dir, tmp_path / "missing"))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "consa.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_search_writes_an_exact_manifest(tiny_model_dir, text_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = _cli("search", "--model", tiny_model_dir, "--sparsity", 0.5, "--granularity", "kv_head", "--window", 8,
+                "--data", text_dir, "--seq-len", 64, "--steps", 10, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["sparsity_achieved"] == 0.5
+    assert "search" in proc.stderr and "10/10" in proc.stderr  # the progress bar
+    manifest = load_allocation(out / "manifest.json")
+    assert sum(v == "swa" for row in manifest.assignment for v in row) == 4
+    assert (out / "gates.safetensors").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sparsity", "1.5"], "sparsity must be in [0, 1]"),
+    (["--sparsity", "0.5", "--window", "0"], "window must be"),
+    (["--sparsity", "0.5", "--granularity", "block"], "unknown granularity"),
+])
+def test_cli_bad_input_is_a_clear_error(tiny_model_dir, text_dir, tmp_path, args, message):
+    proc = _cli("search", "--model", tiny_model_dir, "--data", text_dir, "--out", tmp_path, *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_unknown_model_and_unswappable_model(tmp_path, text_dir):
+    proc = _cli("search", "--model", tmp_path / "nope", "--sparsity", 0.5, "--data", text_dir, "--out", tmp_path)
+    assert proc.returncode == 2 and "cannot load model" in proc.stderr and "Traceback" not in proc.stderr
+
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    import tiny
+
+    bloom = tmp_path / "bloom"
+    AutoModelForCausalLM.from_config(BloomConfig(vocab_size=300, hidden_size=16, n_layer=2, n_head=2)).save_pretrained(bloom)
+    tiny.build_tokenizer().save_pretrained(bloom)
+    proc = _cli("search", "--model", bloom, "--sparsity", 0.5, "--data", text_dir, "--seq-len", 32, "--steps", 2,
+                "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "cannot swap its attention" in proc.stderr and "Traceback" not in proc.stderr
