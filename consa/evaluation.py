@@ -82,6 +82,7 @@ def _autocast(device):
 def _batches(rows: torch.Tensor, batch_size: int):
     """Fixed-size batches (the last one padded by repeating rows) so compiled kernels see one shape.
     Yields (batch, number of real rows)."""
+    batch_size = min(batch_size, rows.shape[0])
     for i in range(0, rows.shape[0], batch_size):
         batch = rows[i:i + batch_size]
         n = batch.shape[0]
@@ -142,6 +143,7 @@ def retrieval_correct(model, tokenizer, docs: list, batch_size: int = 8, max_new
     path spells the answer with other tokens are decoded further, step by step.
     """
     device = next(model.parameters()).device
+    batch_size = min(batch_size, len(docs))
     answers = [tokenizer(d.answer, add_special_tokens=False)["input_ids"] for d in docs]
     seq_len = max(len(d.input_ids) + len(a) for d, a in zip(docs, answers))
     correct = [False] * len(docs)

@@ -50,11 +50,12 @@ def test_quality_benchmark_runs_end_to_end(tmp_path, tiny_model_dir, text_dir):
     records = quality.main(["--model", str(tiny_model_dir), "--eval-data", str(text_dir), "--train-data", str(text_dir),
                             "--out", str(tmp_path), "--sparsities", "0.5", "--window", "16", "--seq-len", "160",
                             "--eval-sequences", "2", "--retrieval-docs", "2", "--steps", "2", "--search-seq-len", "64",
-                            "--calibration-sequences", "2", "--random-seeds", "2", "--device", "cpu", "--pack"])
+                            "--calibration-sequences", "2", "--random-seeds", "2", "--device", "cpu", "--pack",
+                            "--methods", "full,learned-lm,learned-distill,top,even,random,heuristic-loss"])
     methods = {(r["method"], r["granularity"]) for r in records}
     assert ("full", None) in methods and ("learned-distill", "kv_head") in methods and ("even", "kv_head") in methods
     assert ("even", "layer") not in methods and ("heuristic-loss", "layer") in methods
-    assert len(records) == 1 + (2 + 6 + 1) + (2 + 7 + 1)
+    assert len(records) == 1 + (2 + 2 + 1) + (2 + 3 + 1)
     saved = json.loads((tmp_path / "quality.json").read_text())
     for r in saved:
         assert {"method", "granularity", "sparsity", "loss", "retrieval_acc", "kv_bytes_ratio"} <= set(r)
@@ -64,4 +65,4 @@ def test_quality_benchmark_runs_end_to_end(tmp_path, tiny_model_dir, text_dir):
     assert "| learned-lm | layer | 0.50 |" in (tmp_path / "quality.md").read_text()
     import tarfile
     with tarfile.open(tmp_path / "heatmaps.tar.gz") as tar:
-        assert len(tar.getnames()) == 2 + 6 + 2 + 7  # every non-random allocation has a heatmap
+        assert len(tar.getnames()) == 2 + 2 + 2 + 3  # every non-random allocation has a heatmap
