@@ -20,15 +20,16 @@ TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".json", ".jsonl", ".c", ".h", ".
 
 
 # -- reading text ---------------------------------------------------------------------------------
-def iter_texts(path, max_files: int | None = None, seed: int = 0):
+def iter_texts(path, max_files: int | None = None, seed: int = 0, suffixes=None):
     """Yield documents from a file, a directory of text files, or a .jsonl with a `text` field."""
+    suffixes = set(suffixes or TEXT_SUFFIXES)
     path = Path(path)
     if not path.exists():
         raise DataError(f"dataset path does not exist: {path}")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.suffix in suffixes and p.is_file())
         if not files:
-            raise DataError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) under {path}")
+            raise DataError(f"no text files ({', '.join(sorted(suffixes))}) under {path}")
         random.Random(seed).shuffle(files)  # a dataset directory is usually sorted by topic
     else:
         files = [path]
