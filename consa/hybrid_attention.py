@@ -10,6 +10,8 @@ reads the row of `module.layer_idx` and mixes, per KV head and its GQA query gro
 With hard gates (every z is 0 or 1) only one of the two is computed per head.
 """
 
+import warnings
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -120,7 +122,11 @@ def _swa_attention(hybrid, module, query, key, value, attention_mask, scaling, *
     if _use_kernel(hybrid, query, key, attention_mask, "flash"):
         return _flash_swa(hybrid, query, key, value, scaling)
     if _use_kernel(hybrid, query, key, attention_mask, "flex"):
-        return _flex_swa(hybrid, module, query, key, value, scaling)
+        try:
+            return _flex_swa(hybrid, module, query, key, value, scaling)
+        except Exception as e:  # a compile failure must not kill an hours-long job: fall back, say so
+            warnings.warn(f"FlexAttention failed ({type(e).__name__}: {e}); using SDPA with masks instead")
+            hybrid.backend = "sdpa"
     q_len, kv_len = query.shape[2], key.shape[2]
     keep = hybrid.swa_keep(q_len, kv_len, query.device)[None, None]  # (1, 1, q, kv)
     if attention_mask is not None:

@@ -125,6 +125,7 @@ def load_model(model: str, revision: str | None = None, device="cpu", dtype=torc
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load model {model!r}: {first}") from None
+    tokenizer.model_max_length = int(1e12)  # documents are packed into seq_len rows, never fed whole
     return lm.to(device).eval(), tokenizer
 
 
