@@ -131,3 +131,22 @@ def test_decode_attention_matches_sdpa():
     want = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :13].repeat_interleave(2, 1),
                                                             v[:, :, :13].repeat_interleave(2, 1))
     torch.testing.assert_close(decode_attention(q, k, v, valid), want, atol=1e-5, rtol=1e-5)
+
+
+def test_benchmark_main_runs_tiny(tmp_path):
+    """bench/runtime.py end to end on a tiny model: records with bytes at the floor."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_runtime", Path(__file__).parents[1] / "bench" / "runtime.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    records = bench.main(["--tiny", "--device", "cpu", "--contexts", "96", "--sparsities", "0.5", "--decode-steps", "3",
+                          "--window", "16", "--out", str(tmp_path)])
+    assert {(r["granularity"], r["sparsity"]) for r in records} == {("full", 0.0), ("kv_head", 0.5), ("layer", 0.5)}
+    for r in records:
+        assert abs(r["kv_bytes_ratio"] - r["floor_ratio"]) < 1e-9
+    saved = json.loads((tmp_path / "runtime.json").read_text())["records"]
+    assert saved[0].keys() >= {"model", "granularity", "sparsity", "context", "kv_bytes_ratio", "floor_ratio",
+                               "prefill_speedup", "decode_speedup"}

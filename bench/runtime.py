@@ -1,0 +1,233 @@
+"""Runtime benchmark: KV-cache bytes, prefill time and decode speed of hybrid FA/SWA models vs full attention.
+
+    python bench/runtime.py --testbed .models/qwen3-code-26m --out bench/results
+
+Models: a Qwen3-0.6B-shaped model with RANDOM weights (speed does not depend on them) and the testbed
+model. Allocations: exact-sparsity ones from consa.gates.exact_swa_mask on seeded random scores (per KV
+head, or per layer for layer granularity): for speed and bytes only the counts per layer matter.
+Every configuration, full attention included, runs through the same runtime (consa.runtime.HybridCache;
+the baseline is the all-full allocation), bf16, batch 1. Prefill: one forward over the context. Decode:
+greedy steps replayed from a CUDA graph of one decode forward (static FA storage, ring buffers for SWA
+heads); eager decoding where graphs are unavailable (CPU).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from consa.gates import exact_swa_mask  # noqa: E402
+from consa.hybrid_attention import apply_allocation, model_shape  # noqa: E402
+from consa.manifest import Allocation  # noqa: E402
+from consa.runtime import HybridCache, cache_bytes, cache_kwarg, floor_ratio  # noqa: E402
+
+QWEN3_06B = dict(num_hidden_layers=28, num_key_value_heads=8, num_attention_heads=16, head_dim=128, hidden_size=1024,
+                 intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960, tie_word_embeddings=True)
+TINY = dict(num_hidden_layers=4, num_key_value_heads=2, num_attention_heads=4, head_dim=8, hidden_size=32,
+            intermediate_size=64, vocab_size=300, max_position_embeddings=4096, tie_word_embeddings=True)
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def random_qwen3(shape: dict, device, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen3", **shape)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model.eval()
+
+
+def make_allocation(num_layers, num_kv_heads, sparsity, granularity, window, seed=0) -> Allocation:
+    """Exactly round(s * N) SWA units, chosen by exact_swa_mask on seeded random scores."""
+    scores = torch.rand(num_layers if granularity == "layer" else num_layers * num_kv_heads,
+                        generator=torch.Generator().manual_seed(seed))
+    swa = exact_swa_mask(scores, sparsity)
+    full = ~(swa[:, None].expand(num_layers, num_kv_heads) if granularity == "layer" else swa.view(num_layers, num_kv_heads))
+    return Allocation.from_full_mask(full, model="bench", granularity=granularity, window=window,
+                                     method="random-exact", sparsity_target=sparsity)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure(model, allocation, context, decode_steps, device, use_graph, repeats=1):
+    """Prefill `context` random tokens, then decode greedily; returns bytes and times."""
+    apply_allocation(model, allocation)
+    kw = cache_kwarg(model)
+    vocab = model.config.vocab_size
+    ids = torch.randint(1, vocab, (1, context), generator=torch.Generator().manual_seed(1)).to(device)
+    max_length = context + decode_steps + 8
+
+    def prefill():
+        cache = HybridCache.for_model(model, max_length=max_length)
+        sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+        sync(device)
+        return cache, out.logits[:, -1].argmax(-1, keepdim=True), time.perf_counter() - t0
+
+    prefill()  # warm-up: kernels, allocator
+    times = []
+    for _ in range(repeats):
+        cache, next_id, t = prefill()
+        times.append(t)
+    prefill_s = min(times)
+    kv_bytes, kv_allocated = cache_bytes(cache), cache_bytes(cache, allocated=True)
+
+    # decode: static input / position buffers so one captured forward can be replayed every step
+    step_ids = next_id.clone()  # (1, 1)
+    positions = torch.full((1, 1), context, dtype=torch.long, device=device)  # (1, 1)
+
+    def step():
+        return model(input_ids=step_ids, position_ids=positions, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
+
+    graph = None
+    if use_graph:
+        cache.set_graph_position(positions.view(1))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph, as CUDA graphs require
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = step()
+
+    def run_decode(steps):
+        for i in range(steps):
+            positions.fill_(context + i)
+            if graph is not None:
+                graph.replay()
+                out = logits
+            else:
+                out = step()
+            step_ids.copy_(out[:, -1].argmax(-1, keepdim=True))
+
+    if graph is not None:
+        run_decode(4)  # warm replay
+    sync(device)
+    t0 = time.perf_counter()
+    if graph is None:  # eager: the cache advances one token per call, so feed it in order
+        for _ in range(decode_steps):
+            out = model(input_ids=step_ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
+            step_ids.copy_(out[:, -1].argmax(-1, keepdim=True))
+    else:
+        run_decode(decode_steps)
+    sync(device)
+    decode_s = time.perf_counter() - t0
+    del cache, graph
+    return {"kv_bytes": kv_bytes, "kv_bytes_allocated": kv_allocated, "prefill_s": prefill_s,
+            "decode_s": decode_s, "decode_tok_s": decode_steps / decode_s, "graph": use_graph}
+
+
+def bench_model(name, model, window, args, device, records):
+    num_layers, num_kv_heads = model_shape(model)
+    use_graph = device.type == "cuda" and not args.no_graph
+    for context in args.contexts:
+        full_alloc = make_allocation(num_layers, num_kv_heads, 0.0, "kv_head", window)
+        try:
+            base = measure(model, full_alloc, context, args.decode_steps, device, use_graph, args.repeats)
+        except Exception as e:  # noqa: BLE001 - one failed configuration must not stop the table
+            log(f"[{name} L={context}] full attention failed: {type(e).__name__}: {e}")
+            continue
+        log(f"[{name} L={context}] full: prefill {base['prefill_s']:.3f}s decode {base['decode_tok_s']:.1f} tok/s "
+            f"kv {base['kv_bytes'] / 2**20:.1f} MiB")
+        records.append(record(name, "full", 0.0, context, window, base, base))
+        for granularity in args.granularities:
+            for s in args.sparsities:
+                alloc = make_allocation(num_layers, num_kv_heads, s, granularity, window)
+                try:
+                    res = measure(model, alloc, context, args.decode_steps, device, use_graph, args.repeats)
+                except Exception as e:  # noqa: BLE001
+                    log(f"[{name} L={context} {granularity} s={s}] failed: {type(e).__name__}: {e}")
+                    continue
+                rec = record(name, granularity, s, context, window, res, base)
+                records.append(rec)
+                log(f"[{name} L={context} {granularity} s={s}] kv {rec['kv_bytes_ratio']:.4f} (floor "
+                    f"{rec['floor_ratio']:.4f}) prefill x{rec['prefill_speedup']:.2f} decode x{rec['decode_speedup']:.2f}")
+
+
+def record(name, granularity, s, context, window, res, base):
+    return {"model": name, "granularity": granularity, "sparsity": s, "context": context, "window": window,
+            "kv_bytes_ratio": res["kv_bytes"] / base["kv_bytes"], "floor_ratio": floor_ratio(s, window, context),
+            "prefill_speedup": base["prefill_s"] / res["prefill_s"], "decode_speedup": res["decode_tok_s"] / base["decode_tok_s"],
+            "kv_bytes": res["kv_bytes"], "kv_bytes_full": base["kv_bytes"],
+            "kv_bytes_allocated_ratio": res["kv_bytes_allocated"] / base["kv_bytes_allocated"],
+            "prefill_s": res["prefill_s"], "prefill_full_s": base["prefill_s"],
+            "decode_tok_s": res["decode_tok_s"], "decode_full_tok_s": base["decode_tok_s"], "cuda_graph": res["graph"]}
+
+
+def markdown(records) -> str:
+    head = ("| model | granularity | s | context | KV bytes / full | floor | prefill s | prefill × | decode tok/s | decode × |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = [f"| {r['model']} | {r['granularity']} | {r['sparsity']:.2f} | {r['context']} | {r['kv_bytes_ratio']:.4f} | "
+            f"{r['floor_ratio']:.4f} | {r['prefill_s']:.3f} | {r['prefill_speedup']:.2f} | {r['decode_tok_s']:.1f} | "
+            f"{r['decode_speedup']:.2f} |" for r in records]
+    return head + "\n".join(rows) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--testbed", help="path of the testbed model (12 layers x 4 KV heads); skipped when absent")
+    p.add_argument("--out", default="bench/results", help="directory for runtime.json and runtime.md")
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--granularities", nargs="+", default=["kv_head", "layer"])
+    p.add_argument("--decode-steps", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1, help="timed prefills per configuration (best is kept)")
+    p.add_argument("--window", type=int, default=1024, help="SWA window of the 0.6B-shaped model")
+    p.add_argument("--testbed-window", type=int, default=256, help="SWA window of the testbed model (its search window)")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model instead of the 0.6B shape (CPU smoke test)")
+    p.add_argument("--skip-qwen", action="store_true")
+    p.add_argument("--no-graph", action="store_true", help="decode eagerly even on CUDA")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    started = time.time()
+    log(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), dtype {dtype}, "
+        f"torch {torch.__version__}")
+
+    records = []
+    if not args.skip_qwen:
+        name = "tiny-qwen3 (random weights)" if args.tiny else "Qwen3-0.6B shape (random weights)"
+        model = random_qwen3(TINY if args.tiny else QWEN3_06B, device, dtype)
+        bench_model(name, model, args.window, args, device, records)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.testbed:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.testbed, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        bench_model(f"testbed {Path(args.testbed).name}", model, args.testbed_window, args, device, records)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
+            "torch": torch.__version__, "batch_size": 1, "decode_steps": args.decode_steps,
+            "allocations": "exact_swa_mask on seeded random scores", "baseline": "all-full allocation, same runtime",
+            "seconds": round(time.time() - started, 1)}
+    (out / "runtime.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+    table = markdown(records)
+    (out / "runtime.md").write_text(table)
+    log(table)
+    log(f"done in {time.time() - started:.0f}s -> {out / 'runtime.json'}")
+    return records
+
+
+if __name__ == "__main__":
+    main()
