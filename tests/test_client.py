@@ -20,7 +20,7 @@ SMALL = {"sparsity": 0.5, "granularity": "kv_head", "window": 16, "seq_len": 64,
 _shared = {}
 
 
-def shared_server(tmp_path_factory, tiny_model_dir, text_dir) -> Server:
+def shared_server(config, tmp_path_factory, tiny_model_dir, text_dir) -> Server:
     """One embedded server for this module and test_dashboard.py: each start costs a worker's torch import."""
     if "server" not in _shared:
         var = tmp_path_factory.mktemp("var-client")
@@ -33,14 +33,13 @@ def shared_server(tmp_path_factory, tiny_model_dir, text_dir) -> Server:
         srv.model, srv.data = str(tiny_model_dir), str(text_dir)
         srv.alice, srv.bob = srv.create_key("alice"), srv.create_key("bob")
         _shared["server"] = srv
+        config.add_cleanup(srv.stop)  # once, at the end of the whole run, whichever module started it
     return _shared["server"]
 
 
 @pytest.fixture(scope="session")
-def jobs_server(tmp_path_factory, tiny_model_dir, text_dir):
-    srv = shared_server(tmp_path_factory, tiny_model_dir, text_dir)
-    yield srv
-    srv.stop()  # idempotent: test_dashboard's fixture may stop it too
+def jobs_server(request, tmp_path_factory, tiny_model_dir, text_dir):
+    return shared_server(request.config, tmp_path_factory, tiny_model_dir, text_dir)
 
 
 @pytest.fixture

@@ -148,7 +148,7 @@ async function jobPage() {
   const points = [];          // progress events: {step, loss, sparsity, target}
   const log = [];
   let eventsAfter = null;
-  let artifactsShown = "";
+  let artifactsShown = null;  // names + digests of the artifacts on the page
 
   async function readEvents() {
     for (;;) {
@@ -175,10 +175,10 @@ async function jobPage() {
     if (job.error) error.textContent = `${job.error.code} (${job.error.type} error): ${job.error.message}`;
     const cancel = document.getElementById("cancel");
     cancel.hidden = !["queued", "running"].includes(job.status);
-    const rows = [["model", job.model], ...Object.entries(job.config || {}), ...Object.entries(job.metadata || {}),
+    const rows = [...Object.entries(job.config || {}), ...Object.entries(job.metadata || {}).map(([k, v]) => ["metadata." + k, v]),
       ["created", when(job.created_at)], ["started", when(job.started_at)], ["finished", when(job.finished_at)]];
     document.querySelector("#config tbody").replaceChildren(
-      ...rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, typeof v === "object" ? JSON.stringify(v) : v))));
+      ...rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v === null ? "–" : typeof v === "object" ? JSON.stringify(v) : v))));
     document.getElementById("events").textContent = log.slice(-200).join("\n");
   }
 
@@ -186,6 +186,10 @@ async function jobPage() {
     const key = artifacts.map((a) => a.name + a.sha256).join();
     if (key === artifactsShown) return;   // fetch the heatmap and tables once, not every refresh
     artifactsShown = key;
+    if (!artifacts.length) {
+      document.querySelector("#artifacts tbody").replaceChildren(el("tr", {}, el("td", { colspan: "4", class: "muted" }, "none yet")));
+      return;
+    }
     document.querySelector("#artifacts tbody").replaceChildren(...artifacts.map((a) =>
       el("tr", { "data-artifact": a.name },
         el("td", {}, a.name), el("td", { class: "num" }, bytes(a.size)),
@@ -232,8 +236,10 @@ async function jobPage() {
       await renderArtifacts((await apiJson(base + "/artifacts")).data);
       document.getElementById("job").hidden = false;
       showMessage("");
-      if (!TERMINAL.includes(job.status)) setTimeout(refresh, REFRESH_MS);
-      else document.body.dataset.loaded = "final";  // a marker for tests and scripts: nothing more will change
+      if (!TERMINAL.includes(job.status)) return setTimeout(refresh, REFRESH_MS);
+      const placeholder = document.querySelector("#heatmap p");
+      if (placeholder) placeholder.textContent = "no heatmap for this job";
+      document.body.dataset.loaded = "final";  // a marker for tests and scripts: nothing more will change
     } catch (err) {
       showMessage(explain(err));
     }
