@@ -86,8 +86,13 @@ def count_jobs_by_status(session: Session) -> dict[str, int]:
     return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
 
 
+# Status updates run as plain SQL (no in-session sync): callers refresh the rows they go on using.
+_PLAIN = {"synchronize_session": False}
+
+
 def _set_status(session: Session, *, job_pk: int, old: tuple[str, ...], new: str, **values) -> bool:
-    result = session.execute(update(Job).where(Job.pk == job_pk, Job.status.in_(old)).values(status=new, **values))
+    result = session.execute(update(Job).where(Job.pk == job_pk, Job.status.in_(old)).values(status=new, **values),
+                             execution_options=_PLAIN)
     return result.rowcount == 1
 
 
@@ -122,7 +127,8 @@ def claim_job(session: Session, *, job_id: str, worker: str) -> Job | None:
 
 def record_progress(session: Session, *, job: Job, progress: dict) -> str:
     """Store the latest step metrics + an event, beat the heartbeat; return the status (for cancel checks)."""
-    session.execute(update(Job).where(Job.pk == job.pk).values(progress=progress, heartbeat_at=utcnow()))
+    session.execute(update(Job).where(Job.pk == job.pk).values(progress=progress, heartbeat_at=utcnow()),
+                    execution_options=_PLAIN)
     add_event(session, job_pk=job.pk, type="progress",
               message=f"step {progress.get('step')}/{progress.get('total_steps')}", data=progress)
     session.commit()
@@ -151,7 +157,8 @@ def mark_lost(session: Session, *, job: Job, stale_before: dt.datetime) -> bool:
     result = session.execute(
         update(Job).where(Job.pk == job.pk, Job.status.in_((RUNNING, CANCEL_REQUESTED)), Job.heartbeat_at < stale_before)
         .values(status="failed", finished_at=utcnow(), error_code="worker_lost", error_type="system",
-                error_message="the worker running this job stopped; submit the job again"))
+                error_message="the worker running this job stopped; submit the job again"),
+        execution_options=_PLAIN)
     if result.rowcount == 1:
         add_event(session, job_pk=job.pk, type="status", message="job failed: worker lost", data={"status": "failed"})
     session.commit()

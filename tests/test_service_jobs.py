@@ -96,7 +96,7 @@ def test_evaluate_adds_the_comparison_table(server):
     if server.backend != "embedded":
         return  # the evaluation path does not depend on the backend; once is enough for the runtime budget
     with server.client(server.alice) as client:
-        job = wait_for(client, submit(client, server, steps=3, evaluate=True)["id"], timeout=180)
+        job = wait_for(client, submit(client, server, steps=3, seq_len=160, evaluate=True)["id"], timeout=180)
         assert job["status"] == "succeeded", job
         names = {a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
         assert {"evaluation.md", "evaluation.json", "heatmap.png"} <= names

@@ -5,6 +5,7 @@ artifacts (manifest, gates, heatmap, checkpoint, evaluation) -> terminal status.
 """
 
 import datetime as dt
+import json
 import logging
 import math
 import shutil
@@ -24,6 +25,8 @@ log = logging.getLogger("consa.worker")
 # Job params that are SearchConfig fields under the same name (dataset is `data` there).
 _SEARCH_FIELDS = ("model", "revision", "sparsity", "granularity", "window", "sink_tokens", "retrieval_ratio",
                   "seq_len", "batch_size", "steps", "lr", "objective", "seed")
+# Evaluation size: enough rows and retrieval prompts to rank allocations, small next to the search.
+EVAL_SEQUENCES, EVAL_RETRIEVAL_DOCS = 16, 64
 
 
 def run_job(job_id: str, settings: Settings, worker: str) -> str | None:
@@ -114,7 +117,8 @@ class JobRun:
             crud.record_progress(self.session, job=self.job, progress=clean)
 
         def should_cancel() -> bool:
-            return crud.job_status(self.session, job_pk=self.job.pk) == CANCEL_REQUESTED
+            # Anything but running stops the search: cancel_requested, or a row someone else ended.
+            return crud.job_status(self.session, job_pk=self.job.pk) != RUNNING
 
         self.event("info", f"search: {config.steps} steps, sparsity {config.sparsity}, {config.granularity}, "
                            f"window {config.window}")
@@ -162,15 +166,27 @@ class JobRun:
         self.publish(archive, "checkpoint.tar.gz")
 
     def evaluate(self, allocation, out: Path) -> None:
+        """The learned allocation against the unmodified model and the rule-based baselines, on the job's data."""
         try:
-            from consa.compare import compare_allocations
-        except ImportError:
-            self.event("warning", "evaluation not available: this consa build has no consa.compare")
+            from consa.baselines import baseline_names, build_baseline
+            from consa.compare import compare, markdown_table
+            from consa.search import load_model, pick_device
+        except ImportError as e:
+            self.event("warning", f"evaluation not available in this consa build: {e}")
             return
+        p = self.params
         self.event("info", "evaluating the allocation against the baselines")
-        eval_dir = out / "evaluation"
-        compare_allocations(model=self.params["model"], allocation=allocation, data=self.params["dataset"],
-                            out_dir=eval_dir, seed=self.params["seed"])
-        for path in sorted(eval_dir.iterdir()):
-            if path.is_file() and artifacts.valid_name(path.name):
-                self.publish(path, path.name)
+        model, tokenizer = load_model(p["model"], p.get("revision"), pick_device("auto"))
+        shape = (allocation.num_layers, allocation.num_kv_heads)
+        allocations = {"full": None, "learned": allocation}
+        for name in baseline_names(p["granularity"]):
+            if name != "heuristic-loss":  # it needs its own calibration pass; the rules are the comparison
+                allocations[name] = build_baseline(name, shape, p["sparsity"], p["granularity"], p["window"],
+                                                   seed=p["seed"], sink_tokens=p["sink_tokens"], model_name=p["model"])
+        records = compare(model, tokenizer, allocations, data=p["dataset"], seq_len=p["seq_len"],
+                          num_sequences=EVAL_SEQUENCES, retrieval_docs=EVAL_RETRIEVAL_DOCS, seed=p["seed"],
+                          progress=lambda line: self.event("info", f"evaluation: {line}"))
+        (out / "evaluation.md").write_text(markdown_table(records))
+        (out / "evaluation.json").write_text(json.dumps(records, indent=1, default=str))
+        self.publish(out / "evaluation.md", "evaluation.md")
+        self.publish(out / "evaluation.json", "evaluation.json")
