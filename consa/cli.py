@@ -90,15 +90,145 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _add_compare_parser(sub):
+    p = sub.add_parser("compare", help="evaluate several allocations (and baselines) on the same data")
+    _add_model_args(p)
+    p.add_argument("--allocation", action="append", default=[], metavar="MANIFEST",
+                   help="manifest.json to compare (repeatable)")
+    p.add_argument("--baselines", default="", help="comma list of baseline names, or 'all' (see consa.baselines)")
+    p.add_argument("--sparsity", type=float, default=None, help="sparsity for the baselines (default: the first allocation's)")
+    p.add_argument("--granularity", default=None, help="granularity for the baselines (default: the first allocation's)")
+    p.add_argument("--window", type=int, default=None, help="window for the baselines (default: the first allocation's)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--num-sequences", type=int, default=16)
+    p.add_argument("--retrieval-docs", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory for comparison.md, comparison.json and heatmaps")
+
+
+def _add_export_parser(sub):
+    p = sub.add_parser("export", help="write a hybrid checkpoint (HF directory) or a DuoAttention TSV")
+    _add_model_args(p)
+    p.add_argument("--allocation", required=True, help="manifest.json")
+    p.add_argument("--out", required=True, help="output directory (or .tsv file with --format duo-tsv)")
+    p.add_argument("--format", default="hf", choices=["hf", "duo-tsv"])
+    p.add_argument("--finetune-steps", type=int, default=0, help="short fine-tune with the allocation fixed")
+    p.add_argument("--data", default=None, help="text data for --finetune-steps")
+    p.add_argument("--seq-len", type=int, default=512)
+
+
+def cmd_compare(args) -> int:
+    from consa import baselines
+    from consa.compare import compare, markdown_table
+    from consa.manifest import load_allocation
+    from consa.search import load_model, pick_device
+
+    allocations = {"full": None}
+    for path in args.allocation:
+        a = load_allocation(path)
+        allocations[f"{a.method}-{a.granularity}-{a.sparsity_achieved:g}"] = a
+    first = next((a for a in allocations.values() if a is not None), None)
+    sparsity = args.sparsity if args.sparsity is not None else getattr(first, "sparsity_achieved", None)
+    granularity = args.granularity or getattr(first, "granularity", None)
+    window = args.window or getattr(first, "window", None)
+    model, tokenizer = load_model(args.model, args.revision, pick_device(args.device))
+    names = baselines.baseline_names(granularity) if args.baselines == "all" else [n for n in args.baselines.split(",") if n]
+    if names and None in (sparsity, granularity, window):
+        raise ValueError("baselines need --sparsity, --granularity and --window (or an --allocation to take them from)")
+    calibration = None
+    if "heuristic-loss" in names:  # scored on a few rows of the same data, never on the evaluation rows
+        from consa.data import iter_texts, pack_tokens
+
+        calibration = pack_tokens(tokenizer, iter_texts(args.data, seed=args.seed + 1), args.seq_len, max_sequences=4)
+        calibration = calibration.to(model.device)
+    shape = (first.num_layers, first.num_kv_heads) if first else _shape(model)
+    for name in names:
+        allocations[name] = baselines.build_baseline(name, shape, sparsity, granularity, window, seed=args.seed,
+                                                     model_name=args.model, model=model, calibration=calibration)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = compare(model, tokenizer, allocations, data=args.data, seq_len=args.seq_len,
+                      num_sequences=args.num_sequences, retrieval_docs=args.retrieval_docs, seed=args.seed,
+                      window=window, out_dir=out, progress=lambda line: print(line, file=sys.stderr))
+    table = markdown_table(records)
+    (out / "comparison.md").write_text(table + "\n")
+    (out / "comparison.json").write_text(json.dumps(records, indent=1))
+    print(table)
+    return 0
+
+
+def _shape(model):
+    from consa.hybrid_attention import model_shape
+
+    return model_shape(model)
+
+
+def cmd_export(args) -> int:
+    from consa.export import export_hybrid, write_duo_tsv
+    from consa.manifest import load_allocation
+    from consa.search import pick_device
+
+    allocation = load_allocation(args.allocation)
+    if args.format == "duo-tsv":
+        print(write_duo_tsv(allocation, args.out))
+        return 0
+    summary = export_hybrid(args.model, allocation, args.out, finetune_steps=args.finetune_steps, data=args.data,
+                            seq_len=args.seq_len, device=str(pick_device(args.device)))
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def _add_service_parsers(sub):
+    p = sub.add_parser("serve", help="run the API and a local worker (embedded defaults: SQLite, no Redis)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create an API key; the key is the last line printed")
+    create.add_argument("name")
+
+
+def cmd_serve(args) -> int:
+    try:
+        from service.cli import serve
+    except ImportError as e:
+        raise ConsaError(f"the service is not installed ({e.name} missing): pip install 'consa[service]'") from None
+    serve(args.host, args.port)
+    return 0
+
+
+def cmd_keys(args) -> int:
+    try:
+        from service.cli import create_key
+    except ImportError as e:
+        raise ConsaError(f"the service is not installed ({e.name} missing): pip install 'consa[service]'") from None
+    create_key(args.name)
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from consa.jobs_cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from consa.jobs_cli import add_jobs_commands
+
     parser = argparse.ArgumentParser(prog="consa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_search_parser(sub)
     _add_eval_parser(sub)
+    _add_compare_parser(sub)
+    _add_export_parser(sub)
+    _add_service_parsers(sub)
+    add_jobs_commands(sub)
     return parser
 
 
-COMMANDS = {"search": cmd_search, "eval": cmd_eval}
+COMMANDS = {"search": cmd_search, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export,
+            "serve": cmd_serve, "keys": cmd_keys, "jobs": cmd_jobs}
 
 
 def main(argv=None) -> int:
