@@ -4,6 +4,7 @@ process, embedded SQLite broker) running a tiny random model."""
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,8 +34,18 @@ def shared_server(config, tmp_path_factory, tiny_model_dir, text_dir) -> Server:
         srv.model, srv.data = str(tiny_model_dir), str(text_dir)
         srv.alice, srv.bob = srv.create_key("alice"), srv.create_key("bob")
         _shared["server"] = srv
-        config.add_cleanup(srv.stop)  # once, at the end of the whole run, whichever module started it
+        config.add_cleanup(lambda: stop_server(srv))  # once, at the end of the run, whichever module started it
     return _shared["server"]
+
+
+def stop_server(srv: Server) -> None:
+    srv.stop()
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so `serve` can die before it stops its
+    # Celery worker; the worker shares serve's process group (its own session), so end the group.
+    try:
+        os.killpg(srv.proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="session")
