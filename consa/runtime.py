@@ -247,9 +247,11 @@ class HybridCacheLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
         # Masks cover absolute positions 0..seen+q-1; SWA heads pick the columns they hold.
-        return self.seen + query_length, 0
+        # (Older transformers pass the cache_position tensor instead of the query length.)
+        q_len = query_length if isinstance(query_length, int) else query_length.shape[0]
+        return self.seen + q_len, 0
 
     def get_max_length(self) -> int:
         return -1
