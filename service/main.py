@@ -4,7 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 
-from service import problems
+from service import dashboard, problems
 from service.metrics import Metrics
 from service.routers import artifacts, events, health, jobs
 from service.settings import Settings, get_settings
@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics(settings.database_url)
     app.middleware("http")(app.state.metrics.middleware)
     problems.install(app)
-    for module in (jobs, events, artifacts, health):
+    for module in (jobs, events, artifacts, health, dashboard):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)
     return app

@@ -5,7 +5,10 @@ Redis + PostgreSQL (the `server` fixture's params).
 """
 
 import hashlib
+import io
+import tarfile
 import time
+from pathlib import Path
 
 from service_fixtures import assert_problem, server, wait_for  # noqa: F401  (server is a fixture)
 
@@ -43,10 +46,14 @@ def test_job_runs_to_success_with_downloadable_artifacts(server):
 
         listed = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
         names = {a["name"] for a in listed}
-        assert {"manifest.json", "gates.safetensors"} <= names
+        assert {"manifest.json", "gates.safetensors", "heatmap.png", "checkpoint.tar.gz"} <= names
         for artifact in listed:
             body = client.get(artifact["url"]).content
             assert len(body) == artifact["size"] and hashlib.sha256(body).hexdigest() == artifact["sha256"]
+            if artifact["name"] == "checkpoint.tar.gz":
+                with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+                    members = {Path(m).name for m in tar.getnames()}
+                assert {"config.json", "model.safetensors"} <= members, members
         manifest = client.get(f"/v1/jobs/{job['id']}/artifacts/manifest.json").json()
         assert manifest["format"] == "consa.allocation/v1" and manifest["sparsity_achieved"] == 0.5
         assert manifest["model"] == server.model

@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import shutil
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -151,19 +150,17 @@ class JobRun:
         self.publish(Path(path), "heatmap.png")
 
     def checkpoint(self, allocation, out: Path) -> None:
+        """The hybrid model as an HF directory, packed as checkpoint.tar.gz for one download."""
         try:
-            from consa.export import export_hybrid
-        except ImportError:
-            self.event("warning", "hybrid checkpoint not available: this consa build has no consa.export")
+            from consa.export import export_hybrid, pack_checkpoint
+        except ImportError as e:
+            self.event("warning", f"hybrid checkpoint not available in this consa build: {e}")
             return
         self.event("info", "exporting the hybrid checkpoint")
-        export_dir = out / "checkpoint"
-        export_hybrid(self.params["model"], allocation, export_dir)
-        archive = out / "checkpoint.tar.gz"
-        # compresslevel 1: weights barely compress, and level 9 would cost minutes on a large model.
-        with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
-            tar.add(export_dir, arcname="checkpoint")
-        self.publish(archive, "checkpoint.tar.gz")
+        summary = export_hybrid(self.params["model"], allocation, out / "checkpoint")
+        if summary.get("message"):
+            self.event("info", f"checkpoint: {summary['message']}", data={"format": summary.get("format")})
+        self.publish(pack_checkpoint(out / "checkpoint"), "checkpoint.tar.gz")
 
     def evaluate(self, allocation, out: Path) -> None:
         """The learned allocation against the unmodified model and the rule-based baselines, on the job's data."""

@@ -17,8 +17,10 @@ def run_job_task(self, job_id: str) -> str | None:
 
 
 @worker_ready.connect
-def _fail_orphans(sender, **_):
+def _on_ready(sender, **_):
     # One worker name runs one job at a time, so its jobs still "running" at start died with it.
     n = fail_orphans(get_settings(), worker=sender.hostname)
     if n:
         log.warning("marked %d job(s) left running by a previous %s as failed", n, sender.hostname)
+    # Import torch + transformers now, while idle, instead of inside the first job (seconds).
+    import consa.search  # noqa: F401
