@@ -35,6 +35,13 @@ def problem_response(request: Request, status: int, detail: str | None, *, code:
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
+def responses(*statuses: int) -> dict:
+    """OpenAPI `responses=` entries declaring problem documents for these statuses."""
+    return {status: {"model": Problem, "content": {MEDIA_TYPE: {}}} for status in statuses}
+
+
+PROBLEM_RESPONSES = responses(400, 401, 404, 422)
+
 _CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 406: "not_acceptable",
           409: "conflict", 416: "range_not_satisfiable"}
 

@@ -7,13 +7,12 @@ from fastapi.responses import FileResponse
 
 from service import artifacts, crud, schemas
 from service.deps import JobDep, SessionDep, SettingsDep
-from service.problems import ProblemError
-from service.routers.jobs import _PROBLEMS
+from service.problems import PROBLEM_RESPONSES, ProblemError
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
 
 
-@router.get("/{job_id}/artifacts", response_model=schemas.ArtifactList, responses=_PROBLEMS,
+@router.get("/{job_id}/artifacts", response_model=schemas.ArtifactList, responses=PROBLEM_RESPONSES,
             summary="List a job's artifacts")
 def list_artifacts(job: JobDep, session: SessionDep, request: Request):
     data = [schemas.ArtifactInfo(name=a.name, size=a.size, sha256=a.sha256, content_type=a.content_type,
@@ -24,7 +23,7 @@ def list_artifacts(job: JobDep, session: SessionDep, request: Request):
 
 @router.get("/{job_id}/artifacts/{name:path}", name="download_artifact", summary="Download an artifact",
             response_class=FileResponse,
-            responses=_PROBLEMS | {200: {"content": {"application/octet-stream": {}}},
+            responses=PROBLEM_RESPONSES | {200: {"content": {"application/octet-stream": {}}},
                                    206: {"description": "Partial content (Range)."},
                                    304: {"description": "Not modified (If-None-Match)."},
                                    416: {"description": "Range not satisfiable."}})

@@ -5,13 +5,13 @@ import time
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 
 from service import crud, schemas
 from service.db import sessionmaker_for
 from service.deps import JobDep, SessionDep, SettingsDep
-from service.routers.jobs import _PROBLEMS
+from service.problems import PROBLEM_RESPONSES
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
@@ -20,7 +20,7 @@ KEEPALIVE_S = 15.0  # a comment line keeps proxies from closing a quiet stream
 
 
 @router.get("/{job_id}/events", response_model=schemas.EventList, summary="List or stream a job's events",
-            responses=_PROBLEMS | {200: {"content": {"text/event-stream": {}}}})
+            responses=PROBLEM_RESPONSES | {200: {"content": {"text/event-stream": {}}}})
 def list_events(job: JobDep, session: SessionDep, settings: SettingsDep,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                 after: Annotated[int | None, Query(ge=0, description="Last event id already seen.")] = None,

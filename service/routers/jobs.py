@@ -11,22 +11,18 @@ from sqlalchemy.exc import IntegrityError
 from service import crud, schemas
 from service.deps import ApiKeyDep, JobDep, SessionDep, SettingsDep
 from service.locations import resolve_dataset, resolve_model
-from service.problems import ProblemError
+from service.problems import PROBLEM_RESPONSES, ProblemError, responses
 from worker.celery_app import enqueue
 
 log = logging.getLogger("consa.service")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-_PROBLEMS = {code: {"model": schemas.Problem, "content": {"application/problem+json": {}}}
-             for code in (400, 401, 404, 422, 503)}
-
 
 def _request_hash(body: schemas.JobCreate) -> str:
     # The validated body with defaults filled in: two requests that ask for the same search match.
     return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-@router.post("", status_code=202, response_model=schemas.Job, responses=_PROBLEMS,
+@router.post("", status_code=202, response_model=schemas.Job, responses=PROBLEM_RESPONSES | responses(503),
              summary="Create an allocation job")
 def create_job(body: schemas.JobCreate, request: Request, response: Response, session: SessionDep,
                key: ApiKeyDep, settings: SettingsDep,
@@ -71,7 +67,7 @@ def _replay(job, request_hash: str, response: Response) -> schemas.Job:
     return schemas.Job.of(job)
 
 
-@router.get("", response_model=schemas.JobList, responses=_PROBLEMS, summary="List your jobs, newest first")
+@router.get("", response_model=schemas.JobList, responses=PROBLEM_RESPONSES, summary="List your jobs, newest first")
 def list_jobs(session: SessionDep, key: ApiKeyDep, settings: SettingsDep,
               status: Annotated[schemas.Status | None, Query()] = None,
               model: Annotated[str | None, Query(max_length=1000)] = None,
@@ -87,12 +83,12 @@ def list_jobs(session: SessionDep, key: ApiKeyDep, settings: SettingsDep,
                            last_id=data[-1].id if data else None)
 
 
-@router.get("/{job_id}", response_model=schemas.Job, responses=_PROBLEMS, summary="Get a job")
+@router.get("/{job_id}", response_model=schemas.Job, responses=PROBLEM_RESPONSES, summary="Get a job")
 def get_job(job: JobDep):
     return schemas.Job.of(job)
 
 
-@router.post("/{job_id}/cancel", response_model=schemas.Job, responses=_PROBLEMS, summary="Cancel a job")
+@router.post("/{job_id}/cancel", response_model=schemas.Job, responses=PROBLEM_RESPONSES, summary="Cancel a job")
 def cancel_job(job: JobDep, session: SessionDep):
     """A queued job ends `cancelled` at once; a running one turns `cancel_requested` and stops at its next
     step. Cancelling a finished job changes nothing."""
