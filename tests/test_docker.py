@@ -209,3 +209,18 @@ def test_healthcheck_commands_are_valid(compose, tmp_path):
 
     paths = create_app(Settings(var_dir=tmp_path)).openapi()["paths"]
     assert re.search(r"127\.0\.0\.1:8000(/\w+)", api_test[3]).group(1) in paths
+
+
+def test_documented_consa_commands_parse():
+    """Every `consa ...` line in docs/DEPLOY.md and the compose file's header parses with the real CLI."""
+    from consa.cli import build_parser
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["consa"] == "consa.cli:main"
+    text = (ROOT / "docs" / "DEPLOY.md").read_text() + (DOCKER / "compose.yaml").read_text()
+    # Indented code lines of the doc, and the compose header's "#   docker compose ... exec api consa ...".
+    lines = re.findall(r"^(?:    |#   )(?:docker compose .*? exec api )?consa (\S.*)$", text, re.M)
+    assert len(lines) >= 8, lines
+    for line in lines:
+        line = re.sub(r"\s+#.*$", "", re.sub(r"\[[^\]]*\]", "", line))  # optional parts, comments
+        build_parser().parse_args(shlex.split(line.replace("JOB", "job_x")))
