@@ -10,6 +10,7 @@ import pytest
 from service import crud
 from service.cli import prepare
 from service.db import engine_for, sessionmaker_for
+from service.schemas import JobCreate
 from service.settings import Settings
 from service_fixtures import POSTGRES_URL, ROOT, create_database, drop_database
 from worker.runner import fail_orphans, run_job
@@ -32,10 +33,10 @@ def settings(request, tmp_path):
         drop_database(POSTGRES_URL, name)
 
 
-def new_job(settings, key_name="k"):
+def new_job(settings, key_name="k", params=None):
     with sessionmaker_for(settings.database_url)() as session:
         key = crud.get_api_key(session, key=crud.create_api_key(session, name=key_name))
-        return crud.create_job(session, api_key_id=key.id, model="m", params={}, meta={}).id
+        return crud.create_job(session, api_key_id=key.id, model="m", params=params or {}, meta={}).id
 
 
 def job_row(settings, job_id):
@@ -92,3 +93,14 @@ def test_keys_create_prints_the_key_last_on_a_fresh_database(tmp_path):
     with sessionmaker_for(settings.database_url)() as session:
         row = crud.get_api_key(session, key=key)
         assert row is not None and row.name == "ci" and row.key_hash != key  # only the hash is stored
+
+
+def test_a_hub_id_that_names_a_local_folder_is_refused(settings, tmp_path, monkeypatch):
+    """transformers would load "org/model" from the worker's working directory, outside the model roots."""
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    params = dict(JobCreate(model="org/model", sparsity=0.5).model_dump(exclude={"metadata"}), dataset=str(tmp_path))
+    job_id = new_job(settings, params=params)
+    assert run_job(job_id, settings, worker="gpu0@host") == "failed"
+    row = job_row(settings, job_id)
+    assert (row.error_type, row.error_code) == ("user", "model_path_not_allowed")

@@ -102,6 +102,13 @@ class JobRun:
         from consa.search import SearchConfig
 
         fields = {name: self.params[name] for name in _SEARCH_FIELDS}
+        if not Path(fields["model"]).is_absolute() and Path(fields["model"]).exists():
+            # transformers would load a hub-like ID such as "data/x" from the worker's working
+            # directory, outside every model root: refuse rather than guess.
+            self.finish(FAILED, error_code="model_path_not_allowed", error_type="user",
+                        error_message=f"{fields['model']!r} names a local folder of the worker, not a hub model; "
+                                      "give an absolute path under a model root")
+            return None
         try:
             return SearchConfig(**fields, data=self.params["dataset"])
         except ValueError as e:  # the request passed the API's checks but not the library's
