@@ -62,12 +62,12 @@ def sync(device):
 
 
 @torch.no_grad()
-def measure(model, allocation, context, decode_steps, device, use_graph, repeats=1):
-    """Prefill `context` random tokens, then decode greedily; returns bytes and times."""
+def measure(model, allocation, context, decode_steps, device, use_graph, repeats=1, batch=1):
+    """Prefill `batch` x `context` random tokens, then decode greedily; returns bytes and times."""
     apply_allocation(model, allocation)
     kw = cache_kwarg(model)
     vocab = model.config.vocab_size
-    ids = torch.randint(1, vocab, (1, context), generator=torch.Generator().manual_seed(1)).to(device)
+    ids = torch.randint(1, vocab, (batch, context), generator=torch.Generator().manual_seed(1)).to(device)
     max_length = context + decode_steps + 8
 
     def prefill():
@@ -129,39 +129,44 @@ def measure(model, allocation, context, decode_steps, device, use_graph, repeats
     sync(device)
     decode_s = time.perf_counter() - t0
     del cache, graph
-    return {"kv_bytes": kv_bytes, "kv_bytes_allocated": kv_allocated, "prefill_s": prefill_s,
+    return {"batch": batch, "kv_bytes": kv_bytes, "kv_bytes_allocated": kv_allocated, "prefill_s": prefill_s,
             "decode_s": decode_s, "decode_tok_s": decode_steps / decode_s, "graph": use_graph}
 
 
 def bench_model(name, model, window, args, device, records):
     num_layers, num_kv_heads = model_shape(model)
     use_graph = device.type == "cuda" and not args.no_graph
-    for context in args.contexts:
+    runs = [(context, 1, args.granularities, args.sparsities) for context in args.contexts]
+    # Larger batches: KV reads dominate decoding over per-kernel overheads (one configuration).
+    runs += [(max(args.contexts), b, ["kv_head"], [0.5]) for b in args.extra_batches]
+    for context, batch, granularities, sparsities in runs:
+        name_b = name if batch == 1 else f"{name} batch {batch}"
         full_alloc = make_allocation(num_layers, num_kv_heads, 0.0, "kv_head", window)
         try:
-            base = measure(model, full_alloc, context, args.decode_steps, device, use_graph, args.repeats)
+            base = measure(model, full_alloc, context, args.decode_steps, device, use_graph, args.repeats, batch)
         except Exception as e:  # noqa: BLE001 - one failed configuration must not stop the table
-            log(f"[{name} L={context}] full attention failed: {type(e).__name__}: {e}")
+            log(f"[{name_b} L={context}] full attention failed: {type(e).__name__}: {e}")
             continue
-        log(f"[{name} L={context}] full: prefill {base['prefill_s']:.3f}s decode {base['decode_tok_s']:.1f} tok/s "
+        log(f"[{name_b} L={context}] full: prefill {base['prefill_s']:.3f}s decode {base['decode_tok_s']:.1f} tok/s "
             f"kv {base['kv_bytes'] / 2**20:.1f} MiB")
         records.append(record(name, "full", 0.0, context, window, base, base))
-        for granularity in args.granularities:
-            for s in args.sparsities:
+        for granularity in granularities:
+            for s in sparsities:
                 alloc = make_allocation(num_layers, num_kv_heads, s, granularity, window)
                 try:
-                    res = measure(model, alloc, context, args.decode_steps, device, use_graph, args.repeats)
+                    res = measure(model, alloc, context, args.decode_steps, device, use_graph, args.repeats, batch)
                 except Exception as e:  # noqa: BLE001
-                    log(f"[{name} L={context} {granularity} s={s}] failed: {type(e).__name__}: {e}")
+                    log(f"[{name_b} L={context} {granularity} s={s}] failed: {type(e).__name__}: {e}")
                     continue
                 rec = record(name, granularity, s, context, window, res, base)
                 records.append(rec)
-                log(f"[{name} L={context} {granularity} s={s}] kv {rec['kv_bytes_ratio']:.4f} (floor "
+                log(f"[{name_b} L={context} {granularity} s={s}] kv {rec['kv_bytes_ratio']:.4f} (floor "
                     f"{rec['floor_ratio']:.4f}) prefill x{rec['prefill_speedup']:.2f} decode x{rec['decode_speedup']:.2f}")
 
 
 def record(name, granularity, s, context, window, res, base):
-    return {"model": name, "granularity": granularity, "sparsity": s, "context": context, "window": window,
+    return {"model": name, "granularity": granularity, "sparsity": s, "context": context, "batch": res["batch"],
+            "window": window,
             "kv_bytes_ratio": res["kv_bytes"] / base["kv_bytes"], "floor_ratio": floor_ratio(s, window, context),
             "prefill_speedup": base["prefill_s"] / res["prefill_s"], "decode_speedup": res["decode_tok_s"] / base["decode_tok_s"],
             "kv_bytes": res["kv_bytes"], "kv_bytes_full": base["kv_bytes"],
@@ -171,9 +176,9 @@ def record(name, granularity, s, context, window, res, base):
 
 
 def markdown(records) -> str:
-    head = ("| model | granularity | s | context | KV bytes / full | floor | prefill s | prefill × | decode tok/s | decode × |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
-    rows = [f"| {r['model']} | {r['granularity']} | {r['sparsity']:.2f} | {r['context']} | {r['kv_bytes_ratio']:.4f} | "
+    head = ("| model | batch | granularity | s | context | KV bytes / full | floor | prefill s | prefill × | decode tok/s | decode × |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = [f"| {r['model']} | {r['batch']} | {r['granularity']} | {r['sparsity']:.2f} | {r['context']} | {r['kv_bytes_ratio']:.4f} | "
             f"{r['floor_ratio']:.4f} | {r['prefill_s']:.3f} | {r['prefill_speedup']:.2f} | {r['decode_tok_s']:.1f} | "
             f"{r['decode_speedup']:.2f} |" for r in records]
     return head + "\n".join(rows) + "\n"
@@ -187,6 +192,8 @@ def main(argv=None):
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--granularities", nargs="+", default=["kv_head", "layer"])
     p.add_argument("--decode-steps", type=int, default=128)
+    p.add_argument("--extra-batches", type=int, nargs="*", default=[8],
+                   help="also run the largest context at these batch sizes (kv_head, s=0.5)")
     p.add_argument("--repeats", type=int, default=1, help="timed prefills per configuration (best is kept)")
     p.add_argument("--window", type=int, default=1024, help="SWA window of the 0.6B-shaped model")
     p.add_argument("--testbed-window", type=int, default=256, help="SWA window of the testbed model (its search window)")
@@ -218,7 +225,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
-            "torch": torch.__version__, "batch_size": 1, "decode_steps": args.decode_steps,
+            "torch": torch.__version__, "decode_steps": args.decode_steps,
             "allocations": "exact_swa_mask on seeded random scores", "baseline": "all-full allocation, same runtime",
             "seconds": round(time.time() - started, 1)}
     (out / "runtime.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")

@@ -143,7 +143,7 @@ def test_benchmark_main_runs_tiny(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     records = bench.main(["--tiny", "--device", "cpu", "--contexts", "96", "--sparsities", "0.5", "--decode-steps", "3",
-                          "--window", "16", "--out", str(tmp_path)])
+                          "--window", "16", "--extra-batches", "--out", str(tmp_path)])
     assert {(r["granularity"], r["sparsity"]) for r in records} == {("full", 0.0), ("kv_head", 0.5), ("layer", 0.5)}
     for r in records:
         assert abs(r["kv_bytes_ratio"] - r["floor_ratio"]) < 1e-9
