@@ -146,3 +146,13 @@ def server(request, tmp_path_factory, tiny_model_dir, text_dir):
         srv.stop()
         if db_name:
             drop_database(POSTGRES_URL, db_name)
+            _drop_queue(REDIS_URL, env["CONSA_QUEUE"])
+
+
+def _drop_queue(url: str, queue: str) -> None:
+    """Remove the keys kombu made for this test's queue from the shared Redis."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+    client.close()
