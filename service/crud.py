@@ -175,7 +175,9 @@ def add_event(session: Session, *, job_pk: int, type: str, message: str, data: d
 
 
 def log_event(session: Session, *, job: Job, type: str, message: str, data: dict | None = None) -> None:
+    """An event from the worker; it beats the heartbeat too (export and evaluation have no steps)."""
     add_event(session, job_pk=job.pk, type=type, message=message, data=data)
+    session.execute(update(Job).where(Job.pk == job.pk).values(heartbeat_at=utcnow()), execution_options=_PLAIN)
     session.commit()
 
 
