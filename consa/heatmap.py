@@ -36,6 +36,8 @@ def save_heatmap(allocation, path, title: str | None = None) -> Path:
         for layer in range(num_layers):
             for h in range(num_kv_heads):
                 is_full = bool(full[layer, h])
+                if is_full:  # outline FA cells: the hard decision must read even where P(full) is near 0.5
+                    ax.add_patch(plt.Rectangle((h - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.2))
                 ax.text(h, layer, "FA" if is_full else "SWA", ha="center", va="center", fontsize=6,
                         color="white" if shade[layer, h] > 0.5 else "black", fontweight="bold" if is_full else None)
     ax.set_xlabel("KV head")
