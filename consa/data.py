@@ -135,33 +135,52 @@ def filler_token_ids(tokenizer, texts, max_tokens: int) -> list:
     return ids[:max_tokens]
 
 
-def retrieval_sequences(tokenizer, filler_ids: list, seq_len: int, count: int, seed: int, num_keys: int = 4) -> torch.Tensor:
-    """(count, seq_len) training rows: retrieval prompts followed by their answer (and EOS padding)."""
+IGNORE = -100  # label of tokens that carry no loss
+
+
+def retrieval_sequences(tokenizer, filler_ids: list, seq_len: int, count: int, seed: int,
+                        num_keys: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, seq_len) rows of retrieval prompts followed by their answer, and their labels.
+
+    Only the answer tokens are labelled: they are the tokens that need a unit which sees far back,
+    and in a row of thousands of filler tokens their signal would otherwise be lost.
+    """
     rng = random.Random(seed)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    rows = []
+    rows, labels = [], []
     for _ in range(count):
         doc = retrieval_document(tokenizer, filler_ids, seq_len, rng, num_keys=num_keys)
-        row = doc.input_ids + tokenizer(doc.answer + '"', add_special_tokens=False)["input_ids"]
-        rows.append((row + [eos] * seq_len)[:seq_len])
-    return torch.tensor(rows, dtype=torch.long)
+        answer = tokenizer(doc.answer + '"', add_special_tokens=False)["input_ids"]
+        row = (doc.input_ids + answer + [eos] * seq_len)[:seq_len]
+        n_prompt = len(doc.input_ids)
+        labels.append([t if n_prompt <= i < n_prompt + len(answer) else IGNORE for i, t in enumerate(row)])
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
 # -- the training mix -----------------------------------------------------------------------------
 def build_dataset(tokenizer, path, seq_len: int, num_sequences: int, retrieval_ratio: float = 0.0,
-                  seed: int = 0, num_keys: int = 4) -> torch.Tensor:
-    """(num_sequences, seq_len) token rows: packed text mixed with retrieval documents at a ratio."""
+                  seed: int = 0, num_keys: int = 4, with_labels: bool = False):
+    """(num_sequences, seq_len) token rows: packed text mixed with retrieval documents at a ratio.
+
+    With `with_labels`, returns (rows, labels): text rows are labelled everywhere, retrieval rows on
+    their answer only (see retrieval_sequences).
+    """
     if not 0.0 <= retrieval_ratio <= 1.0:
         raise DataError(f"retrieval_ratio must be in [0, 1], got {retrieval_ratio}")
     n_retrieval = int(round(retrieval_ratio * num_sequences))
     n_text = num_sequences - n_retrieval
-    parts = []
+    rows, labels = [], []
     if n_text:
-        parts.append(pack_tokens(tokenizer, iter_texts(path, seed=seed), seq_len, max_sequences=n_text))
+        text = pack_tokens(tokenizer, iter_texts(path, seed=seed), seq_len, max_sequences=n_text)
+        rows.append(text)
+        labels.append(text)
     if n_retrieval:
         filler = filler_token_ids(tokenizer, iter_texts(path, seed=seed + 1), max_tokens=max(seq_len * 8, 65536))
-        parts.append(retrieval_sequences(tokenizer, filler, seq_len, n_retrieval, seed=seed, num_keys=num_keys))
-    rows = torch.cat(parts)
+        r_rows, r_labels = retrieval_sequences(tokenizer, filler, seq_len, n_retrieval, seed=seed, num_keys=num_keys)
+        rows.append(r_rows)
+        labels.append(r_labels)
+    rows, labels = torch.cat(rows), torch.cat(labels)
     # Mix the two kinds so every batch sees both; a seeded permutation keeps runs reproducible.
     perm = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))
-    return rows[perm]
+    return (rows[perm], labels[perm]) if with_labels else rows[perm]

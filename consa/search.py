@@ -155,26 +155,39 @@ def gates_to_grid(z: torch.Tensor, granularity: str, num_layers: int, num_kv_hea
 
 
 # -- the loss -------------------------------------------------------------------------------------
-def task_loss(model, hybrid, batch: torch.Tensor, objective: str) -> torch.Tensor:
+def per_row_mean(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """values (B, T-1) per predicted token -> mean over labelled tokens of each row, then over rows.
+
+    Averaging per row first gives a retrieval row (a handful of labelled answer tokens) the same
+    weight as a text row, so the units that retrieval needs get a signal of their own.
+    """
+    mask = (labels[:, 1:] != data_mod.IGNORE).float()  # (B, T-1)
+    return ((values * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def task_loss(model, hybrid, batch: torch.Tensor, labels: torch.Tensor, objective: str) -> torch.Tensor:
     """Next-token loss of the gated model, or KL to the unmodified model's next-token distribution."""
     if objective == "lm":
-        return model(input_ids=batch, labels=batch).loss
+        logits = model(input_ids=batch).logits[:, :-1].float()  # (B, T-1, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:].clamp(min=0), reduction="none")  # (B, T-1)
+        return per_row_mean(nll, labels)
     gates = hybrid.z
     with torch.no_grad():
         hybrid.set_gates(None)  # all full = the unmodified teacher
-        teacher = model(input_ids=batch).logits.float()
+        teacher = model(input_ids=batch).logits[:, :-1].float()
     hybrid.set_gates(gates)
-    student = model(input_ids=batch).logits.float()
-    # (B, T, V): KL(teacher || student), averaged over tokens
-    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True,
-                    reduction="none").sum(-1).mean()
+    student = model(input_ids=batch).logits[:, :-1].float()
+    # KL(teacher || student) per predicted token: (B, T-1)
+    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1)
+    return per_row_mean(kl, labels)
 
 
 # -- the search -----------------------------------------------------------------------------------
 def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_from=None,
-               model=None, tokenizer=None, dataset: torch.Tensor | None = None, log_every: int = 1) -> SearchResult:
+               model=None, tokenizer=None, dataset=None, log_every: int = 1) -> SearchResult:
     """Learn an allocation. `progress(record)` gets step/loss/sparsity/target/lambdas each logged step;
-    `should_cancel()` is checked every step and raises Cancelled when it says so."""
+    `should_cancel()` is checked every step and raises Cancelled when it says so. `dataset`: (N, T)
+    token rows, or (rows, labels) from data.build_dataset(with_labels=True)."""
     started = time.time()
     random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -198,8 +211,9 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
             raise DataError("a dataset path is required (data=...)")
         dataset = data_mod.build_dataset(tokenizer, config.data, config.seq_len,
                                          config.num_sequences or config.steps * config.batch_size,
-                                         retrieval_ratio=config.retrieval_ratio, seed=config.seed)
-    dataset = dataset.to(device)
+                                         retrieval_ratio=config.retrieval_ratio, seed=config.seed, with_labels=True)
+    rows, labels = dataset if isinstance(dataset, tuple) else (dataset, dataset)  # plain rows: every token
+    rows, labels = rows.to(device), labels.to(device)
 
     gate = HardConcreteGate(num_units(config.granularity, num_layers, num_kv_heads), config.init_log_alpha).to(device)
     lagrangian = AugmentedLagrangian(config.sparsity, config.steps, config.warmup_frac, config.lambda_lr,
@@ -213,7 +227,7 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     # Little first-moment momentum: with beta1=0.9 the gates overshoot the ramped target and
     # oscillate (toy problem in tests/test_core.py: max gap 0.2-0.7 vs <0.05 with these settings).
     optimizer = torch.optim.AdamW(gate.parameters(), lr=config.lr, betas=(0.5, 0.99), weight_decay=0.0)
-    order = torch.randperm(dataset.shape[0], generator=torch.Generator().manual_seed(config.seed))
+    order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(config.seed))
 
     # train
     history = []
@@ -221,13 +235,13 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     for step in range(start_step, config.steps):
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"cancelled at step {step}")
-        rows = [order[(step * config.batch_size + i) % len(order)] for i in range(config.batch_size)]
-        batch = dataset[torch.stack(rows)]  # (B, T)
+        pick = torch.stack([order[(step * config.batch_size + i) % len(order)] for i in range(config.batch_size)])
+        batch, batch_labels = rows[pick], labels[pick]  # (B, T)
 
         z = gates_to_grid(gate(), config.granularity, num_layers, num_kv_heads)  # (L, K)
         hybrid.set_gates(z)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss_task = task_loss(model, hybrid, batch, config.objective)
+            loss_task = task_loss(model, hybrid, batch, batch_labels, config.objective)
         s_hat = gate.expected_sparsity()
         loss = loss_task + lagrangian.penalty(s_hat, step)
 

@@ -52,6 +52,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     # The worker inherits the environment, so it reads the same CONSA_* settings as this process.
     worker = subprocess.Popen(worker_command(settings), env=os.environ.copy())
     log.info("worker pid %d on queue %s; API on http://%s:%d", worker.pid, settings.queue, host, port)
+    # uvicorn re-raises the signal it caught after its shutdown; with the default SIGTERM action that
+    # kills this process before `finally` stops the worker, so make SIGTERM an exception here.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:

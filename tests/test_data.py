@@ -1,0 +1,69 @@
+"""Reading, packing and the retrieval mix."""
+
+import json
+import random
+
+import pytest
+import torch
+
+import tiny
+from consa import data
+from consa.errors import DataError
+from consa.search import per_row_mean
+
+
+def test_text_file_directory_and_jsonl_are_read(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("alpha " * 50)
+    (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "beta " * 50}) + "\n\n" + json.dumps({"text": "gamma"}) + "\n")
+    texts = list(data.iter_texts(tmp_path))
+    assert sorted(t[:5] for t in texts) == ["alpha", "beta ", "gamma"]
+    rows = data.pack_tokens(tokenizer, texts, seq_len=16)
+    assert rows.shape[1] == 16 and (rows == tokenizer.eos_token_id).any()  # documents are EOS-separated
+
+
+@pytest.mark.parametrize("content,message", [
+    ("not json\n", "is not valid JSON"), (json.dumps({"body": "x"}) + "\n", "no string field 'text'"),
+])
+def test_bad_jsonl_says_which_line(tmp_path, content, message):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + content)
+    with pytest.raises(DataError, match=f"d.jsonl:2 .*{message}|d.jsonl:2 has {message}"):
+        list(data.iter_texts(tmp_path / "d.jsonl"))
+
+
+def test_missing_empty_and_too_short_data_are_user_errors(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="does not exist"):
+        list(data.iter_texts(tmp_path / "nope"))
+    with pytest.raises(DataError, match="no text files"):
+        list(data.iter_texts(tmp_path))
+    with pytest.raises(DataError, match="fewer than seq_len"):
+        data.pack_tokens(tokenizer, ["tiny"], seq_len=512)
+
+
+def test_retrieval_document_hides_keys_at_the_given_depths_and_asks_for_one(tokenizer):
+    filler = data.filler_token_ids(tokenizer, tiny.corpus_texts(), 20000)
+    doc = data.retrieval_document(tokenizer, filler, 400, random.Random(1), depths=[0.1, 0.3, 0.6, 0.9], query_index=2)
+    text = tokenizer.decode(doc.input_ids)
+    assert text.count("KEY_") == 5 and text.rstrip().endswith('== "')
+    assert f'= "{doc.answer}"' in text and sorted(doc.depths) == [0.1, 0.3, 0.6, 0.9]
+    answer_len = len(tokenizer(doc.answer, add_special_tokens=False)["input_ids"])
+    assert len(doc.input_ids) + answer_len == 400
+
+
+def test_build_dataset_mixes_at_the_ratio_and_labels_retrieval_answers_only(text_dir, tokenizer):
+    rows, labels = data.build_dataset(tokenizer, text_dir, 200, 8, retrieval_ratio=0.25, seed=0, with_labels=True)
+    assert rows.shape == labels.shape == (8, 200)
+    is_retrieval = (labels == data.IGNORE).any(1)
+    assert int(is_retrieval.sum()) == 2
+    for row, lab in zip(rows[is_retrieval], labels[is_retrieval]):
+        answer = tokenizer.decode(row[lab != data.IGNORE])
+        assert answer[:5].isdigit() and answer[5:] in ('', '"')  # the row ends at seq_len
+    assert torch.equal(rows[~is_retrieval], labels[~is_retrieval])
+    again = data.build_dataset(tokenizer, text_dir, 200, 8, retrieval_ratio=0.25, seed=0)
+    assert torch.equal(again, rows)  # seeded
+
+
+def test_per_row_mean_weighs_rows_equally():
+    values = torch.tensor([[1.0, 1.0, 1.0], [5.0, 9.0, 9.0]])
+    labels = torch.tensor([[1, 1, 1, 1], [1, 1, -100, -100]])  # row 2: only its first prediction counts
+    assert per_row_mean(values, labels).item() == pytest.approx((1.0 + 5.0) / 2)
