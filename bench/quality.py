@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-sequences", type=int, default=32)
     p.add_argument("--retrieval-docs", type=int, default=200)
     p.add_argument("--eval-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=200, help="search steps per learned allocation")
+    p.add_argument("--steps", type=int, default=300, help="search steps per learned allocation")
     p.add_argument("--search-seq-len", type=int, default=4096)
     p.add_argument("--search-batch", type=int, default=1)
     p.add_argument("--retrieval-ratio", type=float, default=0.25, help="share of retrieval docs in search data")
@@ -124,8 +124,9 @@ def main(argv=None) -> list[dict]:
     train_rows = None
     if set(args.methods) & {*LEARNED, "heuristic-loss"}:
         n_train = max(args.steps * args.search_batch, args.calibration_sequences)
-        train_rows = data_mod.build_dataset(tokenizer, args.train_data, args.search_seq_len, n_train,
-                                            retrieval_ratio=args.retrieval_ratio, seed=args.seed)
+        train_rows, train_labels = data_mod.build_dataset(tokenizer, args.train_data, args.search_seq_len, n_train,
+                                                          retrieval_ratio=args.retrieval_ratio, seed=args.seed,
+                                                          with_labels=True)
         log(f"search data: {tuple(train_rows.shape)} rows from {args.train_data} (retrieval ratio {args.retrieval_ratio})")
 
     def run_eval(allocation):
@@ -144,7 +145,8 @@ def main(argv=None) -> list[dict]:
         scores = None
         if "heuristic-loss" in args.methods:
             t = time.time()
-            scores = heuristic_loss_scores(model, train_rows[:args.calibration_sequences], g, args.window,
+            text_rows = train_rows[(train_rows == train_labels).all(1)]  # calibrate on text, as a user would
+            scores = heuristic_loss_scores(model, text_rows[:args.calibration_sequences], g, args.window,
                                            batch_size=args.eval_batch)
             log(f"heuristic-loss scores ({g}) in {time.time() - t:.1f}s")
         for s in args.sparsities:
@@ -158,11 +160,16 @@ def main(argv=None) -> list[dict]:
                 if args.search_lr is not None:
                     cfg["lr"] = args.search_lr
                 t = time.time()
-                result = run_search(SearchConfig(**cfg), model=model, tokenizer=tokenizer, dataset=train_rows,
-                                    log_every=max(1, args.steps // 4),
-                                    progress=lambda r: log(f"  {method} {g} s={s}: step {r['step']} loss {r['loss']:.4f} "
-                                                           f"ŝ {r['sparsity']:.3f} target {r['target']:.3f}"))
-                allocations[method] = (result.allocation, {"search_seconds": round(time.time() - t, 1)})
+                result = run_search(SearchConfig(**cfg), model=model, tokenizer=tokenizer,
+                                    dataset=(train_rows, train_labels),
+                                    log_every=1,
+                                    progress=lambda r: r["step"] % max(1, args.steps // 4) == 0 and log(
+                                        f"  {method} {g} s={s}: step {r['step']} loss {r['loss']:.4f} "
+                                        f"ŝ {r['sparsity']:.3f} target {r['target']:.3f}"))
+                trace = [(r["step"], r["target"], r["sparsity"], r["loss"]) for r in result.history]
+                allocations[method] = (result.allocation, {"search_seconds": round(time.time() - t, 1),
+                                                           "s_per_step": round((time.time() - t) / args.steps, 4),
+                                                           "trace": trace[::max(1, len(trace) // 30)] + trace[-1:]})
             for name in baseline_names(g):
                 if name in args.methods and name != "random":
                     allocations[name] = (build_baseline(name, shape, s, g, args.window, scores=scores), {})
@@ -178,6 +185,7 @@ def main(argv=None) -> list[dict]:
                     allocation = build_baseline("random", shape, s, g, args.window, seed=seed)
                     runs.append(record_of("random", g, s, run_eval(allocation), allocation, seed=seed))
                 records.append(mean_record("random", g, s, runs))
+            (results_dir / "quality.json").write_text(json.dumps(records, indent=1))  # partial, in case of a timeout
                 log(f"{g} s={s} random: loss {records[-1]['loss']:.4f} ± {records[-1]['loss_std']:.4f} "
                     f"retrieval {records[-1]['retrieval_acc']:.3f}")
 
