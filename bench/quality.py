@@ -185,9 +185,9 @@ def main(argv=None) -> list[dict]:
                     allocation = build_baseline("random", shape, s, g, args.window, seed=seed)
                     runs.append(record_of("random", g, s, run_eval(allocation), allocation, seed=seed))
                 records.append(mean_record("random", g, s, runs))
-            (results_dir / "quality.json").write_text(json.dumps(records, indent=1))  # partial, in case of a timeout
                 log(f"{g} s={s} random: loss {records[-1]['loss']:.4f} ± {records[-1]['loss_std']:.4f} "
                     f"retrieval {records[-1]['retrieval_acc']:.3f}")
+            (results_dir / "quality.json").write_text(json.dumps(records, indent=1))  # partial, in case of a timeout
 
     # save: records, the table, the heatmaps
     (results_dir / "quality.json").write_text(json.dumps(records, indent=1))
