@@ -118,7 +118,7 @@ class HybridCacheLayer(CacheLayerMixin):
         self.swa_idx = [h for h, f in enumerate(full_heads) if not f]
         self.num_kv_heads = len(full_heads)
         self.seen = 0  # tokens written so far (host-side; graph decoding uses `graph_position`)
-        self.graph_position = None  # (1,) long on device: the position being decoded inside a CUDA graph
+        self.graph = None  # dict shared by all layers while decoding inside a CUDA graph (HybridCache.set_graph_position)
         self.fa_k = self.fa_v = self.swa_k = self.swa_v = self.swa_pos = None
 
     # -- storage ------------------------------------------------------------------------------------
@@ -179,26 +179,31 @@ class HybridCacheLayer(CacheLayerMixin):
                            for idx in (self.fa_idx, self.swa_idx)]
         mask = _as_bool_mask(attention_mask)
         out = query.new_empty(B, q_len, H, d)
-        graph = self.graph_position is not None and q_len == 1
+        graph = self.graph is not None and q_len == 1
+        parts = []
         if self.fa_idx:
             q_sel = self._q_sel[0]
-            o = self._attend_full(query[:, q_sel], k_new[:, self.fa_sel], v_new[:, self.fa_sel], mask, scaling, graph)
-            out[:, :, q_sel] = o.transpose(1, 2)  # (B, q, n_fa * g, d)
+            parts.append(self._attend_full(query[:, q_sel], k_new[:, self.fa_sel], v_new[:, self.fa_sel], mask, scaling, graph))
         if self.swa_idx:
             q_sel = self._q_sel[1]
-            o = self._attend_window(query[:, q_sel], k_new[:, self.swa_sel], v_new[:, self.swa_sel], mask, scaling, graph)
-            out[:, :, q_sel] = o.transpose(1, 2)
+            parts.append(self._attend_window(query[:, q_sel], k_new[:, self.swa_sel], v_new[:, self.swa_sel], mask, scaling, graph))
         self.seen += q_len
+        if len(parts) == 1 or self.fa_idx == list(range(len(self.fa_idx))):
+            # FA heads first (always so after group_heads): one cat, no scatter
+            return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).transpose(1, 2)  # (B, q, H, d)
+        out = query.new_empty(B, q_len, H, d)
+        out[:, :, self._q_sel[0]] = parts[0].transpose(1, 2)
+        out[:, :, self._q_sel[1]] = parts[1].transpose(1, 2)
         return out
 
     def _attend_full(self, q, k, v, mask, scale, graph):
         """FA heads: write the new tokens into storage, attend over everything held."""
         q_len, start = q.shape[2], self.seen
         if graph:
-            self.fa_k.index_copy_(2, self.graph_position, k)
-            self.fa_v.index_copy_(2, self.graph_position, v)
-            valid = torch.arange(self.fa_k.shape[2], device=q.device) <= self.graph_position  # (capacity,)
-            return decode_attention(q, self.fa_k, self.fa_v, valid, scale)
+            shared = self._graph_shared()
+            self.fa_k.index_copy_(2, shared["position"], k)
+            self.fa_v.index_copy_(2, shared["position"], v)
+            return decode_attention(q, self.fa_k, self.fa_v, shared["fa_valid"], scale)
         self._reserve(start + q_len)
         self.fa_k[:, :, start:start + q_len] = k
         self.fa_v[:, :, start:start + q_len] = v
@@ -215,16 +220,17 @@ class HybridCacheLayer(CacheLayerMixin):
     def _attend_window(self, q, k, v, mask, scale, graph):
         """SWA heads: attend over sinks + the last W tokens, then keep only those in the buffer."""
         q_len, start = q.shape[2], self.seen
-        if graph:
-            slot = self._slot(self.graph_position)
-            self._write_window(slot, self.graph_position, k, v)
-            return decode_attention(q, self.swa_k, self.swa_v, self.swa_pos >= 0, scale)
-        if q_len == 1 and mask is None:
+        if graph or (q_len == 1 and mask is None):
             # Write first: the slot of position p held p - W, which p no longer sees.
-            slot = torch.tensor([self._slot(start)], device=q.device)
-            self._write_window(slot, torch.tensor([start], device=q.device), k, v)
-            full = start + 1 >= self.sinks + self.window
-            return decode_attention(q, self.swa_k, self.swa_v, None if full else self.swa_pos >= 0, scale)
+            if graph:
+                shared = self._graph_shared()
+                self._write_window(shared["slot"], shared["position"], k, v)
+            else:
+                slot = torch.tensor([self._slot(start)], device=q.device)
+                self._write_window(slot, torch.tensor([start], device=q.device), k, v)
+            if start + 1 >= self.sinks + self.window:  # every slot holds a visible token: no mask, one kernel
+                return F.scaled_dot_product_attention(q, self.swa_k, self.swa_v, scale=scale, enable_gqa=True)
+            return decode_attention(q, self.swa_k, self.swa_v, self.swa_pos >= 0, scale)
         # Several queries (prefill or a chunk): attend over the held window + the new tokens in order.
         sink_k, sink_v, span_k, span_v, k0 = self._ordered_window()
         keys_k, keys_v = torch.cat([sink_k, span_k, k], 2), torch.cat([sink_v, span_v, v], 2)
@@ -238,6 +244,22 @@ class HybridCacheLayer(CacheLayerMixin):
         sel = pos - start
         self._write_window(self._slot(pos), pos, k.index_select(2, sel), v.index_select(2, sel))
         return out
+
+    def _graph_shared(self):
+        """Per-step tensors every layer needs in graph decoding, computed once per forward by the first
+        layer that asks (the position, its ring slot, the FA validity mask)."""
+        shared = self.graph
+        if shared.get("owner", self) is self:
+            shared["owner"] = self
+            pos = shared["position"]  # (1,) long
+            if self.sinks and self.seen < self.sinks:
+                raise ValueError("CUDA-graph decoding needs a prompt of at least sink_tokens tokens")
+            shared["slot"] = (pos - self.sinks) % self.window + self.sinks
+            if self.fa_k is not None and self.fa_k.shape[2]:
+                if "arange" not in shared:
+                    shared["arange"] = torch.arange(self.fa_k.shape[2], device=pos.device)
+                shared["fa_valid"] = shared["arange"] <= pos  # (capacity,)
+        return shared
 
     def _write_window(self, slot, pos, k, v):
         self.swa_k.index_copy_(2, slot, k)
@@ -320,9 +342,11 @@ class HybridCache(Cache):
         return cls(z.detach().cpu() == 1, hybrid.window, hybrid.sink_tokens, max_length)
 
     def set_graph_position(self, position: torch.Tensor | None):
-        """Decode inside a CUDA graph: every layer reads the position to write from this (1,) device tensor."""
+        """Decode inside a CUDA graph: every layer reads the position to write from this (1,) device tensor
+        (FA storage must be static: build the cache with max_length). None switches back to eager."""
+        shared = None if position is None else {"position": position}
         for layer in self.layers:
-            layer.graph_position = position
+            layer.graph = shared
 
 
 def make_cache(model, max_length: int | None = None):
@@ -344,6 +368,34 @@ def use_hybrid_cache(model):
     """Make `model.generate(...)` use `make_cache(model)` by default (load_hybrid does this)."""
     model.generate = functools.partial(generate, model)
     return model
+
+
+@torch.no_grad()
+def group_heads(model, allocation):
+    """Reorder each layer's KV heads (and their query groups) so FA heads come first; returns the
+    matching allocation. The model computes exactly the same function; the runtime then selects FA
+    and SWA heads by slicing (views) instead of gathering, which saves kernels on every decode step.
+    Works for attention modules with q_proj / k_proj / v_proj / o_proj (Qwen2/3, Llama, Mistral)."""
+    from consa.hybrid_attention import attention_modules
+
+    rows = []
+    for mod, row in zip(attention_modules(model), allocation.assignment):
+        perm = [h for h, v in enumerate(row) if v == "full"] + [h for h, v in enumerate(row) if v != "full"]
+        rows.append(sorted(row, key=lambda v: v != "full"))
+        if perm == list(range(len(row))):
+            continue
+        groups = mod.q_proj.out_features // mod.k_proj.out_features
+        q_perm = [h * groups + g for h in perm for g in range(groups)]
+        for proj, order in ((mod.q_proj, q_perm), (mod.k_proj, perm), (mod.v_proj, perm)):
+            w = proj.weight.view(len(order), -1, proj.in_features)  # (heads, d, hidden)
+            proj.weight.copy_(w[order].reshape_as(proj.weight))
+            if proj.bias is not None:
+                proj.bias.copy_(proj.bias.view(len(order), -1)[order].flatten())
+        w = mod.o_proj.weight.view(mod.o_proj.out_features, len(q_perm), -1)  # (hidden, heads, d)
+        mod.o_proj.weight.copy_(w[:, q_perm].reshape_as(mod.o_proj.weight))
+    from dataclasses import replace
+
+    return replace(allocation, assignment=rows)
 
 
 # -- accounting ---------------------------------------------------------------------------------------
@@ -387,6 +439,6 @@ def output_cache(outputs):
     return getattr(outputs, "cache", None) if getattr(outputs, "cache", None) is not None else outputs.past_key_values
 
 
-__all__ = ["HybridCache", "HybridCacheLayer", "make_cache", "generate", "use_hybrid_cache", "cache_bytes",
+__all__ = ["HybridCache", "HybridCacheLayer", "make_cache", "group_heads", "generate", "use_hybrid_cache", "cache_bytes",
            "expected_cache_bytes", "floor_ratio", "decode_attention", "banded_attention", "cache_kwarg",
            "output_cache"]

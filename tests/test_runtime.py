@@ -6,7 +6,7 @@ import torch
 
 from consa.hybrid_attention import apply_allocation
 from consa.manifest import Allocation
-from consa.runtime import (HybridCache, banded_attention, cache_bytes, cache_kwarg, decode_attention,
+from consa.runtime import (HybridCache, group_heads, banded_attention, cache_bytes, cache_kwarg, decode_attention,
                            expected_cache_bytes, output_cache)
 
 WINDOW = 8
@@ -150,3 +150,20 @@ def test_benchmark_main_runs_tiny(tmp_path):
     saved = json.loads((tmp_path / "runtime.json").read_text())["records"]
     assert saved[0].keys() >= {"model", "granularity", "sparsity", "context", "kv_bytes_ratio", "floor_ratio",
                                "prefill_speedup", "decode_speedup"}
+
+
+def test_group_heads_keeps_the_function():
+    model = tiny.build_model("qwen3")
+    alloc = allocation_for(model, PATTERNS["kv_head"])
+    ids = torch.randint(1, 300, (1, 20), generator=torch.Generator().manual_seed(4))
+    apply_allocation(model, alloc)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        grouped = group_heads(model, alloc)
+        apply_allocation(model, grouped)
+        got = model(input_ids=ids).logits
+        _, cached = greedy_cached(model, ids, 12, HybridCache.for_model(model))
+        _, ref = greedy_recompute(model, ids, 12)
+    assert grouped.assignment[1] == ["full", "swa"] and grouped.sparsity_achieved == alloc.sparsity_achieved
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cached, ref, atol=1e-5, rtol=1e-4)
