@@ -240,8 +240,9 @@ def main(argv=None):
         f"torch {torch.__version__}")
 
     records = []
+    graph_check = None
     if device.type == "cuda" and not args.no_graph:
-        check_graph_decode(device)
+        graph_check = check_graph_decode(device)
     if not args.skip_qwen:
         name = "tiny-qwen3 (random weights)" if args.tiny else "Qwen3-0.6B shape (random weights)"
         model = random_qwen3(TINY if args.tiny else QWEN3_06B, device, dtype)
@@ -260,7 +261,7 @@ def main(argv=None):
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
             "torch": torch.__version__, "decode_steps": args.decode_steps,
             "allocations": "exact_swa_mask on seeded random scores", "baseline": "all-full allocation, same runtime",
-            "seconds": round(time.time() - started, 1)}
+            "graph_decode_max_logit_diff": graph_check, "seconds": round(time.time() - started, 1)}
     (out / "runtime.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
     table = markdown(records)
     (out / "runtime.md").write_text(table)
