@@ -167,3 +167,16 @@ def test_group_heads_keeps_the_function():
     assert grouped.assignment[1] == ["full", "swa"] and grouped.sparsity_achieved == alloc.sparsity_achieved
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(cached, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("length", [100, 1024, 2500])
+def test_decode_attention_split_over_the_context_is_exact(length):
+    """The split-K product (chunks of 1024 keys, a remainder) equals plain masked attention."""
+    from consa.runtime import decode_attention
+
+    g = torch.Generator().manual_seed(length)
+    q, k, v = torch.randn(2, 8, 1, 16, generator=g), torch.randn(2, 4, length, 16, generator=g), torch.randn(2, 4, length, 16, generator=g)
+    valid = torch.arange(length) < length - 7
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           attn_mask=valid[None, None, None, :])
+    assert torch.allclose(decode_attention(q, k, v, valid), ref, atol=1e-5)
