@@ -50,28 +50,8 @@ def decode_attention(q, k, v, valid=None, scale=None):
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (scale if scale is not None else d ** -0.5)  # (B, Hk, g, T)
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))
-    out = weighted_values(scores.softmax(-1).to(v.dtype), v)  # (B, Hk, g, d)
-    return out.view(B, Hq, 1, d).to(v.dtype)
-
-
-def weighted_values(p, v, chunk: int = 1024):
-    """p (B, Hk, g, T) @ v (B, Hk, T, d), split along T ("split-K").
-
-    As one GEMM per head the reduction over T runs on a handful of thread blocks and decoding is
-    nowhere near bandwidth-bound; split into T/chunk independent products it fills the GPU, and the
-    partial sums add up exactly because p is already normalised over all of T.
-    """
-    B, Hk, g, T = p.shape
-    main = (T // chunk) * chunk
-    if main == 0:
-        return torch.matmul(p, v)
-    d, n = v.shape[-1], main // chunk
-    parts = torch.matmul(p[..., :main].reshape(B, Hk, g, n, chunk).transpose(2, 3),  # (B, Hk, n, g, chunk)
-                         v[:, :, :main].reshape(B, Hk, n, chunk, d))  # (B, Hk, n, g, d)
-    out = parts.float().sum(2)  # (B, Hk, g, d)
-    if main < T:
-        out = out + torch.matmul(p[..., main:], v[:, :, main:]).float()
-    return out
+    out = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # (B, Hk, g, d)
+    return out.view(B, Hq, 1, d)
 
 
 def banded_attention(q, q0, span_k, span_v, k0, window, sink_k=None, sink_v=None, mask=None, scale=None,
