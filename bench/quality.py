@@ -21,8 +21,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from consa import data as data_mod  # noqa: E402
@@ -106,8 +104,6 @@ def mean_record(method, granularity, sparsity, runs: list[dict]) -> dict:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     started = time.time()
-    if hasattr(torch._dynamo.config, "recompile_limit"):  # flex attention compiles once per head-count shape
-        torch._dynamo.config.recompile_limit = 64
     out = Path(args.out) if args.out else None
     results_dir = out or Path(__file__).parent / "results"
     heatmap_dir = (out / "heatmaps") if out else Path(__file__).parent / "heatmaps"

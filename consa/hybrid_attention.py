@@ -84,6 +84,9 @@ def _flex_swa(hybrid, module, query, key, value, scaling):
     from torch.nn.attention.flex_attention import flex_attention
 
     if _compiled_flex is None:
+        # One compile per (heads, length) shape: a kv_head allocation has a different SWA head count
+        # per layer, and evaluating many allocations must not hit dynamo's default limit of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     block_mask = hybrid.flex_block_mask(query.shape[2], key.shape[2], query.device)
     gqa = query.shape[1] != key.shape[1]

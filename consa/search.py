@@ -201,7 +201,8 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     for p in model.parameters():
         p.requires_grad_(False)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()  # the new name from transformers 5.2x on, the old one before
         model.train()  # checkpointing is only active in train mode; dropout is 0 in these models
     num_layers, num_kv_heads = model_shape(model)
     hybrid = install(model, config.window, config.sink_tokens, config.backend)

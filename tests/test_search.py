@@ -141,3 +141,11 @@ def test_cli_unknown_model_and_unswappable_model(tmp_path, text_dir):
     proc = _cli("search", "--model", bloom, "--sparsity", 0.5, "--data", text_dir, "--seq-len", 32, "--steps", 2,
                 "--out", tmp_path / "o")
     assert proc.returncode == 2 and "cannot swap its attention" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gradient_checkpointing_gives_the_same_gates(tiny_model_dir, text_dir):
+    """Checkpointing trades compute for memory and must not change what is learned."""
+    plain = run_search(_config(tiny_model_dir, text_dir, steps=4))
+    checkpointed = run_search(_config(tiny_model_dir, text_dir, steps=4, gradient_checkpointing=True))
+    assert torch.allclose(plain.gate_state["log_alpha"], checkpointed.gate_state["log_alpha"], atol=1e-5)
+    assert not torch.allclose(checkpointed.gate_state["log_alpha"], torch.full((8,), 3.0))  # the gates did learn
