@@ -36,7 +36,6 @@ class HybridAttention:
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
         self.window, self.sink_tokens, self.backend = window, sink_tokens, backend
         self.z = None  # (L, K) in [0, 1]; None means every unit is full attention
-        self._block_masks = {}
 
     def set_gates(self, z: torch.Tensor | None) -> None:
         """z: (num_layers, num_kv_heads), 1 = full, 0 = SWA; may carry gradient."""
@@ -60,37 +59,49 @@ class HybridAttention:
         in_window = (k_pos > q_pos - self.window) | (k_pos < self.sink_tokens)
         return in_window & (k_pos <= q_pos)
 
-    def flex_block_mask(self, q_len: int, kv_len: int, device):
-        key = (q_len, kv_len, str(device))
-        if key not in self._block_masks:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            window, sinks, offset = self.window, self.sink_tokens, kv_len - q_len
-
-            def swa_mod(b, h, q_idx, kv_idx):
-                q_pos = q_idx + offset
-                return (kv_idx <= q_pos) & ((kv_idx > q_pos - window) | (kv_idx < sinks))
-
-            self._block_masks[key] = create_block_mask(swa_mod, None, None, q_len, kv_len, device=device)
-        return self._block_masks[key]
 
 
-# -- the registered function ---------------------------------------------------------------------
+# -- FlexAttention: SWA that skips the key blocks outside the window ---------------------------------
+_block_masks = {}
 _compiled_flex = None
 
 
-def _flex_swa(hybrid, module, query, key, value, scaling):
+def swa_block_mask(q_len: int, kv_len: int, window: int, sink_tokens: int, device):
+    """A BlockMask for sliding-window causal attention; queries are the last q_len of kv_len positions."""
+    key = (q_len, kv_len, window, sink_tokens, str(device))
+    if key not in _block_masks:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        offset = kv_len - q_len
+
+        def swa_mod(b, h, q_idx, kv_idx):
+            q_pos = q_idx + offset
+            return (kv_idx <= q_pos) & ((kv_idx > q_pos - window) | (kv_idx < sink_tokens))
+
+        _block_masks[key] = create_block_mask(swa_mod, None, None, q_len, kv_len, device=device)
+    return _block_masks[key]
+
+
+def flex_sliding_window(query, key, value, window: int, sink_tokens: int = 0, scaling=None, compile: bool = True):
+    """query (B, H, q, d), key/value (B, K, kv, d) -> (B, H, q, d): one kernel, window blocks only."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    if _compiled_flex is None:
-        # One compile per (heads, length) shape: a kv_head allocation has a different SWA head count
-        # per layer, and evaluating many allocations must not hit dynamo's default limit of 8.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    block_mask = hybrid.flex_block_mask(query.shape[2], key.shape[2], query.device)
+    attend = flex_attention
+    if compile:
+        if _compiled_flex is None:
+            # One compile per (heads, length) shape: a kv_head allocation has a different SWA head
+            # count per layer, and evaluating many allocations must not hit dynamo's default limit of 8.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        attend = _compiled_flex
+    block_mask = swa_block_mask(query.shape[2], key.shape[2], window, sink_tokens, query.device)
     gqa = query.shape[1] != key.shape[1]
-    out = _compiled_flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+    return attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+
+
+def _flex_swa(hybrid, module, query, key, value, scaling):
+    out = flex_sliding_window(query, key, value, hybrid.window, hybrid.sink_tokens, scaling)
     return out.transpose(1, 2).contiguous()  # (B, q, H, d)
 
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from consa.hybrid_attention import flex_sliding_window
+
 PREFILL_CHUNK = 1024  # queries per SDPA call for SWA heads in prefill: keys outside the window are skipped
 
 
@@ -232,12 +234,17 @@ class HybridCacheLayer(CacheLayerMixin):
                 return F.scaled_dot_product_attention(q, self.swa_k, self.swa_v, scale=scale, enable_gqa=True)
             return decode_attention(q, self.swa_k, self.swa_v, self.swa_pos >= 0, scale)
         # Several queries (prefill or a chunk): attend over the held window + the new tokens in order.
-        sink_k, sink_v, span_k, span_v, k0 = self._ordered_window()
-        keys_k, keys_v = torch.cat([sink_k, span_k, k], 2), torch.cat([sink_v, span_v, v], 2)
-        ns = min(self.sinks, start + q_len)  # the first ns of the sequence are sinks
-        out = banded_attention(q, start, keys_k[:, :, ns:], keys_v[:, :, ns:], k0, self.window,
-                               keys_k[:, :, :ns] if ns else None, keys_v[:, :, :ns] if ns else None,
-                               mask, scale)
+        if start == 0 and mask is None and q.is_cuda and q_len >= PREFILL_CHUNK:
+            # A fresh prompt on the GPU: one FlexAttention call whose block mask skips the key
+            # blocks outside each query block's window (and keeps the sinks).
+            out = flex_sliding_window(q, k, v, self.window, self.sinks, scale)
+        else:
+            sink_k, sink_v, span_k, span_v, k0 = self._ordered_window()
+            keys_k, keys_v = torch.cat([sink_k, span_k, k], 2), torch.cat([sink_v, span_v, v], 2)
+            ns = min(self.sinks, start + q_len)  # the first ns of the sequence are sinks
+            out = banded_attention(q, start, keys_k[:, :, ns:], keys_v[:, :, ns:], k0, self.window,
+                                   keys_k[:, :, :ns] if ns else None, keys_v[:, :, :ns] if ns else None,
+                                   mask, scale)
         # Keep what later tokens can still see: the sinks and the last W positions.
         keep = [p for p in range(start, start + q_len) if p < self.sinks or p >= start + q_len - self.window]
         pos = torch.tensor(keep, dtype=torch.long, device=q.device)

@@ -180,3 +180,20 @@ def test_decode_attention_matches_masked_sdpa(length):
     ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                            attn_mask=valid[None, None, None, :])
     assert torch.allclose(decode_attention(q, k, v, valid), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_flex_prefill_matches_the_banded_path(sinks):
+    """The GPU prefill path (FlexAttention block mask) computes what the chunked SDPA path does."""
+    import warnings
+
+    from consa.hybrid_attention import flex_sliding_window
+
+    g = torch.Generator().manual_seed(sinks)
+    q, k, v = torch.randn(1, 4, 300, 16, generator=g), torch.randn(1, 2, 300, 16, generator=g), torch.randn(1, 2, 300, 16, generator=g)
+    ref = banded_attention(q, 0, k[:, :, sinks:], v[:, :, sinks:], sinks, 50, k[:, :, :sinks] if sinks else None,
+                           v[:, :, :sinks] if sinks else None, None, None, chunk=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # uncompiled flex on the CPU warns that it is slow
+        out = flex_sliding_window(q, k, v, 50, sinks, None, compile=False)
+    assert torch.allclose(out, ref, atol=1e-5)

@@ -103,8 +103,9 @@ def test_idempotency_key_returns_the_same_job(server):
 def test_jobs_list_paginates_newest_first_with_filters(server):
     key = server.create_key("pager")  # a fresh key: its list holds only this test's jobs
     with server.client(key) as client:
-        created = [submit(client, server, seed=i)["id"] for i in range(5)]
-        for job_id in created:  # cancelled while queued (or at its first step): the worker stays free
+        # Long enough that each is still queued or running when its cancel lands: the worker stays free.
+        created = [submit(client, server, seed=i, steps=5000)["id"] for i in range(5)]
+        for job_id in created:
             client.post(f"/v1/jobs/{job_id}/cancel")
         seen, after = [], None
         while True:
