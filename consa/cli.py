@@ -22,7 +22,8 @@ def _add_search_parser(sub):
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--sink-tokens", type=int, default=0)
     p.add_argument("--data", required=True, help="text file, directory of text files, or .jsonl with a `text` field")
-    p.add_argument("--retrieval-ratio", type=float, default=0.0, help="share of synthetic multi-key retrieval rows")
+    p.add_argument("--retrieval-ratio", type=float, default=None,
+                   help="share of synthetic multi-key retrieval rows (default: 0.25 when seq-len >= max(4 x window, 512), else 0)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=200)

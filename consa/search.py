@@ -31,7 +31,9 @@ class SearchConfig:
     window: int = 256  # SWA window W in tokens
     sink_tokens: int = 0  # tokens at the start every SWA unit still sees (0 = plain SWA)
     data: str | None = None  # text file, directory of text files, or .jsonl with a `text` field
-    retrieval_ratio: float = 0.0  # share of training rows that are synthetic multi-key retrieval docs
+    retrieval_ratio: float | None = None  # share of training rows that are synthetic multi-key retrieval
+    # docs; None = 0.25 where a document can hold keys far beyond the window (seq_len >= max(4W, 512)),
+    # else 0. 0.25 is what the benchmark found best for retrieval (bench/RESULTS.md)
     seq_len: int = 1024
     batch_size: int = 1
     steps: int = 200
@@ -69,6 +71,8 @@ class SearchConfig:
         for name in ("seq_len", "batch_size", "steps"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.retrieval_ratio is None:
+            self.retrieval_ratio = 0.25 if self.seq_len >= max(4 * self.window, 512) else 0.0
         if not 0.0 <= self.retrieval_ratio <= 1.0:
             raise ValueError(f"retrieval_ratio must be in [0, 1], got {self.retrieval_ratio}")
         if not 0.0 <= self.warmup_frac <= 1.0:

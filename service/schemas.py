@@ -26,9 +26,10 @@ class JobCreate(BaseModel):
     dataset: str | None = Field(None, max_length=4000,
                                 description="Absolute path of a text file, directory or .jsonl under one of the "
                                             "server's data roots. Default: the server's default dataset.")
-    retrieval_ratio: float = Field(0.0, ge=0.0, le=1.0,
-                                   description="Share of training sequences replaced by synthetic multi-key retrieval "
-                                               "documents built over the dataset.")
+    retrieval_ratio: float | None = Field(None, ge=0.0, le=1.0,
+                                          description="Share of training sequences replaced by synthetic multi-key "
+                                                      "retrieval documents built over the dataset. Default: 0.25 when "
+                                                      "seq_len >= max(4 x window, 512), else 0.")
     steps: int = Field(200, ge=1, le=1_000_000)
     seq_len: int = Field(1024, ge=8, le=1 << 20, description="Training sequence length in tokens.")
     batch_size: int = Field(1, ge=1, le=4096)

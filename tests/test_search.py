@@ -149,3 +149,11 @@ def test_gradient_checkpointing_gives_the_same_gates(tiny_model_dir, text_dir):
     checkpointed = run_search(_config(tiny_model_dir, text_dir, steps=4, gradient_checkpointing=True))
     assert torch.allclose(plain.gate_state["log_alpha"], checkpointed.gate_state["log_alpha"], atol=1e-5)
     assert not torch.allclose(checkpointed.gate_state["log_alpha"], torch.full((8,), 3.0))  # the gates did learn
+
+
+@pytest.mark.parametrize("seq_len,window,expected", [(4096, 256, 0.25), (1024, 256, 0.25), (512, 256, 0.0),
+                                                     (256, 16, 0.0), (64, 8, 0.0)])
+def test_retrieval_mix_defaults_to_the_benchmarked_share_where_documents_reach_past_the_window(seq_len, window, expected):
+    config = SearchConfig(model="m", sparsity=0.5, seq_len=seq_len, window=window)
+    assert config.retrieval_ratio == expected
+    assert SearchConfig(model="m", sparsity=0.5, seq_len=seq_len, window=window, retrieval_ratio=0.1).retrieval_ratio == 0.1
