@@ -5,10 +5,13 @@ Redis + PostgreSQL (the `server` fixture's params).
 """
 
 import hashlib
+import json
 import io
 import tarfile
 import time
 from pathlib import Path
+
+import pytest
 
 from service_fixtures import assert_problem, server, wait_for  # noqa: F401  (server is a fixture)
 
@@ -101,7 +104,7 @@ def test_unloadable_model_fails_with_a_user_error(server):
 
 def test_evaluate_adds_the_comparison_table(server):
     if server.backend != "embedded":
-        return  # the evaluation path does not depend on the backend; once is enough for the runtime budget
+        pytest.skip("the evaluation path does not depend on the backend; once is enough for the runtime budget")
     with server.client(server.alice) as client:
         job = wait_for(client, submit(client, server, steps=3, seq_len=160, evaluate=True)["id"], timeout=180)
         assert job["status"] == "succeeded", job
@@ -109,3 +112,16 @@ def test_evaluate_adds_the_comparison_table(server):
         assert {"evaluation.md", "evaluation.json", "heatmap.png"} <= names
         table = client.get(f"/v1/jobs/{job['id']}/artifacts/evaluation.md").text
         assert "| learned |" in table and "| full |" in table
+
+
+def test_evaluate_at_a_context_too_short_for_retrieval_scores_the_loss_alone(server):
+    if server.backend != "embedded":
+        pytest.skip("the evaluation path does not depend on the backend; once is enough for the runtime budget")
+    with server.client(server.alice) as client:
+        job = wait_for(client, submit(client, server, steps=2, seq_len=48, evaluate=True)["id"], timeout=180)
+        assert job["status"] == "succeeded", job
+        events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+        assert any("evaluation without retrieval" in e["message"] for e in events), events
+        records = json.loads(client.get(f"/v1/jobs/{job['id']}/artifacts/evaluation.json").text)
+        assert {r["name"] for r in records} >= {"full", "learned"}
+        assert all(r["retrieval_acc"] is None and r["loss"] > 0 for r in records)

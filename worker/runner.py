@@ -187,8 +187,17 @@ class JobRun:
             if name != "heuristic-loss":  # it needs its own calibration pass; the rules are the comparison
                 allocations[name] = build_baseline(name, shape, p["sparsity"], p["granularity"], p["window"],
                                                    seed=p["seed"], sink_tokens=p["sink_tokens"], model_name=p["model"])
-        records = compare(model, tokenizer, allocations, data=p["dataset"], seq_len=p["seq_len"],
-                          num_sequences=EVAL_SEQUENCES, retrieval_docs=EVAL_RETRIEVAL_DOCS, seed=p["seed"],
+        from consa.errors import DataError
+        from consa.evaluation import build_eval_set
+
+        try:
+            eval_set = build_eval_set(tokenizer, p["dataset"], seq_len=p["seq_len"], num_sequences=EVAL_SEQUENCES,
+                                      retrieval_docs=EVAL_RETRIEVAL_DOCS, seed=p["seed"])
+        except DataError as e:  # retrieval documents need room for their keys; score the loss alone
+            self.event("warning", f"evaluation without retrieval: {e}")
+            eval_set = build_eval_set(tokenizer, p["dataset"], seq_len=p["seq_len"], num_sequences=EVAL_SEQUENCES,
+                                      retrieval_docs=0, seed=p["seed"])
+        records = compare(model, tokenizer, allocations, data=eval_set, window=allocation.window,
                           progress=lambda line: self.event("info", f"evaluation: {line}"))
         (out / "evaluation.md").write_text(markdown_table(records))
         (out / "evaluation.json").write_text(json.dumps(records, indent=1, default=str))
