@@ -102,12 +102,19 @@ def test_unloadable_model_fails_with_a_user_error(server):
         assert "cannot load model" in job["error"]["message"]
 
 
-def test_evaluate_adds_the_comparison_table(server):
+def evaluated_job(server, client, **fields) -> dict:
+    """A succeeded job with `evaluate: true`; the evaluation path does not depend on the backend, so
+    it runs once (embedded) to keep the suite's runtime down."""
     if server.backend != "embedded":
         pytest.skip("the evaluation path does not depend on the backend; once is enough for the runtime budget")
+    job = wait_for(client, submit(client, server, evaluate=True, **fields)["id"], timeout=180)
+    assert job["status"] == "succeeded", job
+    return job
+
+
+def test_evaluate_adds_the_comparison_table(server):
     with server.client(server.alice) as client:
-        job = wait_for(client, submit(client, server, steps=3, seq_len=160, evaluate=True)["id"], timeout=180)
-        assert job["status"] == "succeeded", job
+        job = evaluated_job(server, client, steps=3, seq_len=160)
         names = {a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
         assert {"evaluation.md", "evaluation.json", "heatmap.png"} <= names
         table = client.get(f"/v1/jobs/{job['id']}/artifacts/evaluation.md").text
@@ -115,11 +122,8 @@ def test_evaluate_adds_the_comparison_table(server):
 
 
 def test_evaluate_at_a_context_too_short_for_retrieval_scores_the_loss_alone(server):
-    if server.backend != "embedded":
-        pytest.skip("the evaluation path does not depend on the backend; once is enough for the runtime budget")
     with server.client(server.alice) as client:
-        job = wait_for(client, submit(client, server, steps=2, seq_len=48, evaluate=True)["id"], timeout=180)
-        assert job["status"] == "succeeded", job
+        job = evaluated_job(server, client, steps=2, seq_len=48)
         events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
         assert any("evaluation without retrieval" in e["message"] for e in events), events
         records = json.loads(client.get(f"/v1/jobs/{job['id']}/artifacts/evaluation.json").text)
