@@ -79,6 +79,9 @@ class Client:
     def cancel(self, job_id: str) -> dict:
         return self._json("POST", f"/v1/jobs/{_segment(job_id)}/cancel")
 
+    def delete(self, job_id: str) -> dict:
+        return self._json("DELETE", f"/v1/jobs/{_segment(job_id)}")
+
     def events(self, job_id: str, *, after: int | None = None, limit: int | None = None) -> dict:
         return self._json("GET", f"/v1/jobs/{_segment(job_id)}/events", query={"after": after, "limit": limit})
 

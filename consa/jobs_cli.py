@@ -58,6 +58,10 @@ def add_jobs_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("job")
     p.set_defaults(jobs_func=cmd_cancel)
 
+    p = sub.add_parser("delete", parents=[conn], help="delete a finished job and its artifacts")
+    p.add_argument("job")
+    p.set_defaults(jobs_func=cmd_delete)
+
     p = sub.add_parser("logs", parents=[conn], help="print a job's events")
     p.add_argument("job")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
@@ -195,6 +199,12 @@ def cmd_list(client: Client, args) -> int:
 def cmd_get(client: Client, args) -> int:
     job = client.get(args.job)
     _print_json(job) if args.json else print(_job_line(job))
+    return 0
+
+
+def cmd_delete(client: Client, args) -> int:
+    result = client.delete(args.job)
+    _print_json(result) if args.json else print(f"{result['id']}  deleted")
     return 0
 
 

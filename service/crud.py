@@ -8,7 +8,7 @@ import datetime as dt
 import hashlib
 import secrets
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from service.models import (CANCEL_REQUESTED, CANCELLED, QUEUED, RUNNING, TERMINAL, ApiKey, Artifact, Job,
@@ -107,6 +107,20 @@ def request_cancel(session: Session, *, job: Job) -> Job:
     session.commit()
     session.refresh(job)
     return job
+
+
+def delete_job(session: Session, *, job: Job) -> bool:
+    """Delete a finished job with its events and artifact rows; False (nothing deleted) while it runs.
+
+    Children go first and explicitly: SQLite enforces ON DELETE CASCADE only when asked to.
+    """
+    if job.status not in TERMINAL:
+        return False
+    session.execute(delete(JobEvent).where(JobEvent.job_pk == job.pk))
+    session.execute(delete(Artifact).where(Artifact.job_pk == job.pk))
+    session.execute(delete(Job).where(Job.pk == job.pk))
+    session.commit()
+    return True
 
 
 def claim_job(session: Session, *, job_id: str, worker: str) -> Job | None:

@@ -89,6 +89,12 @@ class Job(_Timestamps):
                    finished_at=row.finished_at)
 
 
+class JobDeleted(BaseModel):
+    object: Literal["allocation.job"] = "allocation.job"
+    id: str
+    deleted: bool = True
+
+
 class JobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Job]

@@ -138,7 +138,7 @@ def server(request, tmp_path_factory, tiny_model_dir, text_dir):
         env["CONSA_BROKER_URL"] = REDIS_URL
     srv = Server(env, var / "serve.log").start()
     try:
-        srv.backend = request.param
+        srv.backend, srv.artifact_dir = request.param, var / "artifacts"
         srv.model, srv.broken_model, srv.data = str(tiny_model_dir), str(broken), str(text_dir)
         srv.alice, srv.bob = srv.create_key("alice"), srv.create_key("bob")
         yield srv

@@ -129,6 +129,11 @@ def test_cancel_and_follow_logs_until_the_end(cli, jobs_server):
     code, out, _ = cli("logs", job_id, "--follow", "--interval", "0.2")
     assert code == 0 and out.strip().splitlines()[-1].endswith("job cancelled")
     assert client.get(job_id)["status"] == "cancelled"
+    # An ended job can be deleted; then it is gone for the CLI too.
+    code, out, _ = cli("delete", job_id)
+    assert code == 0 and out.strip() == f"{job_id}  deleted"
+    code, _, err = cli("get", job_id)
+    assert code == jobs_cli.EXIT_API and "404" in err
 
 
 def test_wait_on_a_failing_job_exits_1_with_its_error(cli, jobs_server):

@@ -177,3 +177,24 @@ def test_health_readiness_and_metrics(server, finished_job):
         metrics = client.get("/metrics").text
         assert 'consa_jobs{status="succeeded"}' in metrics
         assert 'consa_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="200"}' in metrics
+
+
+def test_delete_frees_a_finished_job_and_refuses_a_live_one(server):
+    with server.client(server.alice) as client:
+        job = wait_for(client, submit(client, server, steps=2)["id"])
+        assert job["status"] == "succeeded" and (server.artifact_dir / job["id"] / "manifest.json").exists()
+        assert_problem(server.client(server.bob).delete(f"/v1/jobs/{job['id']}"), 404, "job_not_found")
+
+        response = client.delete(f"/v1/jobs/{job['id']}")
+        assert response.status_code == 200 and response.json() == {"object": "allocation.job", "id": job["id"],
+                                                                   "deleted": True}
+        assert not (server.artifact_dir / job["id"]).exists()
+        assert_problem(client.get(f"/v1/jobs/{job['id']}"), 404, "job_not_found")
+        assert_problem(client.get(f"/v1/jobs/{job['id']}/events"), 404, "job_not_found")
+        assert_problem(client.delete(f"/v1/jobs/{job['id']}"), 404, "job_not_found")
+
+        live = submit(client, server, steps=5000)
+        assert_problem(client.delete(f"/v1/jobs/{live['id']}"), 409, "job_not_finished")
+        client.post(f"/v1/jobs/{live['id']}/cancel")
+        assert wait_for(client, live["id"], timeout=60)["status"] == "cancelled"
+        assert client.delete(f"/v1/jobs/{live['id']}").status_code == 200

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.exc import IntegrityError
 
-from service import crud, schemas
+from service import artifacts, crud, schemas
 from service.deps import ApiKeyDep, JobDep, SessionDep, SettingsDep
 from service.locations import resolve_dataset, resolve_model
 from service.problems import PROBLEM_RESPONSES, ProblemError, responses
@@ -95,3 +95,15 @@ def cancel_job(job: JobDep, session: SessionDep):
     return schemas.Job.of(crud.request_cancel(session, job=job))
 
 
+
+
+@router.delete("/{job_id}", response_model=schemas.JobDeleted, responses=PROBLEM_RESPONSES | responses(409),
+               summary="Delete a finished job and its artifacts")
+def delete_job(job: JobDep, session: SessionDep, settings: SettingsDep):
+    """Frees the job's artifacts on disk. A job that has not ended answers 409: cancel it first."""
+    job_id = job.id
+    if not crud.delete_job(session, job=job):
+        raise ProblemError(409, f"job {job_id} is {job.status}; cancel it and delete it once it has ended",
+                           code="job_not_finished")
+    artifacts.remove_job_files(settings.artifact_dir, job_id)  # after the rows: a crash leaves files, not links
+    return schemas.JobDeleted(id=job_id)
