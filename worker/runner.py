@@ -145,7 +145,7 @@ class JobRun:
         crud.add_artifact(self.session, job=self.job, name=name, size=size, sha256=sha256,
                           content_type=artifacts.content_type(name))
 
-    # -- optional artifacts: each says so in the events when this consa build cannot make it --------
+    # -- derived artifacts ------------------------------------------------------------------------------
     def heatmap(self, allocation, out: Path) -> None:
         try:
             from consa.heatmap import save_heatmap
@@ -158,11 +158,8 @@ class JobRun:
 
     def checkpoint(self, allocation, out: Path) -> None:
         """The hybrid model as an HF directory, packed as checkpoint.tar.gz for one download."""
-        try:
-            from consa.export import export_hybrid, pack_checkpoint
-        except ImportError as e:
-            self.event("warning", f"hybrid checkpoint not available in this consa build: {e}")
-            return
+        from consa.export import export_hybrid, pack_checkpoint
+
         self.event("info", "exporting the hybrid checkpoint")
         summary = export_hybrid(self.params["model"], allocation, out / "checkpoint")
         if summary.get("message"):
@@ -171,13 +168,12 @@ class JobRun:
 
     def evaluate(self, allocation, out: Path) -> None:
         """The learned allocation against the unmodified model and the rule-based baselines, on the job's data."""
-        try:
-            from consa.baselines import baseline_names, build_baseline
-            from consa.compare import compare, markdown_table
-            from consa.search import load_model, pick_device
-        except ImportError as e:
-            self.event("warning", f"evaluation not available in this consa build: {e}")
-            return
+        from consa.baselines import baseline_names, build_baseline
+        from consa.compare import compare, markdown_table
+        from consa.errors import DataError
+        from consa.evaluation import build_eval_set
+        from consa.search import load_model, pick_device
+
         p = self.params
         self.event("info", "evaluating the allocation against the baselines")
         model, tokenizer = load_model(p["model"], p.get("revision"), pick_device("auto"))
@@ -187,9 +183,6 @@ class JobRun:
             if name != "heuristic-loss":  # it needs its own calibration pass; the rules are the comparison
                 allocations[name] = build_baseline(name, shape, p["sparsity"], p["granularity"], p["window"],
                                                    seed=p["seed"], sink_tokens=p["sink_tokens"], model_name=p["model"])
-        from consa.errors import DataError
-        from consa.evaluation import build_eval_set
-
         try:
             eval_set = build_eval_set(tokenizer, p["dataset"], seq_len=p["seq_len"], num_sequences=EVAL_SEQUENCES,
                                       retrieval_docs=EVAL_RETRIEVAL_DOCS, seed=p["seed"])
