@@ -61,8 +61,18 @@ def get_job(session: Session, *, job_id: str, api_key_id: int | None = None) -> 
     return session.scalar(query)
 
 
-def get_job_by_idempotency_key(session: Session, *, api_key_id: int, idempotency_key: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.api_key_id == api_key_id, Job.idempotency_key == idempotency_key))
+def get_job_by_idempotency_key(session: Session, *, api_key_id: int, idempotency_key: str,
+                               ttl_s: int | None = None) -> Job | None:
+    """The job created with this key, if it is younger than `ttl_s`; an expired key is released (its
+    job keeps existing, the key may name a new request)."""
+    job = session.scalar(select(Job).where(Job.api_key_id == api_key_id, Job.idempotency_key == idempotency_key))
+    if job is not None and ttl_s is not None:
+        created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=dt.timezone.utc)
+        if created < utcnow() - dt.timedelta(seconds=ttl_s):
+            job.idempotency_key = None
+            session.commit()
+            return None
+    return job
 
 
 def list_jobs(session: Session, *, api_key_id: int, limit: int, after: str | None = None,

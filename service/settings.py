@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     stale_after_s: int = 15 * 60
     """A running job with no heartbeat for this long is considered lost by a redelivered task."""
     max_page_size: int = 100
+    idempotency_ttl_s: int = 24 * 3600
+    """An Idempotency-Key is remembered this long (Stripe: 24 h); after that it may name a new request."""
 
     @field_validator("model_roots", "data_roots", mode="before")
     @classmethod

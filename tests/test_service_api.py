@@ -1,9 +1,11 @@
 """The v1 API's contract over real HTTP: auth, validation problems, idempotency, pagination, events,
 artifact names, health. Runs on both backends (see the `server` fixture)."""
 
+import datetime as dt
 import json
 
 import pytest
+import sqlalchemy as sa
 
 from service.settings import Settings
 from service_fixtures import assert_problem, server, wait_for  # noqa: F401  (server is a fixture)
@@ -98,6 +100,19 @@ def test_idempotency_key_returns_the_same_job(server):
             != first["id"]
     with server.client(server.bob) as bob:  # keys are scoped to the API key that used them
         assert submit(bob, server, headers=headers, seed=7)["id"] != first["id"]
+
+    # After the key's time to live (24 h by default) it may name a new request.
+    db_url = server.env.get("CONSA_DATABASE_URL") or f"sqlite:///{server.env['CONSA_VAR_DIR']}/consa.db"
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE jobs SET created_at = :t WHERE id = :id"),
+                     {"t": dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc), "id": first["id"]})
+    engine.dispose()
+    with server.client(server.alice) as alice:
+        fresh = alice.post("/v1/jobs", json=body(server, seed=8), headers=headers)
+        assert fresh.status_code == 202 and fresh.json()["id"] != first["id"]
+        assert "idempotent-replayed" not in fresh.headers
+        assert alice.get(f"/v1/jobs/{first['id']}").status_code == 200  # the old job stays
 
 
 def test_jobs_list_paginates_newest_first_with_filters(server):

@@ -32,7 +32,8 @@ def create_job(body: schemas.JobCreate, request: Request, response: Response, se
     """Queue a search. Answers 202 with the job; poll it, or follow its events."""
     request_hash = _request_hash(body)
     if idempotency_key is not None:
-        existing = crud.get_job_by_idempotency_key(session, api_key_id=key.id, idempotency_key=idempotency_key)
+        existing = crud.get_job_by_idempotency_key(session, api_key_id=key.id, idempotency_key=idempotency_key,
+                                                   ttl_s=settings.idempotency_ttl_s)
         if existing is not None:
             return _replay(existing, request_hash, response)
 
