@@ -122,6 +122,7 @@ def _add_export_parser(sub):
 def cmd_compare(args) -> int:
     from consa import baselines
     from consa.compare import compare, markdown_table
+    from consa.hybrid_attention import model_shape
     from consa.manifest import load_allocation
     from consa.search import load_model, pick_device
 
@@ -143,7 +144,7 @@ def cmd_compare(args) -> int:
 
         calibration = pack_tokens(tokenizer, iter_texts(args.data, seed=args.seed + 1), args.seq_len, max_sequences=4)
         calibration = calibration.to(model.device)
-    shape = (first.num_layers, first.num_kv_heads) if first else _shape(model)
+    shape = model_shape(model)
     for name in names:
         allocations[name] = baselines.build_baseline(name, shape, sparsity, granularity, window, seed=args.seed,
                                                      model_name=args.model, model=model, calibration=calibration)
@@ -157,12 +158,6 @@ def cmd_compare(args) -> int:
     (out / "comparison.json").write_text(json.dumps(records, indent=1))
     print(table)
     return 0
-
-
-def _shape(model):
-    from consa.hybrid_attention import model_shape
-
-    return model_shape(model)
 
 
 def cmd_export(args) -> int:
