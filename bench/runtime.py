@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from consa.gates import exact_swa_mask  # noqa: E402
 from consa.hybrid_attention import apply_allocation, model_shape  # noqa: E402
 from consa.manifest import Allocation  # noqa: E402
-from consa.runtime import HybridCache, cache_bytes, cache_kwarg, floor_ratio, group_heads  # noqa: E402
+from consa import decode_kernel  # noqa: E402
+from consa.hybrid_attention import uninstall  # noqa: E402
+from consa.runtime import HybridCache, cache_bytes, cache_kwarg, compile_layers, floor_ratio, group_heads  # noqa: E402
 
 QWEN3_06B = dict(num_hidden_layers=28, num_key_value_heads=8, num_attention_heads=16, head_dim=128, hidden_size=1024,
                  intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960, tie_word_embeddings=True)
@@ -62,7 +64,7 @@ def sync(device):
 
 
 @torch.no_grad()
-def measure(model, allocation, context, decode_steps, device, use_graph, repeats=1, batch=1):
+def measure(model, allocation, context, decode_steps, device, use_graph, repeats=1, batch=1, compiled=False):
     """Prefill `batch` x `context` random tokens, then decode greedily; returns bytes and times."""
     # FA heads first in every layer (weights permuted to match; same function, fewer kernels per step).
     # For random weights a permutation on top of an earlier one changes nothing that speed depends on.
@@ -96,6 +98,8 @@ def measure(model, allocation, context, decode_steps, device, use_graph, repeats
         return model(input_ids=step_ids, position_ids=positions, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
 
     graph = None
+    if compiled:  # decode only: prefill above ran the eager layers
+        compile_layers(model)
     if use_graph:
         cache.set_graph_position(positions.view(1))
         stream = torch.cuda.Stream()
@@ -130,9 +134,79 @@ def measure(model, allocation, context, decode_steps, device, use_graph, repeats
         run_decode(decode_steps)
     sync(device)
     decode_s = time.perf_counter() - t0
+    if compiled:
+        compile_layers(model, enable=False)
     del cache, graph
-    return {"batch": batch, "kv_bytes": kv_bytes, "kv_bytes_allocated": kv_allocated, "prefill_s": prefill_s,
+    return {"batch": batch, "compiled": compiled, "kv_bytes": kv_bytes, "kv_bytes_allocated": kv_allocated, "prefill_s": prefill_s,
             "decode_s": decode_s, "decode_tok_s": decode_steps / decode_s, "graph": use_graph}
+
+
+@torch.no_grad()
+def stock_decode(model, context, decode_steps, device, batch=1, compiled=False):
+    """Full attention the stock way, as a check on the baseline: transformers' StaticCache + SDPA,
+    one decode forward captured in a CUDA graph. Speed does not depend on the cached values, so a
+    short prompt is prefilled and decoding starts at position `context` of a cache that long."""
+    from transformers import StaticCache
+
+    uninstall(model)
+    kw = cache_kwarg(model)
+    cache = StaticCache(config=model.config, max_cache_len=context + decode_steps + 8)
+    ids = torch.randint(1, model.config.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+    step_ids = ids[:, -1:].clone()
+    cache_position = torch.full((1,), context, dtype=torch.long, device=device)
+    positions = cache_position.view(1, 1)
+    if compiled:
+        compile_layers(model)
+
+    def step():
+        return model(input_ids=step_ids, position_ids=positions.expand(batch, 1), cache_position=cache_position,
+                     use_cache=True, logits_to_keep=1, **{kw: cache}).logits
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = step()
+    for i in range(4):
+        graph.replay()
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(decode_steps):
+        cache_position.fill_(context + i)
+        graph.replay()
+        step_ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+    sync(device)
+    if compiled:
+        compile_layers(model, enable=False)
+    return decode_steps / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def check_decode_kernel(device, dtype=torch.bfloat16):
+    """The fused Triton decode kernel against plain attention, at the 0.6B shape's head sizes."""
+    if not decode_kernel.available(device, dtype):
+        return None
+    torch.manual_seed(0)
+    B, Hk, G, d, W, C, pos = 2, 8, 2, 128, 1024, 8192, 5000
+    full = [h % 2 == 0 for h in range(Hk)]
+    q, k_new, v_new = (torch.randn(B, n, d, device=device, dtype=dtype) for n in (Hk * G, Hk, Hk))
+    fa_k, fa_v = (torch.randn(B, Hk // 2, C, d, device=device, dtype=dtype) for _ in range(2))
+    swa_k, swa_v = (torch.randn(B, Hk // 2, W, d, device=device, dtype=dtype) for _ in range(2))
+    swa_pos = torch.full((W,), -1, dtype=torch.long, device=device)
+    out = decode_kernel.decode_step(q, k_new, v_new, fa_k, fa_v, swa_k, swa_v, swa_pos,
+                                    torch.tensor([pos], device=device), decode_kernel.head_codes(full, device), W, 0)
+    worst = 0.0
+    for h in range(Hk):  # the kernel stored the new token, so the reference reads the updated cache
+        k, v = (fa_k[:, h // 2, :pos + 1], fa_v[:, h // 2, :pos + 1]) if full[h] else (swa_k[:, h // 2], swa_v[:, h // 2])
+        w = (q[:, h * G:(h + 1) * G].float() @ k.float().transpose(1, 2) * d ** -0.5).softmax(-1)
+        worst = max(worst, (w @ v.float() - out[:, h * G:(h + 1) * G].float()).abs().max().item())
+    log(f"decode kernel check ({dtype}): max |diff| vs fp32 reference = {worst:.2e}")
+    return worst
 
 
 @torch.no_grad()
@@ -164,9 +238,10 @@ def check_graph_decode(device, steps=6):
     return worst
 
 
-def bench_model(name, model, window, args, device, records):
+def bench_model(name, model, window, args, device, records, references):
     num_layers, num_kv_heads = model_shape(model)
     use_graph = device.type == "cuda" and not args.no_graph
+    compiled = args.compile
     runs = [(context, 1, args.granularities, args.sparsities) for context in args.contexts]
     # Larger batches: KV reads dominate decoding over per-kernel overheads (one configuration).
     runs += [(max(args.contexts), b, ["kv_head"], [0.5]) for b in args.extra_batches]
@@ -174,18 +249,27 @@ def bench_model(name, model, window, args, device, records):
         name_b = name if batch == 1 else f"{name} batch {batch}"
         full_alloc = make_allocation(num_layers, num_kv_heads, 0.0, "kv_head", window)
         try:
-            base = measure(model, full_alloc, context, args.decode_steps, device, use_graph, args.repeats, batch)
+            base = measure(model, full_alloc, context, args.decode_steps, device, use_graph, args.repeats, batch, compiled)
         except Exception as e:  # noqa: BLE001 - one failed configuration must not stop the table
             log(f"[{name_b} L={context}] full attention failed: {type(e).__name__}: {e}")
             continue
         log(f"[{name_b} L={context}] full: prefill {base['prefill_s']:.3f}s decode {base['decode_tok_s']:.1f} tok/s "
             f"kv {base['kv_bytes'] / 2**20:.1f} MiB")
         records.append(record(name, "full", 0.0, context, window, base, base))
+        if use_graph and args.stock_reference:
+            try:
+                tok_s = stock_decode(model, context, args.decode_steps, device, batch, compiled)
+                references.append({"model": name, "context": context, "batch": batch, "compiled": compiled,
+                                   "stock_full_decode_tok_s": tok_s, "consa_full_decode_tok_s": base["decode_tok_s"]})
+                log(f"[{name_b} L={context}] stock transformers full attention (StaticCache, SDPA, CUDA graph): "
+                    f"{tok_s:.1f} tok/s vs consa full {base['decode_tok_s']:.1f}")
+            except Exception as e:  # noqa: BLE001
+                log(f"[{name_b} L={context}] stock reference failed: {type(e).__name__}: {e}")
         for granularity in granularities:
             for s in sparsities:
                 alloc = make_allocation(num_layers, num_kv_heads, s, granularity, window)
                 try:
-                    res = measure(model, alloc, context, args.decode_steps, device, use_graph, args.repeats, batch)
+                    res = measure(model, alloc, context, args.decode_steps, device, use_graph, args.repeats, batch, compiled)
                 except Exception as e:  # noqa: BLE001
                     log(f"[{name_b} L={context} {granularity} s={s}] failed: {type(e).__name__}: {e}")
                     continue
@@ -203,7 +287,8 @@ def record(name, granularity, s, context, window, res, base):
             "kv_bytes": res["kv_bytes"], "kv_bytes_full": base["kv_bytes"],
             "kv_bytes_allocated_ratio": res["kv_bytes_allocated"] / base["kv_bytes_allocated"],
             "prefill_s": res["prefill_s"], "prefill_full_s": base["prefill_s"],
-            "decode_tok_s": res["decode_tok_s"], "decode_full_tok_s": base["decode_tok_s"], "cuda_graph": res["graph"]}
+            "decode_tok_s": res["decode_tok_s"], "decode_full_tok_s": base["decode_tok_s"], "cuda_graph": res["graph"],
+            "compiled_layers": res["compiled"]}
 
 
 def markdown(records) -> str:
@@ -218,7 +303,8 @@ def markdown(records) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--testbed", help="path of the testbed model (12 layers x 4 KV heads); skipped when absent")
-    p.add_argument("--out", default="bench/results", help="directory for runtime.json and runtime.md")
+    p.add_argument("--out", default="bench/results", help="directory for NAME.json and NAME.md")
+    p.add_argument("--name", default="runtime", help="file stem of the results")
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--granularities", nargs="+", default=["kv_head", "layer"])
@@ -231,6 +317,9 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="a tiny random model instead of the 0.6B shape (CPU smoke test)")
     p.add_argument("--skip-qwen", action="store_true")
     p.add_argument("--no-graph", action="store_true", help="decode eagerly even on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder layers for decoding (compile_layers)")
+    p.add_argument("--stock-reference", action="store_true",
+                   help="also time full attention through stock transformers (StaticCache + SDPA, CUDA graph)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -239,14 +328,16 @@ def main(argv=None):
     log(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), dtype {dtype}, "
         f"torch {torch.__version__}")
 
-    records = []
-    graph_check = None
+    records, references = [], []
+    graph_check = kernel_check = None
     if device.type == "cuda" and not args.no_graph:
         graph_check = check_graph_decode(device)
+    if device.type == "cuda":
+        kernel_check = check_decode_kernel(device)
     if not args.skip_qwen:
         name = "tiny-qwen3 (random weights)" if args.tiny else "Qwen3-0.6B shape (random weights)"
         model = random_qwen3(TINY if args.tiny else QWEN3_06B, device, dtype)
-        bench_model(name, model, args.window, args, device, records)
+        bench_model(name, model, args.window, args, device, records, references)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -254,19 +345,23 @@ def main(argv=None):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(args.testbed, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-        bench_model(f"testbed {Path(args.testbed).name}", model, args.testbed_window, args, device, records)
+        bench_model(f"testbed {Path(args.testbed).name}", model, args.testbed_window, args, device, records, references)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
             "torch": torch.__version__, "decode_steps": args.decode_steps,
             "allocations": "exact_swa_mask on seeded random scores", "baseline": "all-full allocation, same runtime",
-            "graph_decode_max_logit_diff": graph_check, "seconds": round(time.time() - started, 1)}
-    (out / "runtime.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+            "graph_decode_max_logit_diff": graph_check, "decode_kernel_max_diff": kernel_check,
+            "decode_kernel": decode_kernel.available(device, dtype), "compiled_layers": args.compile,
+            "seconds": round(time.time() - started, 1)}
+    stem = args.name
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "records": records, "stock_reference": references},
+                                                 indent=1) + "\n")
     table = markdown(records)
-    (out / "runtime.md").write_text(table)
+    (out / f"{stem}.md").write_text(table)
     log(table)
-    log(f"done in {time.time() - started:.0f}s -> {out / 'runtime.json'}")
+    log(f"done in {time.time() - started:.0f}s -> {out / (stem + '.json')}")
     return records
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from consa import decode_kernel
 from consa.hybrid_attention import flex_sliding_window
 
 PREFILL_CHUNK = 1024  # queries per SDPA call for SWA heads in prefill: keys outside the window are skipped
@@ -135,6 +136,11 @@ class HybridCacheLayer(CacheLayerMixin):
         self.swa_pos = torch.full((slots,), -1, dtype=torch.long, device=self.device)
         self.fa_sel, self.swa_sel = _to(_heads(self.fa_idx), self.device), _to(_heads(self.swa_idx), self.device)
         self._q_sel = None
+        # One token at a time goes through the fused Triton kernel where it runs (see decode_kernel).
+        self.fused = decode_kernel.available(self.device, self.dtype)
+        if self.fused:
+            full = [h in self.fa_idx for h in range(self.num_kv_heads)]
+            self.codes = decode_kernel.head_codes(full, self.device)
         self.is_initialized = True
 
     def _reserve(self, length: int):
@@ -163,6 +169,9 @@ class HybridCacheLayer(CacheLayerMixin):
                 self.swa_k.index_select(2, idx), self.swa_v.index_select(2, idx), k0)
 
     # -- Cache API ----------------------------------------------------------------------------------
+    # Compiled decoder layers (`compile_layers`) break their graphs here: the cache's bookkeeping is
+    # host-side Python that must run every step, not be specialised into a graph.
+    @torch.compiler.disable
     def update(self, key_states, value_states, *args, **kwargs):
         """key/value_states (B, K, q, d) for the new tokens. Stores them; attention runs in `hybrid_attend`."""
         if not self.is_initialized:
@@ -170,18 +179,20 @@ class HybridCacheLayer(CacheLayerMixin):
         self._new_k, self._new_v = key_states, value_states
         return self, self
 
+    @torch.compiler.disable
     def hybrid_attend(self, module, query, attention_mask=None, scaling=None, **kwargs):
         """query (B, H, q, d) for the new tokens -> (B, q, H, d), then the new tokens are committed."""
         k_new, v_new = self._new_k, self._new_v
         self._new_k = self._new_v = None
         B, H, q_len, d = query.shape
+        graph = self.graph is not None and q_len == 1
+        if self.fused and q_len == 1 and (graph or attention_mask is None):
+            return self._attend_fused(query, k_new, v_new, scaling, graph)
         if self._q_sel is None:  # query heads of each part: a GQA group follows its KV head
             groups = H // self.num_kv_heads
             self._q_sel = [_to(_heads([h * groups + g for h in idx for g in range(groups)]), self.device)
                            for idx in (self.fa_idx, self.swa_idx)]
         mask = _as_bool_mask(attention_mask)
-        out = query.new_empty(B, q_len, H, d)
-        graph = self.graph is not None and q_len == 1
         parts = []
         if self.fa_idx:
             q_sel = self._q_sel[0]
@@ -197,6 +208,19 @@ class HybridCacheLayer(CacheLayerMixin):
         out[:, :, self._q_sel[0]] = parts[0].transpose(1, 2)
         out[:, :, self._q_sel[1]] = parts[1].transpose(1, 2)
         return out
+
+    def _attend_fused(self, query, k_new, v_new, scale, graph):
+        """One new token per row: the fused kernel stores its K/V and attends over FA + SWA heads at once."""
+        if graph:
+            position = self._graph_shared()["position"]
+        else:
+            self._reserve(self.seen + 1)
+            position = torch.tensor([self.seen], device=self.device)
+        out = decode_kernel.decode_step(query[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], self.fa_k, self.fa_v,
+                                        self.swa_k, self.swa_v, self.swa_pos, position, self.codes,
+                                        self.window, self.sinks, scale)
+        self.seen += 1
+        return out.unsqueeze(1)  # (B, 1, H, d)
 
     def _attend_full(self, q, k, v, mask, scale, graph):
         """FA heads: write the new tokens into storage, attend over everything held."""
@@ -262,7 +286,7 @@ class HybridCacheLayer(CacheLayerMixin):
             if self.sinks and self.seen < self.sinks:
                 raise ValueError("CUDA-graph decoding needs a prompt of at least sink_tokens tokens")
             shared["slot"] = (pos - self.sinks) % self.window + self.sinks
-            if self.fa_k is not None and self.fa_k.shape[2]:
+            if not self.fused and self.fa_k is not None and self.fa_k.shape[2]:
                 if "arange" not in shared:
                     shared["arange"] = torch.arange(self.fa_k.shape[2], device=pos.device)
                 shared["fa_valid"] = shared["arange"] <= pos  # (capacity,)
@@ -356,6 +380,23 @@ class HybridCache(Cache):
             layer.graph = shared
 
 
+def compile_layers(model, enable: bool = True, backend: str = "inductor"):
+    """torch.compile each decoder layer around consa's cache and attention (which stay eager).
+
+    At batch 1 a small model's decode step is hundreds of tiny kernels (RMSNorm, RoPE, residuals,
+    activations) whose launch costs dwarf the KV read the hybrid saves; fusing them is what lets
+    that saving show. One compile serves every layer (the parameters are graph inputs). Capture the
+    step in a CUDA graph afterwards, as bench/runtime.py does. `enable=False` restores eager layers.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for layer in model.get_decoder().layers:
+        if enable:
+            layer.compile(dynamic=False, backend=backend)
+        else:
+            layer._compiled_call_impl = None
+    return model
+
+
 def make_cache(model, max_length: int | None = None):
     """The memory-saving cache for a model: HybridCache for consa's hybrid attention, else a stock
     DynamicCache built from the config (sliding layers from `layer_types` stay W tokens long)."""
@@ -446,6 +487,6 @@ def output_cache(outputs):
     return getattr(outputs, "cache", None) if getattr(outputs, "cache", None) is not None else outputs.past_key_values
 
 
-__all__ = ["HybridCache", "HybridCacheLayer", "make_cache", "group_heads", "generate", "use_hybrid_cache", "cache_bytes",
+__all__ = ["HybridCache", "HybridCacheLayer", "make_cache", "compile_layers", "group_heads", "generate", "use_hybrid_cache", "cache_bytes",
            "expected_cache_bytes", "floor_ratio", "decode_attention", "banded_attention", "cache_kwarg",
            "output_cache"]

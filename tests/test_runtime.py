@@ -197,3 +197,23 @@ def test_flex_prefill_matches_the_banded_path(sinks):
         warnings.simplefilter("ignore")  # uncompiled flex on the CPU warns that it is slow
         out = flex_sliding_window(q, k, v, 50, sinks, None, compile=False)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_compiled_layers_decode_like_eager_layers():
+    """compile_layers leaves the cache and attention outside the graphs: the same tokens and logits
+    (Dynamo's tracing with the eager backend; inductor only changes the kernels)."""
+    from consa.runtime import compile_layers
+
+    model = tiny.build_model("qwen3")
+    apply_allocation(model, allocation_for(model, PATTERNS["kv_head"]))
+    ids = torch.randint(1, 300, (1, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want_ids, want_logits = greedy_cached(model, ids, 8, HybridCache.for_model(model))
+        compile_layers(model, backend="eager")
+        try:
+            got_ids, got_logits = greedy_cached(model, ids, 8, HybridCache.for_model(model))
+        finally:
+            compile_layers(model, enable=False)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_logits, want_logits)
+    assert all(layer._compiled_call_impl is None for layer in model.get_decoder().layers)
