@@ -39,13 +39,16 @@ def available(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
 
 BLOCK_N = 64  # tokens per tile: a (64 x 128) bf16 K tile is 16 KiB
 PROGRAMS_PER_SM = 4  # enough programs in flight to keep HBM busy
+MIN_CHUNK = 256  # below this, merging the chunks costs more than the parallelism brings
 
 
-def num_splits(batch: int, kv_heads: int, capacity: int, device: torch.device) -> int:
-    """Chunks per head so that batch x heads x chunks programs fill the GPU several times over."""
+def chunk_size(batch: int, long_heads: int, capacity: int, device: torch.device, block: int = BLOCK_N) -> int:
+    """Tokens per program: small enough that the long heads (FA heads, the ones with work past the
+    window) of every row fill the GPU several times over, whatever share of the layer they are."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    want = math.ceil(PROGRAMS_PER_SM * sms / max(1, batch * kv_heads))
-    return max(1, min(want, math.ceil(capacity / BLOCK_N)))
+    chunk = math.ceil(capacity * batch * max(1, long_heads) / (PROGRAMS_PER_SM * sms))
+    chunk = min(max(MIN_CHUNK, chunk), capacity)
+    return math.ceil(chunk / block) * block
 
 
 def head_codes(full_heads: list[bool], device) -> torch.Tensor:
@@ -161,7 +164,8 @@ def _pad(n: int, least: int = 16) -> int:
 
 
 def decode_step(q, k_new, v_new, fa_k, fa_v, swa_k, swa_v, swa_pos, position, codes, window: int, sinks: int,
-                scale: float | None = None, splits: int | None = None):
+                scale: float | None = None, chunk: int | None = None, block: int = BLOCK_N, warps: int = 4,
+                stages: int = 2):
     """Attention of one new token per batch row over a hybrid layer's cache, storing its K/V first.
 
     q (B, Hq, d); k_new/v_new (B, Hk, d); fa_k/fa_v (B, n_fa, C, d); swa_k/swa_v (B, n_swa, sinks + W, d);
@@ -177,8 +181,8 @@ def decode_step(q, k_new, v_new, fa_k, fa_v, swa_k, swa_v, swa_pos, position, co
     Hk = k_new.shape[1]
     G = Hq // Hk
     capacity = max(fa_k.shape[2], swa_k.shape[2])
-    splits = splits or num_splits(B, Hk, capacity, q.device)
-    chunk = math.ceil(math.ceil(capacity / splits) / BLOCK_N) * BLOCK_N
+    long_heads = fa_k.shape[1] if fa_k.numel() else swa_k.shape[1]
+    chunk = chunk or chunk_size(B, long_heads, capacity, q.device, block)
     splits = math.ceil(capacity / chunk)
     part_o = torch.empty(B, Hk, splits, G, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(B, Hk, splits, G, dtype=torch.float32, device=q.device)
@@ -197,7 +201,7 @@ def decode_step(q, k_new, v_new, fa_k, fa_v, swa_k, swa_v, swa_pos, position, co
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         sinks, max(window, 1), swa_k.shape[2], chunk, scale * 1.4426950408889634,
-        G=G, G_PAD=_pad(G), D=d, D_PAD=_pad(d), BLOCK=BLOCK_N, HK=Hk, num_warps=4, num_stages=2)
+        G=G, G_PAD=_pad(G), D=d, D_PAD=_pad(d), BLOCK=block, HK=Hk, num_warps=warps, num_stages=stages)
     _merge_kernel[(B * Hq,)](
         part_o, part_lse, out, part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2), out.stride(0), out.stride(1), splits,

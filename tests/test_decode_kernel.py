@@ -31,8 +31,8 @@ def reference(q, fa_k, fa_v, swa_k, swa_v, full_heads, position, window, sinks, 
     return out
 
 
-@pytest.mark.parametrize("position,sinks,splits", [(0, 0, None), (37, 0, 3), (200, 4, 5), (300, 0, None)])
-def test_decode_step_matches_reference_and_writes_the_cache(position, sinks, splits):
+@pytest.mark.parametrize("position,sinks,chunk", [(0, 0, None), (37, 0, 64), (200, 4, 128), (300, 0, None), (319, 2, 64)])
+def test_decode_step_matches_reference_and_writes_the_cache(position, sinks, chunk):
     torch.manual_seed(position)
     B, Hk, G, d, window, capacity = 2, 4, 3, 24, 32, 320
     full_heads = [True, False, False, True]
@@ -54,7 +54,7 @@ def test_decode_step_matches_reference_and_writes_the_cache(position, sinks, spl
     want = reference(q, want_fa_k, want_fa_v, want_swa_k, want_swa_v, full_heads, position, window, sinks, scale)
 
     out = dk.decode_step(q, k_new, v_new, fa_k, fa_v, swa_k, swa_v, swa_pos, torch.tensor([position]),
-                         dk.head_codes(full_heads, "cpu"), window, sinks, splits=splits)
+                         dk.head_codes(full_heads, "cpu"), window, sinks, chunk=chunk, block=16)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
     for got, exp in ((fa_k, want_fa_k), (fa_v, want_fa_v), (swa_k, want_swa_k), (swa_v, want_swa_v)):
         assert torch.equal(got, exp)
@@ -75,6 +75,14 @@ def test_layers_with_one_kind_of_head():
                              dk.head_codes([False, False], "cpu"), window, 0)
     torch.testing.assert_close(all_fa, reference(q, fa_k, fa_v, None, None, [True, True], 40, window, 0, d ** -0.5))
     torch.testing.assert_close(all_swa, reference(q, None, None, swa_k, swa_v, [False, False], 40, window, 0, d ** -0.5))
+
+
+def test_chunks_spread_the_long_heads_over_the_gpu():
+    cpu = torch.device("cpu")  # counts as one SM: PROGRAMS_PER_SM programs
+    assert dk.chunk_size(1, 1, 32768, cpu) == 32768 // dk.PROGRAMS_PER_SM
+    assert dk.chunk_size(1, 2, 32768, cpu) == 2 * 32768 // dk.PROGRAMS_PER_SM  # twice the heads, twice the chunk
+    assert dk.chunk_size(1, 1, 100, cpu) == 128  # one chunk covers a short cache (in whole tiles)
+    assert dk.chunk_size(64, 8, 1024, cpu) == 1024
 
 
 def test_head_codes():

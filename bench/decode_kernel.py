@@ -1,0 +1,110 @@
+"""Micro-benchmark of one layer's decode attention: consa's fused Triton kernel (over a sweep of tile
+sizes, warps, pipeline stages and chunk lengths) against PyTorch's SDPA and the plain-matmul path.
+
+    python bench/decode_kernel.py --out bench/results
+
+Shapes of Qwen3-0.6B (8 KV heads, 16 query heads, head_dim 128, bf16), context 32k, batch 1 and 16,
+all heads FA and half of them SWA (W = 1024). Each call is timed from a CUDA graph of 8 calls over 8
+different caches (so nothing is served from L2); bandwidth = K/V bytes the heads hold / time.
+"""
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from consa import decode_kernel  # noqa: E402
+from consa.runtime import decode_attention  # noqa: E402
+
+HK, G, D, WINDOW = 8, 2, 128, 1024
+
+
+def timed(fn, layers=8, replays=20):
+    """Microseconds per call, from a CUDA graph of `layers` calls."""
+    for _ in range(2):
+        for i in range(layers):
+            fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(layers):
+            fn(i)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * layers)
+
+
+def scenario(batch, context, n_fa, layers=8):
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    n_swa = HK - n_fa
+    caches = [dict(fa_k=torch.randn(batch, n_fa, context, D, device=dev, dtype=dt),
+                   fa_v=torch.randn(batch, n_fa, context, D, device=dev, dtype=dt),
+                   swa_k=torch.randn(batch, n_swa, WINDOW, D, device=dev, dtype=dt),
+                   swa_v=torch.randn(batch, n_swa, WINDOW, D, device=dev, dtype=dt),
+                   swa_pos=torch.zeros(WINDOW, dtype=torch.long, device=dev)) for _ in range(layers)]
+    q = torch.randn(batch, HK * G, D, device=dev, dtype=dt)
+    k_new, v_new = torch.randn(batch, HK, D, device=dev, dtype=dt), torch.randn(batch, HK, D, device=dev, dtype=dt)
+    position = torch.tensor([context - 1], device=dev)
+    codes = decode_kernel.head_codes([h < n_fa for h in range(HK)], dev)
+    held = 2 * batch * D * 2 * (n_fa * context + n_swa * WINDOW)  # K and V bytes the heads hold
+    return caches, q, k_new, v_new, position, codes, held
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--context", type=int, default=32768)
+    args = p.parse_args(argv)
+    rows = []
+    for batch, n_fa in ((1, 8), (1, 4), (16, 8), (16, 4)):
+        caches, q, k_new, v_new, position, codes, held = scenario(batch, args.context, n_fa)
+        name = f"batch {batch}, {n_fa} FA + {HK - n_fa} SWA heads"
+
+        def add(label, us):
+            rows.append({"scenario": name, "batch": batch, "fa_heads": n_fa, "kernel": label, "us": us,
+                         "gb_s": held / us / 1e3})
+            print(f"{name:32s} {label:44s} {us:8.1f} us {held / us / 1e3:7.0f} GB/s", flush=True)
+
+        for block, warps, stages, chunk in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (None, 512, 1024, 2048)):
+            def fused(i, c=caches):
+                decode_kernel.decode_step(q, k_new, v_new, c[i]["fa_k"], c[i]["fa_v"], c[i]["swa_k"], c[i]["swa_v"],
+                                          c[i]["swa_pos"], position, codes, WINDOW, 0, chunk=chunk, block=block,
+                                          warps=warps, stages=stages)
+            try:
+                add(f"consa fused block={block} warps={warps} stages={stages} chunk={chunk or 'auto'}", timed(fused))
+            except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
+                print(f"{name}: block={block} warps={warps} stages={stages}: {type(e).__name__}", flush=True)
+        if n_fa == HK:  # the stock kernels, full attention only
+            qs = q.unsqueeze(2)
+
+            def sdpa(i, c=caches):
+                F.scaled_dot_product_attention(qs, c[i]["fa_k"], c[i]["fa_v"], enable_gqa=True)
+
+            def matmul(i, c=caches):
+                decode_attention(qs, c[i]["fa_k"], c[i]["fa_v"])
+            add("torch SDPA (enable_gqa)", timed(sdpa))
+            add("plain matmul-softmax-matmul (previous runtime)", timed(matmul))
+        del caches
+        torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "context": args.context}
+    (out / "decode_kernel.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    for name in dict.fromkeys(r["scenario"] for r in rows):
+        best = min((r for r in rows if r["scenario"] == name), key=lambda r: r["us"])
+        print(f"best for {name}: {best['kernel']} {best['us']:.1f} us {best['gb_s']:.0f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
