@@ -61,6 +61,35 @@ def scenario(batch, context, n_fa, layers=8):
     return caches, q, k_new, v_new, position, codes, held
 
 
+def flash_varlen(q, k_store, v_store, used):
+    """PyTorch's flash kernel over a static cache with device-side lengths (graph-safe): q (B, Hq, d);
+    k/v_store (n, B, C, d), read as (B * C, n, d) packed sequences of C slots, `used` (B,) int32 valid."""
+    n, B, C, d = k_store.shape
+    k = k_store.permute(1, 2, 0, 3).reshape(B * C, n, d)  # a view: token stride d, head stride B * C * d
+    v = v_store.permute(1, 2, 0, 3).reshape(B * C, n, d)
+    assert k.data_ptr() == k_store.data_ptr() and k.stride() == (d, B * C * d, 1)
+    cu_q = torch.arange(B + 1, dtype=torch.int32, device=q.device)
+    cu_k = cu_q * C
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, 1, C, 0.0, False, False,
+                                                   seqused_k=used)[0]
+
+
+def flash_probe(batch, context, n_fa, q_all, add, layers=8):
+    """Flash over the FA heads' cache in (heads, batch, slots, d) layout; checked against plain attention."""
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    capacity = context + 64  # static storage longer than the valid tokens, as in graph decoding
+    stores = [(torch.randn(n_fa, batch, capacity, D, device=dev, dtype=dt),
+               torch.randn(n_fa, batch, capacity, D, device=dev, dtype=dt)) for _ in range(layers)]
+    q = q_all[:, :n_fa * G].contiguous()
+    used = torch.full((batch,), context, dtype=torch.int32, device=dev)
+    out = flash_varlen(q, *stores[0], used)
+    k, v = stores[0][0][:, :, :context].transpose(0, 1).float(), stores[0][1][:, :, :context].transpose(0, 1).float()
+    w = (q.float().view(batch, n_fa, G, D) @ k.transpose(-1, -2) * D ** -0.5).softmax(-1)
+    err = ((w @ v).view(batch, n_fa * G, D) - out.float()).abs().max().item()
+    add(f"torch flash varlen+seqused_k, FA heads only (max err {err:.1e})",
+        timed(lambda i: flash_varlen(q, *stores[i], used)))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results")
@@ -76,7 +105,7 @@ def main(argv=None):
                          "gb_s": held / us / 1e3})
             print(f"{name:32s} {label:44s} {us:8.1f} us {held / us / 1e3:7.0f} GB/s", flush=True)
 
-        for block, warps, stages, chunk in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (None, 512, 1024, 2048)):
+        for block, warps, stages, chunk in itertools.product((32, 64), (4, 8), (2, 3, 4), (None, 512, 1024, 2048)):
             def fused(i, c=caches):
                 decode_kernel.decode_step(q, k_new, v_new, c[i]["fa_k"], c[i]["fa_v"], c[i]["swa_k"], c[i]["swa_v"],
                                           c[i]["swa_pos"], position, codes, WINDOW, 0, chunk=chunk, block=block,
@@ -85,6 +114,10 @@ def main(argv=None):
                 add(f"consa fused block={block} warps={warps} stages={stages} chunk={chunk or 'auto'}", timed(fused))
             except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
                 print(f"{name}: block={block} warps={warps} stages={stages}: {type(e).__name__}", flush=True)
+        try:
+            flash_probe(batch, args.context, n_fa, q, add)
+        except Exception as e:  # noqa: BLE001 - older torch: no seqused_k
+            print(f"{name}: flash varlen with seqused_k unavailable: {type(e).__name__}: {e}", flush=True)
         if n_fa == HK:  # the stock kernels, full attention only
             qs = q.unsqueeze(2)
 

@@ -244,7 +244,7 @@ def bench_model(name, model, window, args, device, records, references):
     compiled = args.compile
     runs = [(context, 1, args.granularities, args.sparsities) for context in args.contexts]
     # Larger batches: KV reads dominate decoding over per-kernel overheads (one configuration).
-    runs += [(max(args.contexts), b, ["kv_head"], [0.5]) for b in args.extra_batches]
+    runs += [(args.batch_context or max(args.contexts), b, ["kv_head"], [0.5]) for b in args.extra_batches]
     for context, batch, granularities, sparsities in runs:
         name_b = name if batch == 1 else f"{name} batch {batch}"
         full_alloc = make_allocation(num_layers, num_kv_heads, 0.0, "kv_head", window)
@@ -311,6 +311,7 @@ def main(argv=None):
     p.add_argument("--decode-steps", type=int, default=128)
     p.add_argument("--extra-batches", type=int, nargs="*", default=[8],
                    help="also run the largest context at these batch sizes (kv_head, s=0.5)")
+    p.add_argument("--batch-context", type=int, help="context of the --extra-batches runs (default: the largest)")
     p.add_argument("--repeats", type=int, default=1, help="timed prefills per configuration (best is kept)")
     p.add_argument("--window", type=int, default=1024, help="SWA window of the 0.6B-shaped model")
     p.add_argument("--testbed-window", type=int, default=256, help="SWA window of the testbed model (its search window)")

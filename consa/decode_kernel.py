@@ -99,10 +99,12 @@ if triton is not None:
         start = split * chunk
         end = tl.minimum(start + chunk, length)
 
-        # The new token: stored by the one program whose chunk holds its slot, used from registers.
+        # The new token: stored by the program whose chunk holds its slot, and folded in from registers
+        # after the loop, so the tiles go from memory straight into the dot products.
+        mine = (row >= start) & (row < end)
         k_new = tl.load(K_NEW + b64 * s_nb + h * s_nh + offs_d, mask=d_ok, other=0.0)
         v_new = tl.load(V_NEW + b64 * s_nb + h * s_nh + offs_d, mask=d_ok, other=0.0)
-        if (row >= start) & (row < end):
+        if mine:
             tl.store(k_base + row.to(tl.int64) * s_t + offs_d, k_new, mask=d_ok)
             tl.store(v_base + row.to(tl.int64) * s_t + offs_d, v_new, mask=d_ok)
             if code < 0:  # every SWA program of this slot writes the same position: a benign race
@@ -115,20 +117,26 @@ if triton is not None:
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
         for n0 in range(start, end, BLOCK):
             n = n0 + offs_n
-            ok = n < end
+            ok = (n < end) & (n != row)
             ptr = n.to(tl.int64)[:, None] * s_t + offs_d[None, :]
-            is_new = (n == row)[:, None]
             k = tl.load(k_base + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0)
             v = tl.load(v_base + ptr, mask=ok[:, None] & d_ok[None, :], other=0.0)
-            k = tl.where(is_new, k_new[None, :], k)
-            v = tl.where(is_new, v_new[None, :], v)
             s = tl.dot(q, tl.trans(k)) * scale_log2  # (G_PAD, BLOCK), log2 units
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile holding only the new row
+            alpha = tl.exp2(m - m_use)
+            p = tl.exp2(s - m_use[:, None])
             l = l * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        if mine:
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2  # (G_PAD,)
+            m_new = tl.maximum(m, s_new)
+            alpha = tl.exp2(m - m_new)
+            p_new = tl.exp2(s_new - m_new)
+            l = l * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
             m = m_new
 
         # An empty chunk (past this head's tokens) leaves weight 0 for the merge.

@@ -389,6 +389,8 @@ def compile_layers(model, enable: bool = True, backend: str = "inductor"):
     step in a CUDA graph afterwards, as bench/runtime.py does. `enable=False` restores eager layers.
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # Layers differ by their integer layer_idx; kept symbolic, one graph serves all of them.
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
     for layer in model.get_decoder().layers:
         if enable:
             layer.compile(dynamic=False, backend=backend)
