@@ -242,6 +242,7 @@ def bench_model(name, model, window, args, device, records, references):
     num_layers, num_kv_heads = model_shape(model)
     use_graph = device.type == "cuda" and not args.no_graph
     compiled = args.compile
+    weights = weight_bytes(model)
     runs = [(context, 1, args.granularities, args.sparsities) for context in args.contexts]
     # Larger batches: KV reads dominate decoding over per-kernel overheads (one configuration).
     runs += [(args.batch_context or max(args.contexts), b, ["kv_head"], [0.5]) for b in args.extra_batches]
@@ -255,7 +256,7 @@ def bench_model(name, model, window, args, device, records, references):
             continue
         log(f"[{name_b} L={context}] full: prefill {base['prefill_s']:.3f}s decode {base['decode_tok_s']:.1f} tok/s "
             f"kv {base['kv_bytes'] / 2**20:.1f} MiB")
-        records.append(record(name, "full", 0.0, context, window, base, base))
+        records.append(record(name, "full", 0.0, context, window, base, base, weights))
         if use_graph and args.stock_reference:
             try:
                 tok_s = stock_decode(model, context, args.decode_steps, device, batch, compiled)
@@ -273,14 +274,22 @@ def bench_model(name, model, window, args, device, records, references):
                 except Exception as e:  # noqa: BLE001
                     log(f"[{name_b} L={context} {granularity} s={s}] failed: {type(e).__name__}: {e}")
                     continue
-                rec = record(name, granularity, s, context, window, res, base)
+                rec = record(name, granularity, s, context, window, res, base, weights)
                 records.append(rec)
                 log(f"[{name_b} L={context} {granularity} s={s}] kv {rec['kv_bytes_ratio']:.4f} (floor "
-                    f"{rec['floor_ratio']:.4f}) prefill x{rec['prefill_speedup']:.2f} decode x{rec['decode_speedup']:.2f}")
+                    f"{rec['floor_ratio']:.4f}) prefill x{rec['prefill_speedup']:.2f} decode x{rec['decode_speedup']:.2f} "
+                    f"(bound x{rec['decode_bound']:.2f})")
 
 
-def record(name, granularity, s, context, window, res, base):
-    return {"model": name, "granularity": granularity, "sparsity": s, "context": context, "batch": res["batch"],
+def weight_bytes(model) -> int:
+    """Bytes of parameters one decode step reads (tied embeddings once)."""
+    return sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+
+
+def record(name, granularity, s, context, window, res, base, weights=0):
+    """One table row. decode_bound: the speed-up a step that only streams weights + KV at a fixed
+    bandwidth would get, (weights + KV full) / (weights + KV hybrid)."""
+    return {"decode_bound": (weights + base["kv_bytes"]) / (weights + res["kv_bytes"]), "weight_bytes": weights,"model": name, "granularity": granularity, "sparsity": s, "context": context, "batch": res["batch"],
             "window": window,
             "kv_bytes_ratio": res["kv_bytes"] / base["kv_bytes"], "floor_ratio": floor_ratio(s, window, context),
             "prefill_speedup": base["prefill_s"] / res["prefill_s"], "decode_speedup": res["decode_tok_s"] / base["decode_tok_s"],
@@ -292,11 +301,11 @@ def record(name, granularity, s, context, window, res, base):
 
 
 def markdown(records) -> str:
-    head = ("| model | batch | granularity | s | context | KV bytes / full | floor | prefill s | prefill × | decode tok/s | decode × |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| model | batch | granularity | s | context | KV bytes / full | floor | prefill s | prefill × | decode tok/s | decode × "
+            "| bound × |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = [f"| {r['model']} | {r['batch']} | {r['granularity']} | {r['sparsity']:.2f} | {r['context']} | {r['kv_bytes_ratio']:.4f} | "
             f"{r['floor_ratio']:.4f} | {r['prefill_s']:.3f} | {r['prefill_speedup']:.2f} | {r['decode_tok_s']:.1f} | "
-            f"{r['decode_speedup']:.2f} |" for r in records]
+            f"{r['decode_speedup']:.2f} | {r['decode_bound']:.2f} |" for r in records]
     return head + "\n".join(rows) + "\n"
 
 

@@ -358,6 +358,11 @@ class HybridCache(Cache):
         super().__init__(layers=layers)
         self.window, self.sink_tokens = window, sink_tokens
 
+    @torch.compiler.disable
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        # Kept out of compiled layers (compile_layers), like the layers' own update: host-side bookkeeping.
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     @classmethod
     def for_model(cls, model, allocation=None, max_length: int | None = None) -> "HybridCache":
         """The cache matching a model's installed hybrid attention (or the given allocation)."""
@@ -385,12 +390,16 @@ def compile_layers(model, enable: bool = True, backend: str = "inductor"):
 
     At batch 1 a small model's decode step is hundreds of tiny kernels (RMSNorm, RoPE, residuals,
     activations) whose launch costs dwarf the KV read the hybrid saves; fusing them is what lets
-    that saving show. One compile serves every layer (the parameters are graph inputs). Capture the
-    step in a CUDA graph afterwards, as bench/runtime.py does. `enable=False` restores eager layers.
+    that saving show. Capture the step in a CUDA graph afterwards, as bench/runtime.py does.
+    `enable=False` restores eager layers.
     """
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    # Layers differ by their integer layer_idx; kept symbolic, one graph serves all of them.
-    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    # Dynamo specialises each layer's graph on the layer_idx it hands the cache (an int argument at a
+    # graph break), so a model needs one entry per layer and batch size; the compiled code itself is
+    # the same and comes from inductor's cache after the first layer.
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 1024)
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
     for layer in model.get_decoder().layers:
         if enable:
             layer.compile(dynamic=False, backend=backend)
