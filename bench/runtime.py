@@ -332,6 +332,8 @@ def main(argv=None):
                    help="also time full attention through stock transformers (StaticCache + SDPA, CUDA graph)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.testbed and not Path(args.testbed, "config.json").is_file():
+        p.error(f"--testbed {args.testbed}: no model directory there (carry it to the GPU machine)")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.time()
@@ -340,6 +342,22 @@ def main(argv=None):
 
     records, references = [], []
     graph_check = kernel_check = None
+    out, stem = Path(args.out), args.name
+
+    def save():  # after each model, so a later failure keeps what was measured
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
+                "torch": torch.__version__, "decode_steps": args.decode_steps,
+                "allocations": "exact_swa_mask on seeded random scores", "baseline": "all-full allocation, same runtime",
+                "graph_decode_max_logit_diff": graph_check, "decode_kernel_max_diff": kernel_check,
+                "decode_kernel": decode_kernel.available(device, dtype), "compiled_layers": args.compile,
+                "seconds": round(time.time() - started, 1)}
+        (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "records": records, "stock_reference": references},
+                                                     indent=1) + "\n")
+        table = markdown(records)
+        (out / f"{stem}.md").write_text(table)
+        return table
+
     if device.type == "cuda" and not args.no_graph:
         graph_check = check_graph_decode(device)
     if device.type == "cuda":
@@ -348,6 +366,7 @@ def main(argv=None):
         name = "tiny-qwen3 (random weights)" if args.tiny else "Qwen3-0.6B shape (random weights)"
         model = random_qwen3(TINY if args.tiny else QWEN3_06B, device, dtype)
         bench_model(name, model, args.window, args, device, records, references)
+        save()
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -357,19 +376,7 @@ def main(argv=None):
         model = AutoModelForCausalLM.from_pretrained(args.testbed, dtype=dtype, attn_implementation="sdpa").to(device).eval()
         bench_model(f"testbed {Path(args.testbed).name}", model, args.testbed_window, args, device, records, references)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
-            "torch": torch.__version__, "decode_steps": args.decode_steps,
-            "allocations": "exact_swa_mask on seeded random scores", "baseline": "all-full allocation, same runtime",
-            "graph_decode_max_logit_diff": graph_check, "decode_kernel_max_diff": kernel_check,
-            "decode_kernel": decode_kernel.available(device, dtype), "compiled_layers": args.compile,
-            "seconds": round(time.time() - started, 1)}
-    stem = args.name
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "records": records, "stock_reference": references},
-                                                 indent=1) + "\n")
-    table = markdown(records)
-    (out / f"{stem}.md").write_text(table)
+    table = save()
     log(table)
     log(f"done in {time.time() - started:.0f}s -> {out / (stem + '.json')}")
     return records
