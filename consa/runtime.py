@@ -215,7 +215,8 @@ class HybridCacheLayer(CacheLayerMixin):
             position = self._graph_shared()["position"]
         else:
             self._reserve(self.seen + 1)
-            position = torch.tensor([self.seen], device=self.device)
+            # A fill kernel, not a host-to-device copy (which would wait for the queued layers).
+            position = torch.full((1,), self.seen, dtype=torch.long, device=self.device)
         out = decode_kernel.decode_step(query[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], self.fa_k, self.fa_v,
                                         self.swa_k, self.swa_v, self.swa_pos, position, self.codes,
                                         self.window, self.sinks, scale)

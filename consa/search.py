@@ -133,6 +133,13 @@ def load_model(model: str, revision: str | None = None, device="cpu", dtype=torc
     return lm.to(device).eval(), tokenizer
 
 
+def load_search_model(config: "SearchConfig"):
+    """The model and tokenizer as run_search loads them (its device and weight dtype), for callers
+    that keep using the model afterwards (the worker evaluates on the same copy)."""
+    weights = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    return load_model(config.model, config.revision, pick_device(config.device), weights)
+
+
 def load_gate_state(path) -> dict:
     from safetensors import safe_open
 
@@ -200,8 +207,7 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
 
     # setup: frozen model with the hybrid attention, data, gates and multipliers
     if model is None:
-        weights = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
-        model, tokenizer = load_model(config.model, config.revision, device, weights)
+        model, tokenizer = load_search_model(config)
     for p in model.parameters():
         p.requires_grad_(False)
     if config.gradient_checkpointing:

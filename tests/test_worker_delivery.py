@@ -104,3 +104,22 @@ def test_a_hub_id_that_names_a_local_folder_is_refused(settings, tmp_path, monke
     assert run_job(job_id, settings, worker="gpu0@host") == "failed"
     row = job_row(settings, job_id)
     assert (row.error_type, row.error_code) == ("user", "model_path_not_allowed")
+
+
+def test_a_job_loads_its_model_once_for_search_and_evaluation(tmp_path, tiny_model_dir, text_dir, monkeypatch):
+    """The search's copy is evaluated too; the only other load is export's CPU copy for the checkpoint."""
+    import consa.search
+
+    loads = []
+    real = consa.search.load_model
+    monkeypatch.setattr(consa.search, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    settings = Settings(var_dir=tmp_path)
+    prepare(settings)
+    params = dict(JobCreate(model=str(tiny_model_dir), sparsity=0.5, steps=2, seq_len=160, evaluate=True)
+                  .model_dump(exclude={"metadata"}), dataset=str(text_dir))
+    job_id = new_job(settings, params=params)
+    assert run_job(job_id, settings, worker="gpu0@host") == "succeeded", job_row(settings, job_id).error_message
+    assert loads == [str(tiny_model_dir)] * 2
+    with sessionmaker_for(settings.database_url)() as session:
+        names = {a.name for a in crud.get_job(session, job_id=job_id).artifacts}
+    assert {"evaluation.json", "checkpoint.tar.gz", "manifest.json"} <= names

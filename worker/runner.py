@@ -65,6 +65,7 @@ class JobRun:
         self.session, self.job, self.settings = session, job, settings
         self.params = job.params
         self.staging: Path | None = None
+        self.model = self.tokenizer = None  # loaded once: the search and the evaluation share it
 
     def event(self, type: str, message: str, data: dict | None = None) -> None:
         crud.log_event(self.session, job=self.job, type=type, message=message, data=data)
@@ -97,6 +98,7 @@ class JobRun:
                                error_message=f"{type(e).__name__}: {e}"[:2000])
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
+            self.release_model()
 
     def search_config(self):
         from consa.search import SearchConfig
@@ -115,8 +117,16 @@ class JobRun:
             self.finish(FAILED, error_code="invalid_request", error_type="user", error_message=str(e))
             return None
 
+    def release_model(self) -> None:
+        if self.model is not None:
+            self.model = self.tokenizer = None
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the next job on this GPU gets the memory back
+
     def search(self, config):
-        from consa.search import run_search
+        from consa.search import load_search_model, run_search
 
         def progress(record: dict) -> None:
             clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
@@ -126,9 +136,11 @@ class JobRun:
             # Anything but running stops the search: cancel_requested, or a row someone else ended.
             return crud.job_status(self.session, job_pk=self.job.pk) != RUNNING
 
+        self.model, self.tokenizer = load_search_model(config)
         self.event("info", f"search: {config.steps} steps, sparsity {config.sparsity}, {config.granularity}, "
                            f"window {config.window}")
-        return run_search(config, progress=progress, should_cancel=should_cancel)
+        return run_search(config, progress=progress, should_cancel=should_cancel, model=self.model,
+                          tokenizer=self.tokenizer)
 
     def store(self, result) -> None:
         out = self.staging
@@ -136,6 +148,8 @@ class JobRun:
         self.publish(out / "manifest.json", "manifest.json")
         self.publish(out / "gates.safetensors", "gates.safetensors")
         self.heatmap(result.allocation, out)
+        if not self.params.get("evaluate"):
+            self.release_model()  # before the export loads its own copy on the CPU
         self.checkpoint(result.allocation, out)
         if self.params.get("evaluate"):
             self.evaluate(result.allocation, out)
@@ -172,11 +186,9 @@ class JobRun:
         from consa.compare import compare, markdown_table
         from consa.errors import DataError
         from consa.evaluation import build_eval_set
-        from consa.search import load_model, pick_device
-
         p = self.params
         self.event("info", "evaluating the allocation against the baselines")
-        model, tokenizer = load_model(p["model"], p.get("revision"), pick_device("auto"))
+        model, tokenizer = self.model.eval(), self.tokenizer  # the search's copy: frozen weights, gates swapped per allocation
         shape = (allocation.num_layers, allocation.num_kv_heads)
         allocations = {"full": None, "learned": allocation}
         for name in baseline_names(p["granularity"]):
