@@ -139,11 +139,10 @@ def cmd_compare(args) -> int:
     if names and None in (sparsity, granularity, window):
         raise ValueError("baselines need --sparsity, --granularity and --window (or an --allocation to take them from)")
     calibration = None
-    if "heuristic-loss" in names:  # scored on a few rows of the same data, never on the evaluation rows
-        from consa.data import iter_texts, pack_tokens
+    if "heuristic-loss" in names:
+        from consa.data import calibration_rows
 
-        calibration = pack_tokens(tokenizer, iter_texts(args.data, seed=args.seed + 1), args.seq_len, max_sequences=4)
-        calibration = calibration.to(model.device)
+        calibration = calibration_rows(tokenizer, args.data, args.seq_len, args.seed).to(model.device)
     shape = model_shape(model)
     for name in names:
         allocations[name] = baselines.build_baseline(name, shape, sparsity, granularity, window, seed=args.seed,

@@ -83,6 +83,12 @@ class RetrievalDoc:
     depths: list  # relative depth (0..1) of each key line in the document
 
 
+
+def calibration_rows(tokenizer, data, seq_len: int, seed: int = 0, num_sequences: int = 4) -> torch.Tensor:
+    """A few packed rows to calibrate on (the heuristic-loss baseline): the same data as an evaluation,
+    drawn in another file order (seed + 1) so the rows are not the evaluation's first rows."""
+    return pack_tokens(tokenizer, iter_texts(data, seed=seed + 1), seq_len, max_sequences=num_sequences)
+
 def _key_name(rng: random.Random) -> str:
     return "KEY_" + "".join(rng.choice(string.ascii_lowercase) for _ in range(4))
 

@@ -119,6 +119,7 @@ def test_evaluate_adds_the_comparison_table(server):
         assert {"evaluation.md", "evaluation.json", "heatmap.png"} <= names
         table = client.get(f"/v1/jobs/{job['id']}/artifacts/evaluation.md").text
         assert "| learned |" in table and "| full |" in table
+        assert "| heuristic-loss |" in table and "| interleave-1:1 |" in table  # the training-free baseline too
 
 
 def test_evaluate_at_a_context_too_short_for_retrieval_scores_the_loss_alone(server):

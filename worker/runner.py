@@ -184,6 +184,7 @@ class JobRun:
         """The learned allocation against the unmodified model and the rule-based baselines, on the job's data."""
         from consa.baselines import baseline_names, build_baseline
         from consa.compare import compare, markdown_table
+        from consa.data import calibration_rows
         from consa.errors import DataError
         from consa.evaluation import build_eval_set
         p = self.params
@@ -191,10 +192,14 @@ class JobRun:
         model, tokenizer = self.model.eval(), self.tokenizer  # the search's copy: frozen weights, gates swapped per allocation
         shape = (allocation.num_layers, allocation.num_kv_heads)
         allocations = {"full": None, "learned": allocation}
+        calibration = calibration_rows(tokenizer, p["dataset"], p["seq_len"], p["seed"]).to(model.device)
+        units = shape[0] if p["granularity"] == "layer" else shape[0] * shape[1]
+        self.event("info", f"heuristic-loss baseline: the loss of each of {units} units made SWA alone, "
+                           f"on {calibration.shape[0]} calibration rows")
         for name in baseline_names(p["granularity"]):
-            if name != "heuristic-loss":  # it needs its own calibration pass; the rules are the comparison
-                allocations[name] = build_baseline(name, shape, p["sparsity"], p["granularity"], p["window"],
-                                                   seed=p["seed"], sink_tokens=p["sink_tokens"], model_name=p["model"])
+            allocations[name] = build_baseline(name, shape, p["sparsity"], p["granularity"], p["window"],
+                                               seed=p["seed"], sink_tokens=p["sink_tokens"], model_name=p["model"],
+                                               model=model, calibration=calibration)
         try:
             eval_set = build_eval_set(tokenizer, p["dataset"], seq_len=p["seq_len"], num_sequences=EVAL_SEQUENCES,
                                       retrieval_docs=EVAL_RETRIEVAL_DOCS, seed=p["seed"])
