@@ -67,3 +67,11 @@ def test_per_row_mean_weighs_rows_equally():
     values = torch.tensor([[1.0, 1.0, 1.0], [5.0, 9.0, 9.0]])
     labels = torch.tensor([[1, 1, 1, 1], [1, 1, -100, -100]])  # row 2: only its first prediction counts
     assert per_row_mean(values, labels).item() == pytest.approx((1.0 + 5.0) / 2)
+
+
+def test_calibration_rows_come_in_another_order_than_the_evaluation(text_dir, tokenizer):
+    calib = data.calibration_rows(tokenizer, text_dir, 64, seed=0, num_sequences=4)
+    first = data.pack_tokens(tokenizer, data.iter_texts(text_dir, seed=0), 64, max_sequences=4)
+    assert calib.shape == (4, 64)
+    assert not torch.equal(calib, first)
+    assert torch.equal(calib, data.calibration_rows(tokenizer, text_dir, 64, seed=0, num_sequences=4))  # seeded
