@@ -11,7 +11,8 @@ stores its FA heads and its SWA heads in separate tensors:
 `update()` returns the layer itself instead of key/value tensors; consa's registered attention
 function sees that (`hybrid_attend`) and lets the layer compute attention over its own storage:
 FA heads over the whole context, SWA heads over their window only, so decoding reads W tokens per
-SWA head instead of the whole context.
+SWA head instead of the whole context. One-token steps on CUDA run `consa.decode_kernel`: one launch
+stores the token and attends over both kinds of head, split over the context so the GPU is busy.
 
 Layer-granularity checkpoints exported with `layer_types` need none of this: a stock
 `DynamicCache(config=...)` already keeps sliding layers short. `make_cache` picks the right one.
