@@ -1,4 +1,4 @@
-"""The `consa` command line: search, eval, compare, export, and (with the service extra) serve, keys, jobs."""
+"""The `consa` command line: search, eval, compare, export, generate, and (with the service extra) serve, keys, jobs."""
 
 import argparse
 import json
@@ -174,6 +174,63 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_generate_parser(sub):
+    p = sub.add_parser("generate", help="run a hybrid checkpoint: stream a continuation, report the KV cache it held")
+    p.add_argument("--model", required=True, help="a directory written by `consa export`")
+    p.add_argument("--prompt", help="text to continue (default: standard input)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above 0 samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    import torch
+    from transformers import AutoTokenizer, TextStreamer
+
+    from consa.evaluation import head_dim_of
+    from consa.export import load_hybrid
+    from consa.hybrid_attention import model_shape
+    from consa.runtime import cache_bytes, cache_kwarg, make_cache
+    from consa.search import pick_device
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    device = pick_device(args.device)
+    model = load_hybrid(args.model, device=device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise ConsaError(f"{args.model} has no tokenizer to read the prompt with ({type(e).__name__})") from None
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty")
+
+    cache = make_cache(model)  # ours, so its bytes can be counted afterwards
+    torch.manual_seed(args.seed)
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    started = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tokenizer, skip_prompt=True),
+                         pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0,
+                         **{cache_kwarg(model): cache}, **sampling)
+    seconds = time.perf_counter() - started
+    new = out.shape[1] - ids.shape[1]
+    layers, kv_heads = model_shape(model)
+    tokens = cache.get_seq_length()
+    element = next(model.parameters()).element_size()  # the cache holds K/V in the model's dtype
+    full = 2 * layers * kv_heads * head_dim_of(model) * element * tokens
+    held = cache_bytes(cache)
+    print(f"\n{new} tokens in {seconds:.2f}s ({new / seconds:.1f} tok/s) on {device}; KV cache after {tokens} tokens: "
+          f"{held / 2**20:.2f} MiB, full attention would hold {full / 2**20:.2f} MiB ({held / full:.3f})",
+          file=sys.stderr)
+    return 0
+
+
 def _add_service_parsers(sub):
     p = sub.add_parser("serve", help="run the API and a local worker (embedded defaults: SQLite, no Redis)")
     p.add_argument("--host", default="127.0.0.1")
@@ -217,13 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_compare_parser(sub)
     _add_export_parser(sub)
+    _add_generate_parser(sub)
     _add_service_parsers(sub)
     add_jobs_commands(sub)
     return parser
 
 
 COMMANDS = {"search": cmd_search, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export,
-            "serve": cmd_serve, "keys": cmd_keys, "jobs": cmd_jobs}
+            "generate": cmd_generate, "serve": cmd_serve, "keys": cmd_keys, "jobs": cmd_jobs}
 
 
 def main(argv=None) -> int:

@@ -71,3 +71,25 @@ def test_export_writes_a_checkpoint_and_a_duo_tsv(tiny_model_dir, manifest, tmp_
 def test_eval_with_a_missing_manifest_is_a_clear_error(tiny_model_dir, text_dir, tmp_path):
     proc = _cli("eval", "--model", tiny_model_dir, "--allocation", tmp_path / "none.json", "--data", text_dir)
     assert proc.returncode == 2 and "manifest not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_streams_a_continuation_and_reports_the_cache_at_the_floor(tiny_model_dir, manifest, tmp_path):
+    assert _cli("export", "--model", tiny_model_dir, "--allocation", manifest, "--out", tmp_path / "ckpt").returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "consa.cli", "generate", "--model", str(tmp_path / "ckpt"),
+                           "--max-new-tokens", "24"], input="def main():\n    return", capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()  # the streamed continuation
+    summary = proc.stderr.strip().splitlines()[-1]
+    assert summary.startswith("24 tokens in"), summary
+    tokens = int(summary.split("KV cache after ")[1].split()[0])
+    ratio = float(summary.rsplit("(", 1)[1].rstrip(")"))
+    window = load_allocation(manifest).window
+    assert tokens > window and abs(ratio - (0.5 + 0.5 * window / tokens)) < 1e-3  # (1 - s) + s * W / L
+
+
+def test_generate_refuses_bad_input_in_one_line(tiny_model_dir, manifest, tmp_path):
+    proc = _cli("generate", "--model", tiny_model_dir, "--prompt", "x")
+    assert proc.returncode == 2 and "not a consa hybrid checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli("generate", "--model", tiny_model_dir, "--prompt", "x", "--max-new-tokens", "0")
+    assert proc.returncode == 2 and "--max-new-tokens must be at least 1" in proc.stderr
