@@ -190,7 +190,7 @@ def cmd_generate(args) -> int:
     import torch
     from transformers import AutoTokenizer, TextStreamer
 
-    from consa.evaluation import head_dim_of
+    from consa.evaluation import head_dim_of, kv_cache_bytes
     from consa.export import load_hybrid
     from consa.hybrid_attention import model_shape
     from consa.runtime import cache_bytes, cache_kwarg, make_cache
@@ -220,10 +220,9 @@ def cmd_generate(args) -> int:
                          **{cache_kwarg(model): cache}, **sampling)
     seconds = time.perf_counter() - started
     new = out.shape[1] - ids.shape[1]
-    layers, kv_heads = model_shape(model)
     tokens = cache.get_seq_length()
     element = next(model.parameters()).element_size()  # the cache holds K/V in the model's dtype
-    full = 2 * layers * kv_heads * head_dim_of(model) * element * tokens
+    full = kv_cache_bytes(None, model_shape(model), head_dim_of(model), tokens, element)["kv_bytes_full"]
     held = cache_bytes(cache)
     print(f"\n{new} tokens in {seconds:.2f}s ({new / seconds:.1f} tok/s) on {device}; KV cache after {tokens} tokens: "
           f"{held / 2**20:.2f} MiB, full attention would hold {full / 2**20:.2f} MiB ({held / full:.3f})",
