@@ -21,11 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from consa.gates import exact_swa_mask  # noqa: E402
-from consa.hybrid_attention import apply_allocation, model_shape  # noqa: E402
-from consa.manifest import Allocation  # noqa: E402
 from consa import decode_kernel  # noqa: E402
-from consa.hybrid_attention import uninstall  # noqa: E402
+from consa.gates import exact_swa_mask  # noqa: E402
+from consa.hybrid_attention import apply_allocation, model_shape, uninstall  # noqa: E402
+from consa.manifest import Allocation  # noqa: E402
 from consa.runtime import HybridCache, cache_bytes, cache_kwarg, compile_layers, floor_ratio, group_heads  # noqa: E402
 
 QWEN3_06B = dict(num_hidden_layers=28, num_key_value_heads=8, num_attention_heads=16, head_dim=128, hidden_size=1024,
@@ -61,6 +60,21 @@ def make_allocation(num_layers, num_kv_heads, sparsity, granularity, window, see
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def capture(step):
+    """One call of `step` captured in a CUDA graph, after two warm-up calls on a side stream (as CUDA
+    graphs require); returns the graph and the output tensor each replay rewrites."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
 
 
 @torch.no_grad()
@@ -102,15 +116,7 @@ def measure(model, allocation, context, decode_steps, device, use_graph, repeats
         compile_layers(model)
     if use_graph:
         cache.set_graph_position(positions.view(1))
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph, as CUDA graphs require
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = step()
+        graph, logits = capture(step)
 
     def run_decode(steps):
         for i in range(steps):
@@ -163,16 +169,8 @@ def stock_decode(model, context, decode_steps, device, batch=1, compiled=False):
         return model(input_ids=step_ids, position_ids=positions.expand(batch, 1), cache_position=cache_position,
                      use_cache=True, logits_to_keep=1, **{kw: cache}).logits
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = step()
-    for i in range(4):
+    graph, logits = capture(step)
+    for _ in range(4):
         graph.replay()
     sync(device)
     t0 = time.perf_counter()
@@ -289,8 +287,9 @@ def weight_bytes(model) -> int:
 def record(name, granularity, s, context, window, res, base, weights=0):
     """One table row. decode_bound: the speed-up a step that only streams weights + KV at a fixed
     bandwidth would get, (weights + KV full) / (weights + KV hybrid)."""
-    return {"decode_bound": (weights + base["kv_bytes"]) / (weights + res["kv_bytes"]), "weight_bytes": weights,"model": name, "granularity": granularity, "sparsity": s, "context": context, "batch": res["batch"],
-            "window": window,
+    return {"model": name, "granularity": granularity, "sparsity": s, "context": context, "batch": res["batch"],
+            "window": window, "decode_bound": (weights + base["kv_bytes"]) / (weights + res["kv_bytes"]),
+            "weight_bytes": weights,
             "kv_bytes_ratio": res["kv_bytes"] / base["kv_bytes"], "floor_ratio": floor_ratio(s, window, context),
             "prefill_speedup": base["prefill_s"] / res["prefill_s"], "decode_speedup": res["decode_tok_s"] / base["decode_tok_s"],
             "kv_bytes": res["kv_bytes"], "kv_bytes_full": base["kv_bytes"],
