@@ -240,22 +240,26 @@ def _add_service_parsers(sub):
     create.add_argument("name")
 
 
-def cmd_serve(args) -> int:
+def service_command(name: str):
+    """The service's `consa NAME`, found through the `consa.commands` entry points that the service
+    registers (pyproject.toml): the library itself never imports the service."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group="consa.commands", name=name))
     try:
-        from service.cli import serve
+        if not found:
+            raise ImportError(name=f"entry point consa.commands:{name}")
+        return found[0].load()
     except ImportError as e:
         raise ConsaError(f"the service is not installed ({e.name} missing): pip install 'consa[service]'") from None
-    serve(args.host, args.port)
-    return 0
+
+
+def cmd_serve(args) -> int:
+    return service_command("serve")(args)
 
 
 def cmd_keys(args) -> int:
-    try:
-        from service.cli import create_key
-    except ImportError as e:
-        raise ConsaError(f"the service is not installed ({e.name} missing): pip install 'consa[service]'") from None
-    create_key(args.name)
-    return 0
+    return service_command("keys")(args)
 
 
 def cmd_jobs(args) -> int:

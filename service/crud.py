@@ -33,8 +33,21 @@ def create_api_key(session: Session, *, name: str) -> str:
 
 
 def get_api_key(session: Session, *, key: str) -> ApiKey | None:
+    """The key's row, or None when it is unknown or revoked."""
     row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
     return row if row is not None and row.revoked_at is None else None
+
+
+def list_api_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+def revoke_api_keys(session: Session, *, name: str) -> int:
+    """Revoke every active key named `name`; return how many."""
+    result = session.execute(update(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
+                             .values(revoked_at=utcnow()), execution_options={"synchronize_session": False})
+    session.commit()
+    return result.rowcount
 
 
 # -- jobs -------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ from fastapi import FastAPI
 
 from service import dashboard, problems
 from service.metrics import Metrics
+from service.queue import make_celery
 from service.routers import artifacts, events, health, jobs
 from service.settings import Settings, get_settings
-from worker.celery_app import make_celery
 
 try:
     VERSION = version("consa")  # not `import consa`: that would load torch into the API process

@@ -34,12 +34,54 @@ class Settings(BaseSettings):
     """Directories a job's dataset path must lie under."""
     default_dataset: Path | None = None
     """Dataset used when a job names none (must lie under a data root too)."""
-    allow_hub_models: bool = True
-    """Accept hub model IDs (org/name); the worker needs network access or a warm hub cache."""
+    allow_hub_models: bool = False
+    """Accept hub model IDs (org/name): any key could then make a worker download any hub repository.
+    Off by default; the worker needs network access or a warm hub cache."""
     visibility_timeout_s: int = 7 * 24 * 3600
     """Redis redelivers an unacknowledged task after this long; keep it above the longest job."""
-    stale_after_s: int = 15 * 60
-    """A running job with no heartbeat for this long is considered lost by a redelivered task."""
+    task_time_limit_s: int = 24 * 3600
+    """A job still running after this long is killed with its worker process (Celery's hard time limit)."""
+
+    # -- liveness and the reconciler (service/reconciler.py) --
+    worker_heartbeat_s: float = 10.0
+    """How often a worker records that it is alive (and beats the heartbeat of the job it runs)."""
+    stale_after_s: int = 60
+    """A running job, or a worker, with no heartbeat for this long is lost: its worker died."""
+    reconcile_interval_s: float = 10.0
+    """How often the API's reconciler compares the jobs table with the workers' heartbeats. 0: never."""
+    requeue_after_s: int = 60
+    """A queued job is published again when it has waited this long while a worker sat idle (its
+    message was lost, e.g. with a Redis that had no AOF). Duplicates are harmless: one claim wins."""
+    max_attempts: int = 2
+    """A job whose worker died is queued again until it has been started this many times, then failed."""
+
+    # -- bounds on what one key may ask for --
+    max_steps: int = 20_000
+    """Largest `steps` of a job."""
+    max_seq_len: int = 32_768
+    """Largest `seq_len` of a job."""
+    max_batch_size: int = 64
+    """Largest `batch_size` of a job."""
+    max_tokens_per_job: int = 2_000_000_000
+    """Largest steps x seq_len x batch_size (training tokens) of one job: about a day of one GPU on a
+    1B model. Refuses a job of weeks that each bound alone lets through."""
+    max_metadata_bytes: int = 4096
+    """Largest `metadata` of a job, as JSON bytes."""
+    max_body_bytes: int = 64 * 1024
+    """Largest request body (413 beyond)."""
+    max_active_jobs_per_key: int = 20
+    """Queued + running jobs one key may hold; a submit beyond gets 429 with Retry-After."""
+    rate_limit_per_minute: int = 600
+    """Requests per minute per key (token bucket, per API process); 0 turns it off. 429 beyond."""
+    max_streams_per_key: int = 8
+    """Open event streams per key (per API process); 429 beyond."""
+
+    # -- database --
+    db_pool_size: int = 10
+    """Connections kept open per process."""
+    db_max_overflow: int = 30
+    """Extra connections under load. pool_size + overflow = 40 = the API's thread pool, so a request
+    never waits on the pool longer than on a thread."""
     max_page_size: int = 100
     idempotency_ttl_s: int = 24 * 3600
     """An Idempotency-Key is remembered this long (Stripe: 24 h); after that it may name a new request."""

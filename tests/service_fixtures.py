@@ -67,7 +67,7 @@ class Server:
     def start(self, timeout: float = 90) -> "Server":
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", f"from service.cli import serve; serve('127.0.0.1', {self.port})"],
+            [sys.executable, "-c", f"from service.serve import serve; serve('127.0.0.1', {self.port})"],
             env=self.env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -92,7 +92,7 @@ class Server:
         self.log.close()
 
     def create_key(self, name: str) -> str:
-        out = run_python(f"from service.cli import create_key; create_key({name!r})", self.env).stdout
+        out = run_python(f"from service.keys import create_key; create_key({name!r})", self.env).stdout
         return out.strip().splitlines()[-1]
 
     def client(self, key: str | None = None) -> httpx.Client:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from service import crud
-from service.cli import prepare
+from service.serve import prepare
 from service.db import engine_for, sessionmaker_for
 from service.schemas import JobCreate
 from service.settings import Settings
@@ -85,7 +85,7 @@ def test_unknown_job_ids_are_dropped(settings):
 
 def test_keys_create_prints_the_key_last_on_a_fresh_database(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSA_")} | {"CONSA_VAR_DIR": str(tmp_path / "new")}
-    out = subprocess.run([sys.executable, "-c", "from service.cli import create_key; create_key('ci')"], env=env,
+    out = subprocess.run([sys.executable, "-c", "from service.keys import create_key; create_key('ci')"], env=env,
                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     key = out.stdout.strip().splitlines()[-1]
     assert key.startswith("consa_") and len(key) > 40

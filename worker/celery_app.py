@@ -1,54 +1,9 @@
-"""The one Celery app. Only a job id travels through the broker; the database holds everything else.
+"""`celery -A worker.celery_app worker`: the queue's app (service/queue.py) with the worker's task module.
 
-Delivery and "a long job must not run twice":
-- `task_acks_late`: the message is acknowledged after the task returns, so a job whose worker dies
-  before it is claimed is delivered again instead of being lost.
-- Redis redelivers any message not acknowledged within `visibility_timeout`, even when the first
-  worker is still busy with it. We set it far above a search's length (CONSA_VISIBILITY_TIMEOUT_S,
-  default 7 days), and the task does not trust delivery anyway: it claims the job row with a
-  conditional `UPDATE ... WHERE status = 'queued'`. A second delivery of a running or finished job
-  finds nothing to claim and returns. If the row is running but its heartbeat (written every step)
-  is older than CONSA_STALE_AFTER_S, the first worker died: the job is marked failed (`worker_lost`,
-  a system error) rather than silently restarted.
-- `worker_prefetch_multiplier = 1` + solo pool: one worker process per GPU holds one job at a time
-  and never reserves a second message that another idle GPU could take. Solo also keeps CUDA in the
-  main process (CUDA does not survive fork). Start one worker per GPU with CUDA_VISIBLE_DEVICES.
+Delivery semantics are described in service/queue.py; the task itself is in worker/tasks.py.
 """
 
-from celery import Celery
+from service.queue import make_celery
+from service.settings import get_settings
 
-from service.settings import Settings, get_settings
-
-TASK_NAME = "consa.run_job"
-
-
-def make_celery(settings: Settings) -> Celery:
-    app = Celery("consa", broker=settings.broker_url, include=["worker.tasks"], set_as_current=False)
-    transport_options = {"visibility_timeout": settings.visibility_timeout_s}
-    if settings.broker_url.startswith("sqla+sqlite"):
-        # kombu passes these options straight to create_engine: wait on SQLite's lock instead of
-        # failing when the API and the worker touch the broker file at the same moment.
-        transport_options = {"connect_args": {"timeout": 30}}
-    app.conf.update(
-        task_routes={TASK_NAME: {"queue": settings.queue}},
-        task_default_queue=settings.queue,
-        task_acks_late=True,
-        task_reject_on_worker_lost=False,  # a killed job is failed via its heartbeat, never re-run blindly
-        worker_prefetch_multiplier=1,
-        worker_concurrency=1,
-        worker_pool="solo",
-        task_ignore_result=True,  # results live in the database
-        broker_transport_options=transport_options,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        task_serializer="json",
-        accept_content=["json"],
-    )
-    return app
-
-
-celery_app = make_celery(get_settings())  # `celery -A worker.celery_app worker` uses the environment's settings
-
-
-def enqueue(app: Celery, job_id: str, queue: str) -> None:
-    app.send_task(TASK_NAME, args=[job_id], queue=queue)
+celery_app = make_celery(get_settings(), include=["worker.tasks"])  # the environment's CONSA_* settings

@@ -4,8 +4,9 @@ import logging
 
 from celery.signals import worker_ready
 
+from service.queue import TASK_NAME
 from service.settings import get_settings
-from worker.celery_app import TASK_NAME, celery_app
+from worker.celery_app import celery_app
 from worker.runner import fail_orphans, run_job
 
 log = logging.getLogger("consa.worker")

@@ -12,7 +12,7 @@ from service import artifacts, crud, schemas
 from service.deps import ApiKeyDep, JobDep, SessionDep, SettingsDep
 from service.locations import resolve_dataset, resolve_model
 from service.problems import PROBLEM_RESPONSES, ProblemError, responses
-from worker.celery_app import enqueue
+from service.queue import enqueue
 
 log = logging.getLogger("consa.service")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
