@@ -29,7 +29,9 @@ from consa.compare import markdown_table  # noqa: E402
 from consa.evaluation import build_eval_set, evaluate  # noqa: E402
 from consa.heatmap import save_heatmap  # noqa: E402
 from consa.hybrid_attention import model_shape  # noqa: E402
-from consa.search import SearchConfig, load_model, pick_device, run_search  # noqa: E402
+from consa.config import SearchConfig  # noqa: E402
+from consa.loading import load_model, pick_device  # noqa: E402
+from consa.search import run_search  # noqa: E402
 
 LEARNED = ("learned-lm", "learned-distill")
 ALL_METHODS = ("full", *LEARNED, *baseline_names())

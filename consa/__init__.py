@@ -5,9 +5,10 @@ The core needs torch, transformers and safetensors only; the service lives in ot
 
 __version__ = "0.1.0"
 
+from consa.config import SearchConfig  # noqa: E402
 from consa.manifest import Allocation, load_allocation  # noqa: E402
 
-__all__ = ["Allocation", "load_allocation", "__version__", "load_hybrid"]
+__all__ = ["Allocation", "SearchConfig", "load_allocation", "__version__", "load_hybrid"]
 
 
 def load_hybrid(path, **kwargs):

@@ -29,7 +29,8 @@ import random as _random
 import torch
 
 from consa.gates import exact_swa_mask
-from consa.manifest import Allocation, check_granularity
+from consa.manifest import Allocation
+from consa.units import check_granularity
 
 
 def num_swa_units(num_units: int, sparsity: float) -> int:

@@ -118,7 +118,7 @@ def export_hybrid(model_or_path, allocation: Allocation, out_dir, *, tokenizer=N
     path (only for `finetune_steps` > 0). layer_format: "auto" (stock `layer_types` when the model type
     supports it, else the consa format with a warning), "layer_types" (error if impossible) or "consa".
     """
-    from consa.search import load_model
+    from consa.loading import load_model
 
     if layer_format not in LAYER_FORMATS:
         raise ValueError(f"unknown layer_format {layer_format!r}: expected one of {', '.join(LAYER_FORMATS)}")

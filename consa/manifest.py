@@ -11,15 +11,10 @@ from pathlib import Path
 
 import torch
 
+from consa.units import UnitGrid, unit_grid
+
 FORMAT = "consa.allocation/v1"
-GRANULARITIES = ("layer", "kv_head")
 FULL, SWA = "full", "swa"
-
-
-def check_granularity(granularity: str) -> str:
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
-    return granularity
 
 
 @dataclass
@@ -43,7 +38,7 @@ class Allocation:
     def __post_init__(self):
         from consa import __version__
 
-        check_granularity(self.granularity)
+        grid = unit_grid(self.granularity, self.num_layers, self.num_kv_heads)  # also checks the name
         if self.window <= 0:
             raise ValueError(f"window must be a positive number of tokens, got {self.window}")
         if self.sink_tokens < 0:
@@ -53,14 +48,18 @@ class Allocation:
         bad = {v for row in self.assignment for v in row} - {FULL, SWA}
         if bad:
             raise ValueError(f"assignment entries must be 'full' or 'swa', got {sorted(bad)}")
-        if self.granularity == "layer" and any(len(set(row)) > 1 for row in self.assignment):
-            raise ValueError("a layer-granularity assignment must switch whole layers")
+        if not grid.expressible(self.full_mask()):
+            raise ValueError(f"a {self.granularity}-granularity assignment must switch whole units")
         self.consa_version = self.consa_version or __version__
 
     # -- views -------------------------------------------------------------------------------
     @property
+    def grid(self) -> UnitGrid:
+        return unit_grid(self.granularity, self.num_layers, self.num_kv_heads)
+
+    @property
     def num_units(self) -> int:
-        return self.num_layers * (1 if self.granularity == "layer" else self.num_kv_heads)
+        return self.grid.count
 
     @property
     def sparsity_achieved(self) -> float:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from consa.manifest import Allocation, load_allocation
-from consa.search import load_model
+from consa.loading import load_model
 
 
 def _cli(*args):

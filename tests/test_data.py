@@ -9,7 +9,7 @@ import torch
 import tiny
 from consa import data
 from consa.errors import DataError
-from consa.search import per_row_mean
+from consa.objectives import per_row_mean
 
 
 def test_text_file_directory_and_jsonl_are_read(tmp_path, tokenizer):

@@ -13,7 +13,7 @@ from consa.search import SearchConfig, load_gate_state, run_search
 
 
 def _config(model_dir, data_dir, **kw):
-    base = dict(model=str(model_dir), sparsity=0.5, granularity="kv_head", window=8, data=str(data_dir),
+    base = dict(model=str(model_dir), sparsity=0.5, granularity="kv_head", window=8, dataset=str(data_dir),
                 seq_len=64, steps=12, batch_size=2)
     return SearchConfig(**{**base, **kw})
 

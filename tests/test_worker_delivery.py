@@ -108,11 +108,11 @@ def test_a_hub_id_that_names_a_local_folder_is_refused(settings, tmp_path, monke
 
 def test_a_job_loads_its_model_once_for_search_and_evaluation(tmp_path, tiny_model_dir, text_dir, monkeypatch):
     """The search's copy is evaluated too; the only other load is export's CPU copy for the checkpoint."""
-    import consa.search
+    import consa.loading
 
     loads = []
-    real = consa.search.load_model
-    monkeypatch.setattr(consa.search, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    real = consa.loading.load_model
+    monkeypatch.setattr(consa.loading, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
     settings = Settings(var_dir=tmp_path)
     prepare(settings)
     params = dict(JobCreate(model=str(tiny_model_dir), sparsity=0.5, steps=2, seq_len=160, evaluate=True)

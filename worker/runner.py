@@ -112,7 +112,7 @@ class JobRun:
                                       "give an absolute path under a model root")
             return None
         try:
-            return SearchConfig(**fields, data=self.params["dataset"])
+            return SearchConfig(**fields, dataset=self.params["dataset"])
         except ValueError as e:  # the request passed the API's checks but not the library's
             self.finish(FAILED, error_code="invalid_request", error_type="user", error_message=str(e))
             return None
@@ -126,7 +126,8 @@ class JobRun:
                 torch.cuda.empty_cache()  # the next job on this GPU gets the memory back
 
     def search(self, config):
-        from consa.search import load_search_model, run_search
+        from consa.loading import load_for_search
+        from consa.search import run_search
 
         def progress(record: dict) -> None:
             clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
@@ -136,7 +137,7 @@ class JobRun:
             # Anything but running stops the search: cancel_requested, or a row someone else ended.
             return crud.job_status(self.session, job_pk=self.job.pk) != RUNNING
 
-        self.model, self.tokenizer = load_search_model(config)
+        self.model, self.tokenizer = load_for_search(config)
         self.event("info", f"search: {config.steps} steps, sparsity {config.sparsity}, {config.granularity}, "
                            f"window {config.window}")
         return run_search(config, progress=progress, should_cancel=should_cancel, model=self.model,

@@ -1,0 +1,135 @@
+"""SearchConfig: every setting of a search, with its default, help text and bounds — in one place.
+
+The `consa search` flags, the API's job fields (service/schemas.py) and the worker's mapping from a
+job to a search are all derived from the fields below, so a new setting is one field here (plus the
+code that uses it). A field's metadata:
+
+    help        one line, shown by `consa search --help` and in the API's schema
+    ge/gt/le    numeric bounds (inclusive / exclusive), checked here, by the CLI and by the API
+    choices     the allowed strings (a callable returning them where a registry owns the list)
+    max_length  the longest string accepted
+"""
+
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+
+def setting(default=MISSING, help: str = "", **meta):
+    """A SearchConfig field: its default plus the metadata the CLI and the API are built from."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def _granularities():
+    from consa.units import GRANULARITIES
+
+    return GRANULARITIES
+
+
+def _objectives():
+    from consa.objectives import OBJECTIVES
+
+    return tuple(OBJECTIVES)
+
+
+def _backends():
+    from consa.hybrid_attention import BACKENDS
+
+    return BACKENDS
+
+
+@dataclass
+class SearchConfig:
+    model: str = setting(help="local model directory (or a hub id where the machine is online)", max_length=1000)
+    sparsity: float = setting(help="share of attention units that become sliding-window, in [0, 1]", ge=0.0, le=1.0)
+    granularity: str = setting("kv_head", "switch whole layers (layer) or single KV heads (kv_head)",
+                               choices=_granularities)
+    window: int = setting(256, "sliding-window length W in tokens", gt=0, le=1 << 20)
+    sink_tokens: int = setting(0, "leading tokens every SWA unit still attends to (0 = plain SWA)", ge=0, le=1 << 16)
+    dataset: str | None = setting(None, "training text: a text file, a directory of text files, or a .jsonl with "
+                                        "a `text` field", max_length=4000)
+    retrieval_ratio: float | None = setting(
+        None, "share of training rows that are synthetic multi-key retrieval documents; default 0.25 where a "
+              "document can hold keys far beyond the window (seq_len >= max(4 x window, 512)), else 0 "
+              "(the benchmark's best share, bench/RESULTS.md)", ge=0.0, le=1.0)
+    seq_len: int = setting(1024, "training sequence length in tokens", ge=8, le=1 << 20)
+    batch_size: int = setting(1, "sequences per search step", ge=1, le=4096)
+    steps: int = setting(200, "search steps", ge=1, le=1_000_000)
+    num_sequences: int | None = setting(None, "rows of training data (default: steps x batch_size, cycled)",
+                                        ge=1, le=1 << 24)
+    lr: float = setting(0.1, "AdamW learning rate of the gate logits (they start far from the boundary, so it "
+                             "is large)", gt=0.0, le=100.0)
+    lambda_lr: float = setting(20.0, "ascent step on the Lagrange multipliers", ge=0.0, le=1e6)
+    penalty_init: float = setting(1000.0, "initial lambda2: a strong quadratic term damps the oscillation a pure "
+                                          "integrator (lambda1) causes under Adam (tests/test_gates.py toy)",
+                                  ge=0.0, le=1e9)
+    warmup_frac: float = setting(0.8, "share of the steps over which the sparsity target ramps up from 0",
+                                 ge=0.0, le=1.0)
+    init_log_alpha: float = setting(3.0, "initial gate logit (high = every unit starts as full attention)",
+                                    ge=-20.0, le=20.0)
+    objective: str = setting("lm", "what the gates minimise (see consa.objectives)", choices=_objectives)
+    seed: int = setting(0, "seed of the data order, the gate noise and the retrieval documents", ge=0, le=2**31 - 1)
+    revision: str | None = setting(None, "hub revision (branch, tag or commit)", max_length=200)
+    dtype: str = setting("auto", "weights: auto (fp32 weights, bf16 autocast on GPU), float32 or bfloat16",
+                         choices=("auto", "float32", "bfloat16"))
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory, "
+                                                  "more time)")
+    backend: str = setting("auto", "attention kernel for the SWA side", choices=_backends)
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError("model must be a local path or a hub id")
+        for f in fields(self):
+            setattr(self, f.name, check_setting(f.name, getattr(self, f.name)))
+        if self.retrieval_ratio is None:
+            self.retrieval_ratio = 0.25 if self.seq_len >= max(4 * self.window, 512) else 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchConfig":
+        """From a mapping such as a job's config; keys that are not settings are errors."""
+        unknown = set(d) - set(setting_names())
+        if unknown:
+            raise ValueError(f"unknown search setting(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def setting_names() -> list[str]:
+    return [f.name for f in fields(SearchConfig)]
+
+
+def setting_fields():
+    """(name, value type, default or MISSING, metadata with choices resolved, optional?) per setting."""
+    for f in fields(SearchConfig):
+        optional = type(None) in typing.get_args(f.type)
+        kind = next(t for t in typing.get_args(f.type) if t is not type(None)) if optional else f.type
+        meta = dict(f.metadata)
+        if callable(meta.get("choices")):
+            meta["choices"] = tuple(meta["choices"]())
+        yield f.name, kind, f.default, meta, optional
+
+
+def check_setting(name: str, value):
+    """Validate one setting's value against its metadata; return it (ints/floats normalised)."""
+    meta = next(m for n, _, _, m, _ in setting_fields() if n == name)
+    if value is None:
+        return value
+    if "choices" in meta and value not in meta["choices"]:
+        raise ValueError(f"unknown {name.replace('_', ' ')} {value!r}: expected one of {', '.join(meta['choices'])}")
+    if "max_length" in meta and len(str(value)) > meta["max_length"]:
+        raise ValueError(f"{name} must be at most {meta['max_length']} characters")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        bounds = [(meta.get("ge"), lambda v, b: v >= b), (meta.get("gt"), lambda v, b: v > b),
+                  (meta.get("le"), lambda v, b: v <= b)]
+        if not all(ok(value, b) for b, ok in bounds if b is not None) or value != value:  # NaN fails too
+            raise ValueError(f"{name} must be in {describe_bounds(meta)}, got {value}")
+    return value
+
+
+def describe_bounds(meta: dict) -> str:
+    """e.g. "[0, 1]" or "(0, 1048576]"."""
+    num = lambda x: str(x) if isinstance(x, int) else f"{x:g}"  # noqa: E731
+    low = f"[{num(meta['ge'])}" if "ge" in meta else f"({num(meta['gt'])}" if "gt" in meta else "(-inf"
+    high = f"{num(meta['le'])}]" if "le" in meta else "inf)"
+    return f"{low}, {high}"

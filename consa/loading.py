@@ -1,0 +1,46 @@
+"""Loading a causal LM and its tokenizer, and picking the device it runs on.
+
+Loader failures (missing path, unknown hub id, a config transformers cannot read) become a
+`ModelLoadError` with one readable line, so the CLI and the service can show them to the user.
+"""
+
+import torch
+
+from consa.errors import ModelLoadError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(model: str, revision: str | None = None, device="cpu", dtype=torch.float32):
+    """Load a causal LM (eval mode, on `device`) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=dtype, attn_implementation="sdpa")
+        except ValueError as e:
+            if "attn_implementation" not in str(e) and "does not support" not in str(e):
+                raise
+            # Older architectures have no SDPA path; load them as they are and let install() say why.
+            lm = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load model {model!r}: {first}") from None
+    tokenizer.model_max_length = int(1e12)  # documents are packed into seq_len rows, never fed whole
+    return lm.to(device).eval(), tokenizer
+
+
+def weight_dtype(config) -> torch.dtype:
+    """The dtype a search holds the frozen weights in (see SearchConfig.dtype)."""
+    return torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+
+
+def load_for_search(config, device="auto"):
+    """The model and tokenizer as run_search loads them (its device and weight dtype), for callers
+    that keep using the model afterwards (the pipeline evaluates on the same copy)."""
+    return load_model(config.model, config.revision, pick_device(str(device)), weight_dtype(config))
