@@ -5,6 +5,9 @@ import json
 import sys
 from pathlib import Path
 
+from dataclasses import MISSING
+
+from consa.config import SearchConfig, check_setting, setting_fields, setting_names
 from consa.errors import Cancelled, ConsaError
 
 
@@ -14,26 +17,35 @@ def _add_model_args(p):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
+def _checked(name: str, kind):
+    """An argparse type: parse the text as `kind`, then check it against the setting's bounds and choices."""
+    def parse(text: str):
+        try:
+            return check_setting(name, kind(text))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid <type> value" messages
+    return parse
+
+
+def _add_setting_args(p) -> None:
+    """One flag per SearchConfig setting: its default, help, bounds and choices come from consa.config."""
+    for name, kind, default, meta, _ in setting_fields():
+        flags = ["--" + name.replace("_", "-")] + (["--data"] if name == "dataset" else [])
+        help = meta["help"] + ("" if default is MISSING else " (default: %(default)s)")
+        if kind is bool:
+            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help)
+            continue
+        p.add_argument(*flags, dest=name, type=_checked(name, kind), required=default is MISSING,
+                       default=None if default is MISSING else default, help=help,
+                       metavar="|".join(meta["choices"]) if "choices" in meta else None)
+
+
 def _add_search_parser(sub):
     p = sub.add_parser("search", help="learn an FA/SWA allocation for a model")
-    _add_model_args(p)
-    p.add_argument("--sparsity", type=float, required=True, help="share of units that become SWA, in [0, 1]")
-    p.add_argument("--granularity", default="kv_head", help="layer | kv_head")
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--sink-tokens", type=int, default=0)
-    p.add_argument("--data", required=True, help="text file, directory of text files, or .jsonl with a `text` field")
-    p.add_argument("--retrieval-ratio", type=float, default=None,
-                   help="share of synthetic multi-key retrieval rows (default: 0.25 when seq-len >= max(4 x window, 512), else 0)")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--lambda-lr", type=float, default=None)
-    p.add_argument("--warmup-frac", type=float, default=None)
-    p.add_argument("--objective", default="lm", help="lm | distill")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", help="auto | sdpa | flex | flash")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    _add_setting_args(p)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--resume", default=None, help="gates.safetensors of an earlier run to continue from")
     p.add_argument("--out", required=True, help="output directory for manifest.json and gates.safetensors")
 
@@ -52,22 +64,16 @@ def _add_eval_parser(sub):
 def cmd_search(args) -> int:
     from tqdm import tqdm
 
-    from consa.search import SearchConfig, run_search
+    from consa.search import run_search
 
-    overrides = {k: getattr(args, k) for k in ("lr", "lambda_lr", "warmup_frac") if getattr(args, k) is not None}
-    config = SearchConfig(
-        model=args.model, revision=args.revision, sparsity=args.sparsity, granularity=args.granularity,
-        window=args.window, sink_tokens=args.sink_tokens, data=args.data, retrieval_ratio=args.retrieval_ratio,
-        seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, objective=args.objective,
-        seed=args.seed, device=args.device, backend=args.backend,
-        gradient_checkpointing=args.gradient_checkpointing, **overrides)
+    config = SearchConfig.from_dict({name: getattr(args, name) for name in setting_names()})
     bar = tqdm(total=config.steps, desc="search", unit="step", file=sys.stderr)
 
     def progress(rec):
         bar.n = rec["step"]
         bar.set_postfix(loss=f"{rec['loss']:.4f}", s=f"{rec['sparsity']:.3f}", t=f"{rec['target']:.3f}")
 
-    result = run_search(config, progress=progress, resume_from=args.resume)
+    result = run_search(config, progress=progress, resume_from=args.resume, device=args.device)
     bar.close()
     out = result.save(args.out)
     a = result.allocation
@@ -80,7 +86,7 @@ def cmd_search(args) -> int:
 def cmd_eval(args) -> int:
     from consa import evaluation
     from consa.manifest import load_allocation
-    from consa.search import load_model, pick_device
+    from consa.loading import load_model, pick_device
 
     allocation = load_allocation(args.allocation) if args.allocation else None
     model, tokenizer = load_model(args.model, args.revision, pick_device(args.device))
@@ -124,7 +130,7 @@ def cmd_compare(args) -> int:
     from consa.compare import compare, markdown_table
     from consa.hybrid_attention import model_shape
     from consa.manifest import load_allocation
-    from consa.search import load_model, pick_device
+    from consa.loading import load_model, pick_device
 
     allocations = {"full": None}
     for path in args.allocation:
@@ -162,7 +168,7 @@ def cmd_compare(args) -> int:
 def cmd_export(args) -> int:
     from consa.export import export_hybrid, write_duo_tsv
     from consa.manifest import load_allocation
-    from consa.search import pick_device
+    from consa.loading import pick_device
 
     allocation = load_allocation(args.allocation)
     if args.format == "duo-tsv":
@@ -190,11 +196,12 @@ def cmd_generate(args) -> int:
     import torch
     from transformers import AutoTokenizer, TextStreamer
 
-    from consa.evaluation import head_dim_of, kv_cache_bytes
+    from consa.cache import make_cache
     from consa.export import load_hybrid
     from consa.hybrid_attention import model_shape
-    from consa.runtime import cache_bytes, cache_kwarg, make_cache
-    from consa.search import pick_device
+    from consa.kv_accounting import cache_bytes, head_dim_of, kv_bytes
+    from consa.runtime import cache_kwarg
+    from consa.loading import pick_device
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -222,7 +229,7 @@ def cmd_generate(args) -> int:
     new = out.shape[1] - ids.shape[1]
     tokens = cache.get_seq_length()
     element = next(model.parameters()).element_size()  # the cache holds K/V in the model's dtype
-    full = kv_cache_bytes(None, model_shape(model), head_dim_of(model), tokens, element)["kv_bytes_full"]
+    full = kv_bytes(None, model_shape(model), tokens, head_dim_of(model), element)["kv_bytes_full"]
     held = cache_bytes(cache)
     print(f"\n{new} tokens in {seconds:.2f}s ({new / seconds:.1f} tok/s) on {device}; KV cache after {tokens} tokens: "
           f"{held / 2**20:.2f} MiB, full attention would hold {full / 2**20:.2f} MiB ({held / full:.3f})",
