@@ -20,7 +20,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from consa import decode_kernel  # noqa: E402
-from consa.runtime import decode_attention  # noqa: E402
+from consa.attention_kernels import decode_attention  # noqa: E402
+from consa.kv_accounting import held_bytes, token_bytes  # noqa: E402
 
 HK, G, D, WINDOW = 8, 2, 128, 1024
 
@@ -57,7 +58,7 @@ def scenario(batch, context, n_fa, layers=8):
     k_new, v_new = torch.randn(batch, HK, D, device=dev, dtype=dt), torch.randn(batch, HK, D, device=dev, dtype=dt)
     position = torch.tensor([context - 1], device=dev)
     codes = decode_kernel.head_codes([h < n_fa for h in range(HK)], dev)
-    held = 2 * batch * D * 2 * (n_fa * context + n_swa * WINDOW)  # K and V bytes the heads hold
+    held = held_bytes(n_fa, n_swa, context, WINDOW, 0, token_bytes(D, dt.itemsize, batch))  # K and V bytes the heads hold
     return caches, q, k_new, v_new, position, codes, held
 
 

@@ -5,7 +5,7 @@
 Models: a Qwen3-0.6B-shaped model with RANDOM weights (speed does not depend on them) and the testbed
 model. Allocations: exact-sparsity ones from consa.gates.exact_swa_mask on seeded random scores (per KV
 head, or per layer for layer granularity): for speed and bytes only the counts per layer matter.
-Every configuration, full attention included, runs through the same runtime (consa.runtime.HybridCache;
+Every configuration, full attention included, runs through the same runtime (consa.cache.HybridCache;
 the baseline is the all-full allocation), bf16, batch 1. Prefill: one forward over the context. Decode:
 greedy steps replayed from a CUDA graph of one decode forward (static FA storage, ring buffers for SWA
 heads); eager decoding where graphs are unavailable (CPU).
@@ -25,7 +25,10 @@ from consa import decode_kernel  # noqa: E402
 from consa.gates import exact_swa_mask  # noqa: E402
 from consa.hybrid_attention import apply_allocation, model_shape, uninstall  # noqa: E402
 from consa.manifest import Allocation  # noqa: E402
-from consa.runtime import HybridCache, cache_bytes, cache_kwarg, compile_layers, floor_ratio, group_heads  # noqa: E402
+from consa.cache import HybridCache  # noqa: E402
+from consa.head_grouping import group_heads  # noqa: E402
+from consa.kv_accounting import cache_bytes, floor_ratio  # noqa: E402
+from consa.runtime import cache_kwarg, compile_layers  # noqa: E402
 
 QWEN3_06B = dict(num_hidden_layers=28, num_key_value_heads=8, num_attention_heads=16, head_dim=128, hidden_size=1024,
                  intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960, tie_word_embeddings=True)

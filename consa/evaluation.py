@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from consa import data as data_mod
 from consa.hybrid_attention import apply_allocation, model_shape
+from consa.kv_accounting import head_dim_of, kv_bytes
 
 
 @dataclass
@@ -51,27 +52,6 @@ def build_eval_set(tokenizer, data, *, seq_len: int, num_sequences: int, retriev
             docs.append(doc)
             depths.append(doc.depths[q])
     return EvalSet(rows=rows, docs=docs, query_depths=depths, seq_len=seq_len, seed=seed)
-
-
-# -- KV cache --------------------------------------------------------------------------------------
-def head_dim_of(model) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-
-
-def kv_cache_bytes(allocation, shape: tuple[int, int], head_dim: int, seq_len: int, dtype_bytes: int = 2) -> dict:
-    """KV bytes of one sequence of seq_len tokens: full units cache seq_len tokens, SWA units
-    min(seq_len, window + sinks); K and V each hold head_dim values per token."""
-    num_layers, num_kv_heads = shape
-    per_token = 2 * head_dim * dtype_bytes  # K and V
-    full_bytes = num_layers * num_kv_heads * seq_len * per_token
-    if allocation is None:
-        return {"kv_bytes": full_bytes, "kv_bytes_full": full_bytes, "kv_bytes_ratio": 1.0}
-    swa_tokens = min(seq_len, allocation.window + allocation.sink_tokens)
-    full_mask = allocation.full_mask()  # (L, K)
-    n_full = int(full_mask.sum())
-    kv = (n_full * seq_len + (full_mask.numel() - n_full) * swa_tokens) * per_token
-    return {"kv_bytes": kv, "kv_bytes_full": full_bytes, "kv_bytes_ratio": kv / full_bytes}
 
 
 # -- loss -------------------------------------------------------------------------------------------
@@ -241,7 +221,7 @@ def evaluate(model, tokenizer, allocation, *, data, seq_len: int = 4096, num_seq
     finally:
         if hybrid is not None:
             hybrid.set_gates(None)
-    report.update(kv_cache_bytes(allocation, model_shape(model), head_dim_of(model), eval_set.seq_len, kv_dtype_bytes))
+    report.update(kv_bytes(allocation, model_shape(model), eval_set.seq_len, head_dim_of(model), kv_dtype_bytes))
     report.update(seq_len=eval_set.seq_len, num_sequences=int(eval_set.rows.shape[0]), retrieval_docs=len(eval_set.docs),
                   window=window, sparsity=allocation.sparsity_achieved if allocation is not None else 0.0,
                   seed=eval_set.seed, seconds=round(time.time() - started, 3))

@@ -2,7 +2,8 @@ import torch
 
 import tiny
 from consa.baselines import build_baseline
-from consa.evaluation import build_eval_set, evaluate, kv_cache_bytes, retrieval_correct
+from consa.evaluation import build_eval_set, evaluate, retrieval_correct
+from consa.kv_accounting import kv_bytes
 from consa.manifest import Allocation
 
 
@@ -78,10 +79,10 @@ def test_retrieval_scores_greedy_decoding(text_dir, tokenizer):
 def test_kv_bytes_follow_the_formula():
     a = build_baseline("bottom", (4, 2), 0.5, "layer", window=100)
     a.sink_tokens = 4
-    kv = kv_cache_bytes(a, (4, 2), head_dim=8, seq_len=1000, dtype_bytes=2)
+    kv = kv_bytes(a, (4, 2), context=1000, head_dim=8, element_size=2)
     per_token = 2 * 8 * 2
     assert kv["kv_bytes"] == (4 * 1000 + 4 * 104) * per_token
     assert kv["kv_bytes_full"] == 8 * 1000 * per_token
     assert kv["kv_bytes_ratio"] == (4 * 1000 + 4 * 104) / 8000
-    short = kv_cache_bytes(a, (4, 2), head_dim=8, seq_len=50)  # a window longer than the sequence saves nothing
+    short = kv_bytes(a, (4, 2), context=50, head_dim=8)  # a window longer than the sequence saves nothing
     assert short["kv_bytes_ratio"] == 1.0

@@ -4,10 +4,13 @@ import pytest
 import tiny
 import torch
 
-from consa.hybrid_attention import apply_allocation
+from consa.attention_kernels import banded_attention, decode_attention
+from consa.cache import HybridCache
+from consa.head_grouping import group_heads
+from consa.hybrid_attention import apply_allocation, model_shape
+from consa.kv_accounting import cache_bytes, kv_bytes
 from consa.manifest import Allocation
-from consa.runtime import (HybridCache, group_heads, banded_attention, cache_bytes, cache_kwarg, decode_attention,
-                           expected_cache_bytes, output_cache)
+from consa.runtime import cache_kwarg, output_cache
 
 WINDOW = 8
 
@@ -102,7 +105,7 @@ def test_cache_bytes_match_allocation():
     with torch.no_grad():
         model(input_ids=torch.randint(1, 300, (1, context)), use_cache=True, **{cache_kwarg(model): cache})
     head_dim = model.config.head_dim
-    want = expected_cache_bytes(allocation, context, head_dim, dtype=torch.float32)
+    want = kv_bytes(allocation, model_shape(model), context, head_dim, torch.float32.itemsize)["kv_bytes"]
     assert cache_bytes(cache) == want
     # 4 FA heads hold 40 tokens, 4 SWA heads hold 2 sinks + 8; K and V, 8 dims, 4 bytes
     assert want == 2 * 8 * 4 * (4 * 40 + 4 * (2 + WINDOW))
@@ -172,8 +175,6 @@ def test_group_heads_keeps_the_function():
 @pytest.mark.parametrize("length", [100, 1024, 2500])
 def test_decode_attention_matches_masked_sdpa(length):
     """Decode attention over a cache with invalid slots equals plain masked attention."""
-    from consa.runtime import decode_attention
-
     g = torch.Generator().manual_seed(length)
     q, k, v = torch.randn(2, 8, 1, 16, generator=g), torch.randn(2, 4, length, 16, generator=g), torch.randn(2, 4, length, 16, generator=g)
     valid = torch.arange(length) < length - 7
