@@ -11,10 +11,11 @@ import secrets
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from service.models import (CANCEL_REQUESTED, CANCELLED, QUEUED, RUNNING, TERMINAL, ApiKey, Artifact, Job,
-                            JobEvent, utcnow)
+from service.models import (CANCEL_REQUESTED, CANCELLED, FAILED, QUEUED, RUNNING, TERMINAL, ApiKey, Artifact, Job,
+                            JobEvent, Worker, utcnow)
 
 KEY_PREFIX = "consa_"
+MAX_EVENT_ID = 2**31 - 1  # job_events.id is a 32-bit integer on PostgreSQL
 
 
 # -- API keys ---------------------------------------------------------------------------------
@@ -103,6 +104,12 @@ def list_jobs(session: Session, *, api_key_id: int, limit: int, after: str | Non
         query = query.where(Job.pk < cursor.pk)
     rows = list(session.scalars(query.order_by(Job.pk.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
+
+
+def count_active_jobs(session: Session, *, api_key_id: int) -> int:
+    """Queued, running and cancel-requested jobs of one key (its quota)."""
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.api_key_id == api_key_id, Job.status.in_((QUEUED, RUNNING, CANCEL_REQUESTED))))
 
 
 def count_jobs_by_status(session: Session) -> dict[str, int]:
@@ -220,6 +227,8 @@ def log_event(session: Session, *, job: Job, type: str, message: str, data: dict
 
 def list_events(session: Session, *, job: Job, limit: int, after: int | None = None) -> tuple[list[JobEvent], bool]:
     """Oldest first, so a client polls with after=<last id it saw>. Returns (events, has_more)."""
+    if after is not None and after > MAX_EVENT_ID:
+        return [], False  # past every id the column can hold (and PostgreSQL would refuse the number)
     query = select(JobEvent).where(JobEvent.job_pk == job.pk)
     if after is not None:
         query = query.where(JobEvent.id > after)
@@ -255,3 +264,90 @@ def fail_orphans(session: Session, *, worker: str) -> int:
         add_event(session, job_pk=job.pk, type="status", message="job failed: worker lost", data={"status": "failed"})
     session.commit()
     return len(jobs)
+
+
+# -- the outbox, worker heartbeats and lost jobs (used by service/reconciler.py) ----------------
+def mark_enqueued(session: Session, *, job_id: str) -> None:
+    """Record that the job's id was published (the outbox's "sent" mark)."""
+    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()), execution_options=_PLAIN)
+    session.commit()
+
+
+def jobs_to_publish(session: Session, *, created_before: dt.datetime, republish_before: dt.datetime | None,
+                    limit: int = 100) -> list[str]:
+    """Queued jobs never published (older than `created_before`, so the request that made them had its
+    chance), and, when `republish_before` is given, queued jobs last published before it."""
+    unsent = (Job.enqueued_at.is_(None)) & (Job.created_at < created_before)
+    due = unsent if republish_before is None else unsent | (Job.enqueued_at < republish_before)
+    return list(session.scalars(select(Job.id).where(Job.status == QUEUED, due).order_by(Job.pk).limit(limit)))
+
+
+def beat_worker(session: Session, *, worker: str) -> int:
+    """A worker is alive: beat the jobs it runs and its own row. Returns how many jobs it runs."""
+    now = utcnow()
+    running = session.execute(update(Job).where(Job.worker == worker, Job.status.in_((RUNNING, CANCEL_REQUESTED)))
+                              .values(heartbeat_at=now), execution_options=_PLAIN).rowcount
+    row = session.get(Worker, worker)
+    if row is None:
+        session.add(Worker(name=worker, started_at=now, heartbeat_at=now, idle_since=None if running else now))
+    else:
+        row.heartbeat_at = now
+        row.idle_since = None if running else (row.idle_since or now)
+    session.commit()
+    return running
+
+
+def remove_worker(session: Session, *, worker: str) -> None:
+    session.execute(delete(Worker).where(Worker.name == worker))
+    session.commit()
+
+
+def live_workers(session: Session, *, stale_before: dt.datetime) -> list[Worker]:
+    return list(session.scalars(select(Worker).where(Worker.heartbeat_at >= stale_before).order_by(Worker.name)))
+
+
+def idle_worker_exists(session: Session, *, stale_before: dt.datetime, idle_before: dt.datetime) -> bool:
+    """A live worker has been idle since before `idle_before`: a message published before then is lost."""
+    return session.scalar(select(func.count()).select_from(Worker).where(
+        Worker.heartbeat_at >= stale_before, Worker.idle_since.is_not(None), Worker.idle_since < idle_before)) > 0
+
+
+def settle_lost_jobs(session: Session, *, max_attempts: int, stale_before: dt.datetime | None = None,
+                     worker: str | None = None) -> dict[str, list[str]]:
+    """Jobs whose worker died (heartbeat older than `stale_before`, or every active job of `worker`,
+    which just restarted): a cancel-requested one ends `cancelled`; a running one is queued again
+    while it has attempts left, else it fails as `worker_lost`. Returns the job ids by outcome.
+
+    Each change is conditional on the status and heartbeat read here, so a worker that beats or
+    finishes the job at the same moment wins and the job is left alone.
+    """
+    query = select(Job).where(Job.status.in_((RUNNING, CANCEL_REQUESTED)))
+    if worker is not None:
+        query = query.where(Job.worker == worker)
+    if stale_before is not None:
+        query = query.where(Job.heartbeat_at < stale_before)
+    outcome = {"cancelled": [], "requeued": [], "failed": []}
+    for job in list(session.scalars(query.order_by(Job.pk))):
+        same = update(Job).where(Job.pk == job.pk, Job.status == job.status, Job.heartbeat_at == job.heartbeat_at)
+        if job.status == CANCEL_REQUESTED:
+            values = dict(status=CANCELLED, finished_at=utcnow())
+            kind, message = "cancelled", f"job cancelled: its worker {job.worker} stopped"
+        elif job.attempts < max_attempts:
+            # Partial artifacts of the lost attempt go; the caller removes their files.
+            values = dict(status=QUEUED, worker=None, progress=None, started_at=None, enqueued_at=None)
+            kind, message = "requeued", (f"worker {job.worker} lost; job queued again "
+                                         f"(attempt {job.attempts + 1} of {max_attempts})")
+        else:
+            values = dict(status=FAILED, finished_at=utcnow(), error_code="worker_lost", error_type="system",
+                          error_message=f"the worker running this job stopped ({job.attempts} attempts); "
+                                        "submit the job again")
+            kind, message = "failed", "job failed: worker lost"
+        if session.execute(same.values(**values), execution_options=_PLAIN).rowcount != 1:
+            session.rollback()
+            continue
+        if kind == "requeued":
+            session.execute(delete(Artifact).where(Artifact.job_pk == job.pk))
+        add_event(session, job_pk=job.pk, type="status", message=message, data={"status": values["status"]})
+        session.commit()
+        outcome[kind].append(job.id)
+    return outcome

@@ -6,10 +6,19 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
+# Connections per process: pool + overflow = 40, anyio's thread pool, which runs every sync route, so
+# a request never waits on the pool longer than on a thread. configure_pool() sets them from settings.
+POOL = {"pool_size": 10, "max_overflow": 30}
+
+
+def configure_pool(pool_size: int, max_overflow: int) -> None:
+    """Pool size of the engines made from now on (call before the first request)."""
+    POOL.update(pool_size=pool_size, max_overflow=max_overflow)
+
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **POOL)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
@@ -19,7 +28,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **POOL)
 
 
 @lru_cache

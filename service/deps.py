@@ -31,7 +31,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 _bearer = HTTPBearer(auto_error=False, description="An API key from `consa keys create NAME`.")
 
 
-def get_api_key(session: SessionDep,
+def get_api_key(request: Request, session: SessionDep,
                 credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> ApiKey:
     unauthorized = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
@@ -40,6 +40,7 @@ def get_api_key(session: SessionDep,
     key = crud.get_api_key(session, key=credentials.credentials)
     if key is None:
         raise ProblemError(401, "unknown or revoked API key", code="unauthorized", headers=unauthorized)
+    request.app.state.rate_limiter.take(key.id)
     return key
 
 
@@ -48,8 +49,9 @@ ApiKeyDep = Annotated[ApiKey, Depends(get_api_key)]
 
 def get_owned_job(session: SessionDep, key: ApiKeyDep,
                   job_id: Annotated[str, Path(max_length=40, description="The job's id, `job_...`.")]) -> Job:
-    # Another key's job answers exactly like a missing one, so ids leak nothing.
-    job = crud.get_job(session, job_id=job_id, api_key_id=key.id)
+    # Another key's job answers exactly like a missing one, so ids leak nothing. A NUL byte is in no
+    # job id (and PostgreSQL refuses it in a query), so such an id is simply not found.
+    job = None if "\x00" in job_id else crud.get_job(session, job_id=job_id, api_key_id=key.id)
     if job is None:
         raise ProblemError(404, f"no job {job_id}", code="job_not_found")
     return job

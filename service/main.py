@@ -1,10 +1,14 @@
 """The FastAPI app. `create_app()` builds it from settings; `uvicorn service.main:app` serves the environment's."""
 
+import asyncio
+import contextlib
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 
-from service import dashboard, problems
+from service import dashboard, problems, reconciler
+from service.db import configure_pool
+from service.limits import BodySizeLimit, RateLimiter, StreamSlots
 from service.metrics import Metrics
 from service.queue import make_celery
 from service.routers import artifacts, events, health, jobs
@@ -24,16 +28,36 @@ Errors are RFC 9457 `application/problem+json`."""
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="consa allocation service", version=VERSION, description=DESCRIPTION)
+    configure_pool(settings.db_pool_size, settings.db_max_overflow)
+    app = FastAPI(title="consa allocation service", version=VERSION, description=DESCRIPTION, lifespan=_lifespan)
     app.state.settings = settings
     app.state.celery = make_celery(settings)
     app.state.metrics = Metrics(settings.database_url)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    app.state.stream_slots = StreamSlots(settings.max_streams_per_key)
     app.middleware("http")(app.state.metrics.middleware)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     problems.install(app)
     for module in (jobs, events, artifacts, health, dashboard):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    """The reconciler runs beside the API for as long as it serves (service/reconciler.py)."""
+    settings = app.state.settings
+    task = None
+    if settings.reconcile_interval_s > 0:
+        task = asyncio.create_task(reconciler.run_forever(settings, app.state.celery))
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def _openapi(app: FastAPI) -> dict:

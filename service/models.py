@@ -54,6 +54,9 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # The outbox: when the job's id was last published to the broker (None: not yet). The reconciler
+    # publishes jobs that are queued and unpublished, or whose message a live idle worker never got.
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     artifacts: Mapped[list["Artifact"]] = relationship(back_populates="job", order_by="Artifact.id")
 
@@ -82,3 +85,15 @@ class Artifact(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class Worker(Base):
+    """A worker process's heartbeat: /readyz reports whether any is alive, the reconciler whether one
+    sits idle while jobs wait (their messages were lost)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery hostname, e.g. gpu0@host
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    idle_since: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))  # None while it runs a job

@@ -40,10 +40,10 @@ def responses(*statuses: int) -> dict:
     return {status: {"model": Problem, "content": {MEDIA_TYPE: {}}} for status in statuses}
 
 
-PROBLEM_RESPONSES = responses(400, 401, 404, 422)
+PROBLEM_RESPONSES = responses(400, 401, 404, 422, 429)
 
 _CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 406: "not_acceptable",
-          409: "conflict", 416: "range_not_satisfiable"}
+          409: "conflict", 410: "gone", 413: "request_too_large", 416: "range_not_satisfiable"}
 
 
 def install(app: FastAPI) -> None:

@@ -188,7 +188,7 @@ def test_health_readiness_and_metrics(server, finished_job):
     with server.client() as client:
         assert client.get("/healthz").json()["status"] == "ok"
         ready = client.get("/readyz").json()
-        assert ready == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+        assert ready == {"status": "ok", "checks": {"database": "ok", "broker": "ok", "worker": "ok"}}
         metrics = client.get("/metrics").text
         assert 'consa_jobs{status="succeeded"}' in metrics
         assert 'consa_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="200"}' in metrics

@@ -1,13 +1,17 @@
 """Liveness, readiness and Prometheus metrics. No authentication: probes and scrapers have no keys."""
 
+import datetime as dt
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from service import schemas
-from service.db import engine_for
+from service import crud, schemas
+from service.db import engine_for, sessionmaker_for
 from service.deps import SettingsDep
+from service.models import utcnow
+from service.settings import Settings
 
 router = APIRouter(tags=["health"])
 
@@ -17,10 +21,14 @@ def healthz():
     return schemas.Health(status="ok")
 
 
-@router.get("/readyz", response_model=schemas.Health, summary="The database and the broker are reachable",
+@router.get("/readyz", response_model=schemas.Health,
+            summary="The database and the broker are reachable, and a worker is alive",
             responses={503: {"model": schemas.Health}})
 def readyz(request: Request, settings: SettingsDep):
-    checks = {"database": _check_database(settings.database_url), "broker": _check_broker(request.app.state.celery)}
+    """503 when the database or the broker cannot be reached, or no worker has beaten its heartbeat
+    for `CONSA_STALE_AFTER_S` (jobs would be accepted but wait)."""
+    checks = {"database": _check_database(settings.database_url), "broker": _check_broker(request.app.state.celery),
+              "worker": _check_worker(settings)}
     ok = all(v == "ok" for v in checks.values())
     body = schemas.Health(status="ok" if ok else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
@@ -31,6 +39,16 @@ def _check_database(url: str) -> str:
         with engine_for(url).connect() as conn:
             conn.execute(text("SELECT 1"))
         return "ok"
+    except Exception as e:
+        return f"error: {type(e).__name__}"
+
+
+def _check_worker(settings: Settings) -> str:
+    try:
+        stale_before = utcnow() - dt.timedelta(seconds=settings.stale_after_s)
+        with sessionmaker_for(settings.database_url)() as session:
+            alive = crud.live_workers(session, stale_before=stale_before)
+        return "ok" if alive else f"error: no worker has beaten its heartbeat in {settings.stale_after_s}s"
     except Exception as e:
         return f"error: {type(e).__name__}"
 

@@ -10,26 +10,30 @@ from sqlalchemy.exc import IntegrityError
 
 from service import artifacts, crud, schemas
 from service.deps import ApiKeyDep, JobDep, SessionDep, SettingsDep
+from service.limits import check_limits, reject_nul
 from service.locations import resolve_dataset, resolve_model
 from service.problems import PROBLEM_RESPONSES, ProblemError, responses
 from service.queue import enqueue
 
 log = logging.getLogger("consa.service")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+QUOTA_RETRY_AFTER_S = 60  # a job takes minutes at least; asking again sooner is pointless
 
 def _request_hash(body: schemas.JobCreate) -> str:
     # The validated body with defaults filled in: two requests that ask for the same search match.
     return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-@router.post("", status_code=202, response_model=schemas.Job, responses=PROBLEM_RESPONSES | responses(503),
+@router.post("", status_code=202, response_model=schemas.Job, responses=PROBLEM_RESPONSES | responses(413, 429),
              summary="Create an allocation job")
 def create_job(body: schemas.JobCreate, request: Request, response: Response, session: SessionDep,
                key: ApiKeyDep, settings: SettingsDep,
                idempotency_key: Annotated[str | None, Header(max_length=255,
                                                              description="Retry-safe creation: the same key and "
                                                                          "body return the same job.")] = None):
-    """Queue a search. Answers 202 with the job; poll it, or follow its events."""
+    """Queue a search. Answers 202 with the job; poll it, or follow its events. 429 (with Retry-After)
+    when the key already has its quota of queued and running jobs, or sends requests too fast."""
+    reject_nul(body.model_dump(mode="json"), ["body"])
     request_hash = _request_hash(body)
     if idempotency_key is not None:
         existing = crud.get_job_by_idempotency_key(session, api_key_id=key.id, idempotency_key=idempotency_key,
@@ -37,9 +41,15 @@ def create_job(body: schemas.JobCreate, request: Request, response: Response, se
         if existing is not None:
             return _replay(existing, request_hash, response)
 
+    check_limits(settings, body)
     params = body.model_dump(exclude={"metadata"})
     params["model"] = resolve_model(settings, body.model)
     params["dataset"] = resolve_dataset(settings, body.dataset)
+    active = crud.count_active_jobs(session, api_key_id=key.id)
+    if active >= settings.max_active_jobs_per_key:
+        raise ProblemError(429, f"this key has {active} queued or running jobs, the most allowed "
+                                f"(CONSA_MAX_ACTIVE_JOBS_PER_KEY); submit again when one has ended",
+                           code="too_many_active_jobs", headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)})
     try:
         job = crud.create_job(session, api_key_id=key.id, model=body.model, params=params, meta=body.metadata,
                               idempotency_key=idempotency_key, request_hash=request_hash)
@@ -49,13 +59,14 @@ def create_job(body: schemas.JobCreate, request: Request, response: Response, se
         existing = crud.get_job_by_idempotency_key(session, api_key_id=key.id, idempotency_key=idempotency_key)
         return _replay(existing, request_hash, response)
 
+    # The outbox: the row is committed first, then its id is published. If the broker is down the job
+    # stays queued and unpublished, and the reconciler publishes it once the broker is back; the
+    # client's 202 (and any Idempotency-Key replay) names a job that will run.
     try:
         enqueue(request.app.state.celery, job.id, settings.queue)
-    except Exception as e:  # broker down: the row must not claim a job is queued when it is not
-        log.exception("could not enqueue %s", job.id)
-        crud.finish_job(session, job=job, status="failed", error_code="broker_unavailable", error_type="system",
-                        error_message=f"the job could not be queued: {type(e).__name__}")
-        raise ProblemError(503, "the job queue is unavailable; try again later", code="broker_unavailable") from None
+        crud.mark_enqueued(session, job_id=job.id)
+    except Exception as e:
+        log.warning("could not publish %s now (%s); the reconciler will", job.id, type(e).__name__)
     request.app.state.metrics.jobs_created.inc()
     return schemas.Job.of(job)
 
@@ -74,6 +85,7 @@ def list_jobs(session: SessionDep, key: ApiKeyDep, settings: SettingsDep,
               model: Annotated[str | None, Query(max_length=1000)] = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(max_length=40, description="Last job id of the previous page.")] = None):
+    reject_nul({"model": model, "after": after}, ["query"])
     try:
         jobs, has_more = crud.list_jobs(session, api_key_id=key.id, limit=min(limit, settings.max_page_size),
                                         after=after, status=status, model=model)
@@ -94,7 +106,6 @@ def cancel_job(job: JobDep, session: SessionDep):
     """A queued job ends `cancelled` at once; a running one turns `cancel_requested` and stops at its next
     step. Cancelling a finished job changes nothing."""
     return schemas.Job.of(crud.request_cancel(session, job=job))
-
 
 
 

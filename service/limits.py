@@ -1,0 +1,140 @@
+"""What one key may ask of the service: job size, metadata size, body size, request rate, open streams.
+
+The bounds are settings (service/settings.py), so an operator with bigger GPUs raises them; the
+defaults refuse a job of days. Breaking one is a 4xx problem document, never a 500.
+"""
+
+import json
+import threading
+import time
+from collections import defaultdict
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.problems import ProblemError, field_error
+from service.settings import Settings
+
+
+def reject_nul(value, loc: list) -> None:
+    """A NUL byte is in no valid path, id or label, and PostgreSQL cannot store one in text: 422."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise field_error(422, loc, "must not contain a NUL byte", "invalid_character")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            reject_nul(k, loc)
+            reject_nul(v, [*loc, k])
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            reject_nul(v, [*loc, i])
+
+
+def check_limits(settings: Settings, body) -> None:
+    """The job's size against the server's bounds: each of steps, seq_len, batch_size, their product
+    (training tokens), and the metadata's JSON size."""
+    for field, bound in (("steps", settings.max_steps), ("seq_len", settings.max_seq_len),
+                         ("batch_size", settings.max_batch_size)):
+        if getattr(body, field) > bound:
+            raise field_error(422, ["body", field], f"at most {bound} on this server "
+                                                    f"(CONSA_MAX_{field.upper()})", "limit_exceeded")
+    tokens = body.steps * body.seq_len * body.batch_size
+    if tokens > settings.max_tokens_per_job:
+        raise field_error(422, ["body", "steps"], f"steps x seq_len x batch_size = {tokens} training tokens; "
+                                                  f"this server runs at most {settings.max_tokens_per_job} per job "
+                                                  "(CONSA_MAX_TOKENS_PER_JOB)", "limit_exceeded")
+    size = len(json.dumps(body.metadata, ensure_ascii=False).encode())
+    if size > settings.max_metadata_bytes:
+        raise field_error(422, ["body", "metadata"], f"{size} bytes as JSON; at most {settings.max_metadata_bytes}",
+                          "metadata_too_large")
+
+
+class RateLimiter:
+    """A token bucket per key: `per_minute` requests a minute, bursts up to a minute's worth. Per API
+    process (a deployment with N API processes allows N times as much)."""
+
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self._buckets: dict[int, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key_id: int) -> None:
+        if self.per_minute <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key_id, (float(self.per_minute), now))
+            tokens = min(float(self.per_minute), tokens + (now - last) * self.per_minute / 60)
+            if tokens < 1:
+                self._buckets[key_id] = (tokens, now)
+                wait = int((1 - tokens) * 60 / self.per_minute) + 1
+                raise ProblemError(429, f"more than {self.per_minute} requests a minute with this key; slow down",
+                                   code="rate_limited", headers={"Retry-After": str(wait)})
+            self._buckets[key_id] = (tokens - 1, now)
+
+
+class StreamSlots:
+    """Open event streams per key (per API process)."""
+
+    def __init__(self, per_key: int):
+        self.per_key = per_key
+        self._open: dict[int, int] = defaultdict(int)
+        self._lock = threading.Lock()
+
+    def acquire(self, key_id: int):
+        """Take a slot; returns its release function, which may be called any number of times."""
+        with self._lock:
+            if self._open[key_id] >= self.per_key:
+                raise ProblemError(429, f"this key already has {self.per_key} open event streams "
+                                        "(CONSA_MAX_STREAMS_PER_KEY); close one or page with ?after=",
+                                   code="too_many_streams", headers={"Retry-After": "5"})
+            self._open[key_id] += 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if not released.is_set():
+                    released.set()
+                    self._open[key_id] -= 1
+
+        return release
+
+    def open(self, key_id: int) -> int:
+        return self._open.get(key_id, 0)
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over `max_bytes` is refused with 413, whether it announces its
+    length or streams in chunks."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = HTTPException(413, f"the request body is larger than {self.max_bytes} bytes")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _problem_413(scope, receive, send, too_large)  # before a byte of the body is read
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_large  # FastAPI re-raises HTTPExceptions from body reading: problem+json 413
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+async def _problem_413(scope: Scope, receive: Receive, send: Send, exc: HTTPException) -> None:
+    from starlette.requests import Request
+
+    from service.problems import problem_response
+
+    response = problem_response(Request(scope, receive), 413, exc.detail, code="request_too_large")
+    await response(scope, receive, send)

@@ -1,0 +1,87 @@
+"""The reconciler: the database is the truth, the broker only a delivery channel that may lose things.
+
+Every `reconcile_interval_s` (10 s) the API process:
+1. settles jobs whose worker died, whatever its name: a `running` job with no heartbeat for
+   `stale_after_s` (60 s; live workers beat every 10 s, see worker/tasks.py) is queued again while it
+   has attempts left (`max_attempts`, 2), else failed as `worker_lost`; a `cancel_requested` one ends
+   `cancelled`;
+2. publishes the outbox: `queued` jobs never published (the broker was down when they were
+   submitted), and `queued` jobs published more than `requeue_after_s` (60 s) ago while a live worker
+   has sat idle for as long (their message was lost, e.g. by a Redis without AOF). A duplicate message
+   is harmless: the worker claims the row with a conditional UPDATE, and only one claim wins.
+
+It runs in the API's lifespan (so `consa serve`, the embedded default, has it too). Several API
+processes may run it at once: every change is a conditional UPDATE, and duplicates are harmless.
+A job whose worker dies is therefore settled within stale_after_s + reconcile_interval_s (~70 s), and
+a lost message is re-sent within requeue_after_s + reconcile_interval_s (~70 s) of a worker being idle.
+"""
+
+import datetime as dt
+import logging
+
+import anyio
+from celery import Celery
+
+from service import artifacts, crud
+from service.db import sessionmaker_for
+from service.models import utcnow
+from service.queue import enqueue
+from service.settings import Settings
+
+log = logging.getLogger("consa.reconciler")
+
+# A job the API just created is published by that request; the outbox leaves it alone this long.
+PUBLISH_GRACE_S = 5
+
+
+def settle_lost(settings: Settings, *, worker: str | None = None) -> dict[str, list[str]]:
+    """Step 1, also called by a worker at start for the jobs its previous process left (worker=its name)."""
+    stale_before = None if worker else utcnow() - dt.timedelta(seconds=settings.stale_after_s)
+    with sessionmaker_for(settings.database_url)() as session:
+        outcome = crud.settle_lost_jobs(session, max_attempts=settings.max_attempts, stale_before=stale_before,
+                                        worker=worker)
+    for job_id in outcome["requeued"]:
+        artifacts.remove_job_files(settings.artifact_dir, job_id)  # the lost attempt's partial files
+    for kind, ids in outcome.items():
+        if ids:
+            log.warning("worker lost: %s %s", kind, ", ".join(ids))
+    return outcome
+
+
+def publish_outbox(settings: Settings, celery: Celery) -> list[str]:
+    """Step 2. Returns the ids published; stops at the first broker error (the next pass retries)."""
+    now = utcnow()
+    stale_before = now - dt.timedelta(seconds=settings.stale_after_s)
+    waited = now - dt.timedelta(seconds=settings.requeue_after_s)
+    published = []
+    with sessionmaker_for(settings.database_url)() as session:
+        idle = crud.idle_worker_exists(session, stale_before=stale_before, idle_before=waited)
+        due = crud.jobs_to_publish(session, created_before=now - dt.timedelta(seconds=PUBLISH_GRACE_S),
+                                   republish_before=waited if idle else None)
+        for job_id in due:
+            try:
+                enqueue(celery, job_id, settings.queue)
+            except Exception as e:
+                log.warning("broker unavailable (%s); %d job(s) wait for the next pass", type(e).__name__,
+                            len(due) - len(published))
+                break
+            crud.mark_enqueued(session, job_id=job_id)
+            published.append(job_id)
+    if published:
+        log.info("published %d queued job(s): %s", len(published), ", ".join(published))
+    return published
+
+
+def reconcile_once(settings: Settings, celery: Celery) -> None:
+    settle_lost(settings)
+    publish_outbox(settings, celery)
+
+
+async def run_forever(settings: Settings, celery: Celery) -> None:
+    """The lifespan task: one pass per interval; a failed pass (database down) is logged and retried."""
+    while True:
+        try:
+            await anyio.to_thread.run_sync(reconcile_once, settings, celery)
+        except Exception:
+            log.exception("reconciler pass failed; retrying in %ss", settings.reconcile_interval_s)
+        await anyio.sleep(settings.reconcile_interval_s)
