@@ -154,7 +154,7 @@ def main(argv=None) -> list[dict]:
                     continue
                 cfg = dict(model=args.model, sparsity=s, granularity=g, window=args.window, seq_len=args.search_seq_len,
                            batch_size=args.search_batch, steps=args.steps, objective=method.split("-")[1],
-                           retrieval_ratio=args.retrieval_ratio, seed=args.seed, device=str(device))
+                           retrieval_ratio=args.retrieval_ratio, seed=args.seed)
                 if args.search_lr is not None:
                     cfg["lr"] = args.search_lr
                 t = time.time()

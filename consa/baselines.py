@@ -18,10 +18,16 @@ That one mechanism makes every rule hit the exact count:
   the layer index so that every head index is used about equally often.
 - `heuristic-loss`: training-free. Score each unit by the calibration loss increase when that unit
   alone becomes SWA; the units that hurt least become SWA.
+- `retrieval-heads`: training-free. Score each KV head by the attention mass its queries put on keys
+  beyond the window on calibration rows (consa.attention_scores); a unit's score is the mean over its
+  heads.
+- `duo`: DuoAttention's method (consa.duo): a real-valued gate per KV head trained to keep the final
+  hidden states of the full model under an L1 pull towards streaming; the lowest gates become SWA,
+  a unit's score being the mean over its heads.
 
-For `kv_head` granularity the layer rules keep their layer order and switch whole layers first; when
-the budget is not a multiple of kv_heads, the next layer in the order gets the remaining heads
-(lowest head indices first). `random` and `heuristic-loss` rank individual heads.
+Units come from the granularity's UnitGrid (consa.units), so nothing here branches on its name: the
+layer rules order layers and fill the budget unit by unit along that order (a unit that covers part
+of a layer, such as a KV head, goes lowest head index first); score-based baselines rank units.
 """
 
 import random as _random
@@ -30,7 +36,7 @@ import torch
 
 from consa.gates import exact_swa_mask
 from consa.manifest import Allocation
-from consa.units import check_granularity
+from consa.units import UnitGrid, unit_grid
 
 
 def num_swa_units(num_units: int, sparsity: float) -> int:
@@ -89,18 +95,18 @@ def _allocation(swa: torch.Tensor, *, method: str, granularity: str, sparsity: f
                                      sink_tokens=sink_tokens, sparsity_target=float(sparsity), method=method, **extra)
 
 
+def _swa_units(grid: UnitGrid, unit_scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """(L, K) bool: the round(s * N) lowest-scoring units SWA (ties by unit index)."""
+    return grid.to_grid(exact_swa_mask(unit_scores.reshape(grid.count), sparsity)).clone()
+
+
 def swa_from_layer_order(order: list[int], shape: tuple[int, int], sparsity: float, granularity: str) -> torch.Tensor:
-    """(L, K) bool: whole layers in `order` become SWA; kv_head fills the last layer head by head."""
-    num_layers, num_kv_heads = shape
-    swa = torch.zeros(num_layers, num_kv_heads, dtype=torch.bool)
-    if granularity == "layer":
-        for layer in order[:num_swa_units(num_layers, sparsity)]:
-            swa[layer] = True
-        return swa
-    units = [(layer, h) for layer in order for h in range(num_kv_heads)]
-    for layer, h in units[:num_swa_units(num_layers * num_kv_heads, sparsity)]:
-        swa[layer, h] = True
-    return swa
+    """(L, K) bool: units SWA in the order of their layer in `order` (within a layer, head index)."""
+    grid = unit_grid(granularity, *shape)
+    rank = torch.empty(grid.num_layers, dtype=torch.long)
+    rank[torch.tensor(order)] = torch.arange(len(order))
+    cell_priority = rank[:, None] * grid.num_kv_heads + torch.arange(grid.num_kv_heads)  # (L, K), low = SWA first
+    return _swa_units(grid, grid.from_grid(cell_priority).float(), sparsity)
 
 
 def swa_even_quota(shape: tuple[int, int], sparsity: float) -> torch.Tensor:
@@ -116,28 +122,38 @@ def swa_even_quota(shape: tuple[int, int], sparsity: float) -> torch.Tensor:
     return swa
 
 
+def unit_scores(grid: UnitGrid, scores: torch.Tensor) -> torch.Tensor:
+    """(count,) per-unit scores from per-unit scores of any shape, or from (L, K) per-cell scores
+    (a unit then scores the mean of its cells)."""
+    scores = torch.as_tensor(scores, dtype=torch.float32).cpu()
+    if scores.numel() == grid.count:
+        return scores.reshape(grid.count)
+    if tuple(scores.shape) == grid.shape:
+        return torch.stack([torch.stack([scores[c] for c in grid.cells(u)]).mean() for u in range(grid.count)])
+    raise ValueError(f"scores must hold one value per unit ({grid.count}) or per cell {grid.shape}, "
+                     f"got {tuple(scores.shape)}")
+
+
 def swa_from_scores(scores: torch.Tensor, sparsity: float, granularity: str, num_kv_heads: int) -> torch.Tensor:
-    """scores: (L,) for layer or (L, K) for kv_head, higher = more worth keeping full. Returns (L, K) bool."""
-    swa = exact_swa_mask(scores, sparsity)  # lowest scores SWA, ties by index
-    if granularity == "layer":
-        swa = swa.flatten()[:, None].expand(-1, num_kv_heads)
-    return swa.clone()
+    """scores: per unit, or per (layer, kv_head) cell; higher = more worth keeping full. Returns (L, K) bool."""
+    num_layers = scores.shape[0]
+    grid = unit_grid(granularity, num_layers, num_kv_heads)
+    return _swa_units(grid, unit_scores(grid, scores), sparsity)
 
 
-# -- the training-free heuristic ------------------------------------------------------------------
+# -- baselines that score the model ---------------------------------------------------------------
 @torch.no_grad()
 def heuristic_loss_scores(model, calibration: torch.Tensor, granularity: str, window: int,
                           sink_tokens: int = 0, batch_size: int = 4) -> torch.Tensor:
-    """Loss increase on `calibration` (N, T) token rows when each unit alone becomes SWA.
+    """Loss increase on `calibration` (N, T) token rows when each unit alone becomes SWA: (count,) per unit.
 
-    Returns (L,) for layer granularity, (L, K) for kv_head. Costs N_units + 1 passes over the rows;
-    the scores do not depend on the sparsity, so compute them once and reuse across sparsities.
+    Costs N_units + 1 passes over the rows; the scores do not depend on the sparsity, so compute them
+    once and reuse across sparsities.
     """
     from consa.hybrid_attention import install, model_shape
 
-    check_granularity(granularity)
-    num_layers, num_kv_heads = model_shape(model)
-    hybrid = model.consa_hybrid if getattr(model, "consa_hybrid", None) is not None else None
+    grid = unit_grid(granularity, *model_shape(model))
+    hybrid = getattr(model, "consa_hybrid", None)
     if hybrid is None or hybrid.window != window or hybrid.sink_tokens != sink_tokens:
         hybrid = install(model, window, sink_tokens)
     device = next(model.parameters()).device
@@ -153,67 +169,115 @@ def heuristic_loss_scores(model, calibration: torch.Tensor, granularity: str, wi
                 total += model(input_ids=batch, labels=batch).loss.float().item() * batch.shape[0]
         return total / rows.shape[0]
 
-    units = [(layer,) for layer in range(num_layers)] if granularity == "layer" else \
-        [(layer, h) for layer in range(num_layers) for h in range(num_kv_heads)]
     try:
         base = loss_with(None)
         scores = []
-        for unit in units:
-            z = torch.ones(num_layers, num_kv_heads, device=device)
-            z[unit] = 0.0  # this layer (all heads) or this one head slides
-            scores.append(loss_with(z) - base)
+        for unit in range(grid.count):
+            alone = torch.ones(grid.count)
+            alone[unit] = 0.0  # this unit alone slides
+            scores.append(loss_with(grid.to_grid(alone).to(device)) - base)
     finally:
         hybrid.set_gates(None)
-    scores = torch.tensor(scores)
-    return scores if granularity == "layer" else scores.view(num_layers, num_kv_heads)
+    return torch.tensor(scores)
+
+
+def retrieval_head_scores(model, calibration: torch.Tensor, window: int, sink_tokens: int = 0,
+                          labels: torch.Tensor | None = None) -> torch.Tensor:
+    """(L, K) attention mass beyond the window per KV head (see consa.attention_scores)."""
+    from consa.attention_scores import far_attention_scores
+
+    return far_attention_scores(model, calibration, window, sink_tokens, labels=labels)
+
+
+def duo_scores(model, calibration: torch.Tensor, window: int, sink_tokens: int = 0, *, tokenizer=None,
+               dataset=None, steps: int | None = None, seed: int = 0) -> torch.Tensor:
+    """(L, K) DuoAttention gates. Trained on `dataset` (rows, labels) when given; else on passkey
+    documents built from the calibration text when a tokenizer is at hand (their recipe); else on the
+    calibration text itself, every token scored."""
+    from consa import duo
+
+    if dataset is not None:
+        rows, labels = dataset if isinstance(dataset, tuple) else (dataset, None)
+    elif tokenizer is not None:
+        rows, labels = duo.passkey_rows(tokenizer, calibration.cpu(), count=max(calibration.shape[0], 16), seed=seed)
+    else:
+        rows, labels = calibration, None
+    return duo.duo_head_scores(model, rows, labels, window=window, sink_tokens=sink_tokens,
+                               steps=steps or duo.DEFAULT_STEPS, seed=seed)
 
 
 # -- registry ---------------------------------------------------------------------------------------
 LAYER_RULES = ("interleave-1:1", "interleave-3:1", "interleave-5:1", "bottom", "top")
-BASELINES = (*LAYER_RULES, "even", "random", "heuristic-loss")
+SCORED = ("heuristic-loss", "retrieval-heads", "duo")  # baselines that score the model on calibration rows
+BASELINES = (*LAYER_RULES, "even", "random", *SCORED)
+
+
+def needs_calibration(name: str) -> bool:
+    """Whether a baseline scores the model on calibration rows (it then needs a model and rows)."""
+    return name in SCORED
+
+
+def _splits_layers(granularity: str) -> bool:
+    """Whether a granularity's units are finer than layers (what `even` spreads over layers)."""
+    return unit_grid(granularity, 1, 2).count > 1
 
 
 def baseline_names(granularity: str | None = None) -> list[str]:
-    """Every baseline, or those that apply to a granularity (`even` is kv_head only)."""
-    if granularity == "layer":
+    """Every baseline, or those that apply to a granularity (`even` needs units finer than layers)."""
+    if granularity is not None and not _splits_layers(granularity):
         return [n for n in BASELINES if n != "even"]
     return list(BASELINES)
 
 
+def baseline_scores(name: str, model, calibration: torch.Tensor, granularity: str, window: int, *,
+                    sink_tokens: int = 0, tokenizer=None, dataset=None, steps: int | None = None,
+                    seed: int = 0) -> torch.Tensor:
+    """The scores a scored baseline ranks units by (per unit, or per (layer, kv_head) cell).
+
+    They do not depend on the sparsity: compute them once and pass them to build_baseline as `scores`.
+    """
+    if name == "heuristic-loss":
+        return heuristic_loss_scores(model, calibration, granularity, window, sink_tokens)
+    if name == "retrieval-heads":
+        return retrieval_head_scores(model, calibration, window, sink_tokens)
+    if name == "duo":
+        return duo_scores(model, calibration, window, sink_tokens, tokenizer=tokenizer, dataset=dataset,
+                          steps=steps, seed=seed)
+    raise ValueError(f"{name!r} does not score the model: scored baselines are {', '.join(SCORED)}")
+
+
 def build_baseline(name: str, model_shape: tuple[int, int], sparsity: float, granularity: str, window: int, *,
                    seed: int = 0, sink_tokens: int = 0, model_name: str = "", model=None,
-                   calibration: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> Allocation:
+                   calibration: torch.Tensor | None = None, scores: torch.Tensor | None = None,
+                   tokenizer=None) -> Allocation:
     """An Allocation of baseline `name` with exactly round(sparsity * N) SWA units.
 
-    `heuristic-loss` needs either precomputed `scores` (see heuristic_loss_scores) or a `model`
-    plus `calibration` token rows (N, T).
+    Scored baselines (SCORED) need either precomputed `scores` (see baseline_scores) or a `model`
+    plus `calibration` token rows (N, T); `duo` also uses a `tokenizer` to build its passkey rows.
     """
-    check_granularity(granularity)
+    grid = unit_grid(granularity, *model_shape)
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}: expected one of {', '.join(BASELINES)}")
-    num_layers, num_kv_heads = model_shape
+    num_swa_units(grid.count, sparsity)  # validates the sparsity
     common = dict(granularity=granularity, sparsity=sparsity, window=window, sink_tokens=sink_tokens,
                   model_name=model_name)
     if name == "even":
-        if granularity != "kv_head":
-            raise ValueError("the `even` baseline spreads heads over layers: it needs kv_head granularity")
+        if not _splits_layers(granularity):
+            raise ValueError(f"the `even` baseline spreads heads over layers: {granularity} units are whole layers")
         return _allocation(swa_even_quota(model_shape, sparsity), method=name, **common)
-    if name == "random" and granularity == "kv_head":
-        perm = torch.randperm(num_layers * num_kv_heads, generator=torch.Generator().manual_seed(seed))
+    if name == "random":
+        perm = torch.randperm(grid.count, generator=torch.Generator().manual_seed(seed))
         rank = torch.empty_like(perm)
         rank[perm] = torch.arange(perm.numel())  # unit perm[0] gets the lowest score, so it goes SWA first
-        swa = swa_from_scores(rank.view(num_layers, num_kv_heads).float(), sparsity, granularity, num_kv_heads)
-        return _allocation(swa, method=name, training={"seed": seed}, **common)
-    if name == "heuristic-loss":
+        return _allocation(_swa_units(grid, rank.float(), sparsity), method=name, training={"seed": seed}, **common)
+    if name in SCORED:
         if scores is None:
             if model is None or calibration is None:
-                raise ValueError("heuristic-loss needs scores, or a model and calibration rows")
-            scores = heuristic_loss_scores(model, calibration, granularity, window, sink_tokens)
-        expected = (num_layers,) if granularity == "layer" else (num_layers, num_kv_heads)
-        if tuple(scores.shape) != expected:
-            raise ValueError(f"heuristic scores must be shaped {expected}, got {tuple(scores.shape)}")
-        swa = swa_from_scores(scores, sparsity, granularity, num_kv_heads)
-        return _allocation(swa, method=name, evaluation={"heuristic_scores": scores.tolist()}, **common)
-    order = layer_order(name, num_layers, seed)
-    extra = {"training": {"seed": seed}} if name == "random" else {}
-    return _allocation(swa_from_layer_order(order, model_shape, sparsity, granularity), method=name, **common, **extra)
+                raise ValueError(f"{name} needs scores, or a model and calibration rows")
+            scores = baseline_scores(name, model, calibration, granularity, window, sink_tokens=sink_tokens,
+                                     tokenizer=tokenizer, seed=seed)
+        per_unit = unit_scores(grid, scores)
+        return _allocation(_swa_units(grid, per_unit, sparsity), method=name,
+                           evaluation={f"{name.replace('-', '_')}_scores": per_unit.tolist()}, **common)
+    order = layer_order(name, grid.num_layers, seed)
+    return _allocation(swa_from_layer_order(order, model_shape, sparsity, granularity), method=name, **common)

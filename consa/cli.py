@@ -47,7 +47,12 @@ def _add_search_parser(sub):
     _add_setting_args(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--resume", default=None, help="gates.safetensors of an earlier run to continue from")
-    p.add_argument("--out", required=True, help="output directory for manifest.json and gates.safetensors")
+    p.add_argument("--out", required=True, help="output directory: manifest.json, gates.safetensors, heatmap.png, ...")
+    p.add_argument("--evaluate", action="store_true", help="score it against full attention and every baseline "
+                                                           "(evaluation.md / evaluation.json)")
+    p.add_argument("--checkpoint", action="store_true", help="export the hybrid model (checkpoint/ + checkpoint.tar)")
+    p.add_argument("--heatmap", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw heatmap.png (needs matplotlib)")
 
 
 def _add_eval_parser(sub):
@@ -64,7 +69,7 @@ def _add_eval_parser(sub):
 def cmd_search(args) -> int:
     from tqdm import tqdm
 
-    from consa.search import run_search
+    from consa.pipeline import run_allocation
 
     config = SearchConfig.from_dict({name: getattr(args, name) for name in setting_names()})
     bar = tqdm(total=config.steps, desc="search", unit="step", file=sys.stderr)
@@ -73,11 +78,14 @@ def cmd_search(args) -> int:
         bar.n = rec["step"]
         bar.set_postfix(loss=f"{rec['loss']:.4f}", s=f"{rec['sparsity']:.3f}", t=f"{rec['target']:.3f}")
 
-    result = run_search(config, progress=progress, resume_from=args.resume, device=args.device)
+    def event(type, message):
+        bar.write(f"{type}: {message}" if type != "info" else message, file=sys.stderr)
+
+    run = run_allocation(config, args.out, evaluate=args.evaluate, checkpoint=args.checkpoint, heatmap=args.heatmap,
+                         device=args.device, resume_from=args.resume, progress=progress, on_event=event)
     bar.close()
-    out = result.save(args.out)
-    a = result.allocation
-    print(json.dumps({"manifest": str(out / "manifest.json"), "gates": str(out / "gates.safetensors"),
+    a = run.search.allocation
+    print(json.dumps({**{name.split(".")[0]: str(path) for name, path in run.artifacts.items()},
                       "granularity": a.granularity, "sparsity_target": a.sparsity_target,
                       "sparsity_achieved": a.sparsity_achieved}, indent=1))
     return 0
@@ -127,10 +135,9 @@ def _add_export_parser(sub):
 
 def cmd_compare(args) -> int:
     from consa import baselines
-    from consa.compare import compare, markdown_table
-    from consa.hybrid_attention import model_shape
-    from consa.manifest import load_allocation
+    from consa.compare import baseline_allocations, compare, markdown_table
     from consa.loading import load_model, pick_device
+    from consa.manifest import load_allocation
 
     allocations = {"full": None}
     for path in args.allocation:
@@ -144,15 +151,10 @@ def cmd_compare(args) -> int:
     names = baselines.baseline_names(granularity) if args.baselines == "all" else [n for n in args.baselines.split(",") if n]
     if names and None in (sparsity, granularity, window):
         raise ValueError("baselines need --sparsity, --granularity and --window (or an --allocation to take them from)")
-    calibration = None
-    if "heuristic-loss" in names:
-        from consa.data import calibration_rows
-
-        calibration = calibration_rows(tokenizer, args.data, args.seq_len, args.seed).to(model.device)
-    shape = model_shape(model)
-    for name in names:
-        allocations[name] = baselines.build_baseline(name, shape, sparsity, granularity, window, seed=args.seed,
-                                                     model_name=args.model, model=model, calibration=calibration)
+    allocations |= baseline_allocations(names, model, tokenizer, sparsity=sparsity, granularity=granularity,
+                                        window=window, seed=args.seed, calibration_data=args.data,
+                                        seq_len=args.seq_len, model_name=args.model,
+                                        on_event=lambda type, message: print(message, file=sys.stderr))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = compare(model, tokenizer, allocations, data=args.data, seq_len=args.seq_len,

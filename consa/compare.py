@@ -1,4 +1,5 @@
-"""Run several allocations on the same data and tabulate them (what `consa compare` calls)."""
+"""Run several allocations on the same data and tabulate them: `consa compare`, a job's evaluation
+and the quality benchmark all go through here."""
 
 import re
 from pathlib import Path
@@ -50,6 +51,35 @@ def compare(model, tokenizer, allocations: dict, *, data, seq_len: int = 4096, n
             progress(f"{name}: loss {result['loss']:.4f} retrieval {result['retrieval_acc']} "
                      f"kv {result['kv_bytes_ratio']:.3f} ({result['seconds']:.1f}s)")
     return records
+
+
+def baseline_allocations(names, model, tokenizer, *, sparsity: float, granularity: str, window: int,
+                         sink_tokens: int = 0, seed: int = 0, calibration_data=None, seq_len: int = 1024,
+                         model_name: str = "", on_event=None) -> dict:
+    """name -> Allocation for each baseline in `names`, all at exactly the same sparsity as the others.
+
+    Baselines that look at the model (heuristic-loss) score it on a few `calibration_data` rows: a text
+    path or an (N, T) token tensor.
+    """
+    from consa import baselines
+    from consa.data import calibration_rows
+    from consa.hybrid_attention import model_shape
+
+    shape = model_shape(model)
+    calibration = None
+    if any(baselines.needs_calibration(name) for name in names):
+        if calibration_data is None:
+            raise ValueError("these baselines score the model on calibration data: give calibration_data")
+        calibration = calibration_data if not isinstance(calibration_data, (str, Path)) else \
+            calibration_rows(tokenizer, calibration_data, seq_len, seed)
+        calibration = calibration.to(next(model.parameters()).device)
+        if on_event is not None:
+            on_event("info", f"baselines that score the model use {calibration.shape[0]} calibration rows of "
+                             f"{calibration.shape[1]} tokens")
+    return {name: baselines.build_baseline(name, shape, sparsity, granularity, window, seed=seed,
+                                           sink_tokens=sink_tokens, model_name=model_name, model=model,
+                                           calibration=calibration)
+            for name in names}
 
 
 def _cell(value, fmt: str, std=None) -> str:

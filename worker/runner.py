@@ -1,11 +1,12 @@
-"""Run one allocation job: claim it, search, store artifacts, record the end. The database is the truth.
+"""Run one allocation job: claim the row, run the library's recipe, publish what it writes, record the end.
 
-setup (claim the row, build the SearchConfig) -> search (progress + cancel checks every step) ->
-artifacts (manifest, gates, heatmap, checkpoint, evaluation) -> terminal status.
+The recipe itself (search -> manifest + gates -> heatmap -> evaluation -> checkpoint) is
+`consa.pipeline.run_allocation`, the same the CLI runs; this module keeps the job's lifecycle: the
+claim, heartbeats (progress), cancel checks, publishing artifacts and the terminal status.
+The database is the truth.
 """
 
 import datetime as dt
-import json
 import logging
 import math
 import shutil
@@ -20,12 +21,6 @@ from service.models import CANCEL_REQUESTED, CANCELLED, FAILED, RUNNING, SUCCEED
 from service.settings import Settings
 
 log = logging.getLogger("consa.worker")
-
-# Job params that are SearchConfig fields under the same name (dataset is `data` there).
-_SEARCH_FIELDS = ("model", "revision", "sparsity", "granularity", "window", "sink_tokens", "retrieval_ratio",
-                  "seq_len", "batch_size", "steps", "lr", "objective", "seed")
-# Evaluation size: enough rows and retrieval prompts to rank allocations, small next to the search.
-EVAL_SEQUENCES, EVAL_RETRIEVAL_DOCS = 16, 64
 
 
 def run_job(job_id: str, settings: Settings, worker: str) -> str | None:
@@ -65,7 +60,6 @@ class JobRun:
         self.session, self.job, self.settings = session, job, settings
         self.params = job.params
         self.staging: Path | None = None
-        self.model = self.tokenizer = None  # loaded once: the search and the evaluation share it
 
     def event(self, type: str, message: str, data: dict | None = None) -> None:
         crud.log_event(self.session, job=self.job, type=type, message=message, data=data)
@@ -74,9 +68,9 @@ class JobRun:
         crud.finish_job(self.session, job=self.job, status=status, **error)
         return crud.job_status(self.session, job_pk=self.job.pk)
 
-    # -- the phases -----------------------------------------------------------------------------
     def run(self) -> str:
         from consa.errors import Cancelled, ConsaError
+        from consa.pipeline import run_allocation
 
         self.settings.artifact_dir.mkdir(parents=True, exist_ok=True)
         # Same filesystem as the store, so publishing is a copy + rename without crossing devices.
@@ -85,8 +79,9 @@ class JobRun:
             config = self.search_config()
             if config is None:
                 return crud.job_status(self.session, job_pk=self.job.pk)
-            result = self.search(config)
-            self.store(result)
+            run_allocation(config, self.staging, evaluate=bool(self.params.get("evaluate")), checkpoint=True,
+                           progress=self.progress, should_cancel=self.should_cancel, on_event=self.event,
+                           on_artifact=self.publish)
             return self.finish(SUCCEEDED)
         except Cancelled:
             return self.finish(CANCELLED)
@@ -98,119 +93,42 @@ class JobRun:
                                error_message=f"{type(e).__name__}: {e}"[:2000])
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
-            self.release_model()
+            _free_accelerator_memory()
 
     def search_config(self):
-        from consa.search import SearchConfig
+        """The job's config as the library's SearchConfig: the settings are the same fields by name."""
+        from consa.config import SearchConfig, setting_names
 
-        fields = {name: self.params[name] for name in _SEARCH_FIELDS}
-        if not Path(fields["model"]).is_absolute() and Path(fields["model"]).exists():
+        settings = {name: self.params[name] for name in setting_names() if name in self.params}
+        if not Path(settings["model"]).is_absolute() and Path(settings["model"]).exists():
             # transformers would load a hub-like ID such as "data/x" from the worker's working
             # directory, outside every model root: refuse rather than guess.
             self.finish(FAILED, error_code="model_path_not_allowed", error_type="user",
-                        error_message=f"{fields['model']!r} names a local folder of the worker, not a hub model; "
+                        error_message=f"{settings['model']!r} names a local folder of the worker, not a hub model; "
                                       "give an absolute path under a model root")
             return None
         try:
-            return SearchConfig(**fields, dataset=self.params["dataset"])
+            return SearchConfig.from_dict(settings)
         except ValueError as e:  # the request passed the API's checks but not the library's
             self.finish(FAILED, error_code="invalid_request", error_type="user", error_message=str(e))
             return None
 
-    def release_model(self) -> None:
-        if self.model is not None:
-            self.model = self.tokenizer = None
-            import torch
+    def progress(self, record: dict) -> None:
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
+        crud.record_progress(self.session, job=self.job, progress=clean)
 
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # the next job on this GPU gets the memory back
+    def should_cancel(self) -> bool:
+        # Anything but running stops the search: cancel_requested, or a row someone else ended.
+        return crud.job_status(self.session, job_pk=self.job.pk) != RUNNING
 
-    def search(self, config):
-        from consa.loading import load_for_search
-        from consa.search import run_search
-
-        def progress(record: dict) -> None:
-            clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
-            crud.record_progress(self.session, job=self.job, progress=clean)
-
-        def should_cancel() -> bool:
-            # Anything but running stops the search: cancel_requested, or a row someone else ended.
-            return crud.job_status(self.session, job_pk=self.job.pk) != RUNNING
-
-        self.model, self.tokenizer = load_for_search(config)
-        self.event("info", f"search: {config.steps} steps, sparsity {config.sparsity}, {config.granularity}, "
-                           f"window {config.window}")
-        return run_search(config, progress=progress, should_cancel=should_cancel, model=self.model,
-                          tokenizer=self.tokenizer)
-
-    def store(self, result) -> None:
-        out = self.staging
-        result.save(out)
-        self.publish(out / "manifest.json", "manifest.json")
-        self.publish(out / "gates.safetensors", "gates.safetensors")
-        self.heatmap(result.allocation, out)
-        if not self.params.get("evaluate"):
-            self.release_model()  # before the export loads its own copy on the CPU
-        self.checkpoint(result.allocation, out)
-        if self.params.get("evaluate"):
-            self.evaluate(result.allocation, out)
-
-    def publish(self, path: Path, name: str) -> None:
+    def publish(self, name: str, path: Path) -> None:
         size, sha256 = artifacts.publish(path, self.settings.artifact_dir, self.job.id, name)
         crud.add_artifact(self.session, job=self.job, name=name, size=size, sha256=sha256,
                           content_type=artifacts.content_type(name))
 
-    # -- derived artifacts ------------------------------------------------------------------------------
-    def heatmap(self, allocation, out: Path) -> None:
-        try:
-            from consa.heatmap import save_heatmap
 
-            path = save_heatmap(allocation, out / "heatmap.png")
-        except ImportError as e:
-            self.event("warning", f"heatmap not available: {e}")
-            return
-        self.publish(Path(path), "heatmap.png")
+def _free_accelerator_memory() -> None:
+    import torch
 
-    def checkpoint(self, allocation, out: Path) -> None:
-        """The hybrid model as an HF directory, packed as checkpoint.tar.gz for one download."""
-        from consa.export import export_hybrid, pack_checkpoint
-
-        self.event("info", "exporting the hybrid checkpoint")
-        summary = export_hybrid(self.params["model"], allocation, out / "checkpoint")
-        if summary.get("message"):
-            self.event("info", f"checkpoint: {summary['message']}", data={"format": summary.get("format")})
-        self.publish(pack_checkpoint(out / "checkpoint"), "checkpoint.tar.gz")
-
-    def evaluate(self, allocation, out: Path) -> None:
-        """The learned allocation against the unmodified model and the rule-based baselines, on the job's data."""
-        from consa.baselines import baseline_names, build_baseline
-        from consa.compare import compare, markdown_table
-        from consa.data import calibration_rows
-        from consa.errors import DataError
-        from consa.evaluation import build_eval_set
-        p = self.params
-        self.event("info", "evaluating the allocation against the baselines")
-        model, tokenizer = self.model.eval(), self.tokenizer  # the search's copy: frozen weights, gates swapped per allocation
-        shape = (allocation.num_layers, allocation.num_kv_heads)
-        allocations = {"full": None, "learned": allocation}
-        calibration = calibration_rows(tokenizer, p["dataset"], p["seq_len"], p["seed"]).to(model.device)
-        units = shape[0] if p["granularity"] == "layer" else shape[0] * shape[1]
-        self.event("info", f"heuristic-loss baseline: the loss of each of {units} units made SWA alone, "
-                           f"on {calibration.shape[0]} calibration rows")
-        for name in baseline_names(p["granularity"]):
-            allocations[name] = build_baseline(name, shape, p["sparsity"], p["granularity"], p["window"],
-                                               seed=p["seed"], sink_tokens=p["sink_tokens"], model_name=p["model"],
-                                               model=model, calibration=calibration)
-        try:
-            eval_set = build_eval_set(tokenizer, p["dataset"], seq_len=p["seq_len"], num_sequences=EVAL_SEQUENCES,
-                                      retrieval_docs=EVAL_RETRIEVAL_DOCS, seed=p["seed"])
-        except DataError as e:  # retrieval documents need room for their keys; score the loss alone
-            self.event("warning", f"evaluation without retrieval: {e}")
-            eval_set = build_eval_set(tokenizer, p["dataset"], seq_len=p["seq_len"], num_sequences=EVAL_SEQUENCES,
-                                      retrieval_docs=0, seed=p["seed"])
-        records = compare(model, tokenizer, allocations, data=eval_set, window=allocation.window,
-                          progress=lambda line: self.event("info", f"evaluation: {line}"))
-        (out / "evaluation.md").write_text(markdown_table(records))
-        (out / "evaluation.json").write_text(json.dumps(records, indent=1, default=str))
-        self.publish(out / "evaluation.md", "evaluation.md")
-        self.publish(out / "evaluation.json", "evaluation.json")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the next job on this GPU gets the memory back

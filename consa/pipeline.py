@@ -1,0 +1,142 @@
+"""The recipe of one allocation, end to end: what `consa search`, a service job and the quality
+benchmark all run.
+
+setup (load the model once) -> search (progress + cancel checks every step) -> manifest + gates ->
+heatmap -> evaluation against the unmodified model and every baseline (on the search's copy of the
+model) -> hybrid checkpoint (its own CPU copy, in the source dtype). Each file is handed to
+`on_artifact(name, path)` as soon as it is written, so a caller can publish it; `on_event(type,
+message)` narrates the phases after the search so a long export or evaluation never looks like a hang.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from consa.config import SearchConfig
+from consa.errors import Cancelled, DataError
+from consa.search import SearchResult, run_search
+
+# A job's evaluation: enough rows and retrieval prompts to rank allocations, small next to the search.
+EVAL_SEQUENCES, EVAL_RETRIEVAL_DOCS = 16, 64
+
+
+@dataclass
+class AllocationRun:
+    search: SearchResult
+    artifacts: dict = field(default_factory=dict)  # name -> Path, in the order they were written
+    evaluation: list | None = None  # compare() records: the learned allocation, full, every baseline
+
+
+def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, checkpoint: bool = False,
+                   heatmap: bool = True, device="auto", model=None, tokenizer=None, dataset=None, eval_set=None,
+                   baselines=None, progress=None, on_event=None, on_artifact=None, should_cancel=None,
+                   resume_from=None) -> AllocationRun:
+    """Search an allocation for `config` and write its artifacts into `out_dir`.
+
+    evaluate: score it against full attention and the baselines (`baselines`: names, default every
+    baseline of the granularity) on `eval_set` (default: rows and retrieval prompts from the config's
+    dataset). checkpoint: export the hybrid model (checkpoint.tar). `model`/`tokenizer`/`dataset` reuse
+    what a caller has loaded already; otherwise the model is loaded once for the search and evaluation.
+    """
+    from consa.loading import load_for_search
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    say = on_event or (lambda type, message: None)
+    run = AllocationRun(search=None)
+
+    def publish(path: Path) -> None:
+        run.artifacts[path.name] = path
+        if on_artifact is not None:
+            on_artifact(path.name, path)
+
+    def check_cancel(phase: str) -> None:
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"cancelled before {phase}")
+
+    # setup + search
+    owned = model is None
+    if owned:
+        model, tokenizer = load_for_search(config, device)
+    say("info", f"search: {config.steps} steps, sparsity {config.sparsity}, {config.granularity}, "
+                f"window {config.window}, objective {config.objective}")
+    run.search = run_search(config, progress=progress, should_cancel=should_cancel, resume_from=resume_from,
+                            model=model, tokenizer=tokenizer, dataset=dataset)
+    allocation = run.search.allocation
+    run.search.save(out)
+    publish(out / "manifest.json")
+    publish(out / "gates.safetensors")
+
+    if heatmap:
+        try:
+            from consa.heatmap import save_heatmap
+
+            publish(save_heatmap(allocation, out / "heatmap.png"))
+        except ImportError as e:
+            say("warning", f"heatmap not available: {e}")
+
+    if evaluate:
+        check_cancel("the evaluation")
+        say("info", "evaluating the allocation against full attention and the baselines")
+        run.evaluation = evaluate_allocation(model, tokenizer, allocation, config, eval_set=eval_set,
+                                             baselines=baselines, on_event=say)
+        from consa.compare import markdown_table
+
+        (out / "evaluation.md").write_text(markdown_table(run.evaluation))
+        (out / "evaluation.json").write_text(json.dumps(run.evaluation, indent=1, default=str))
+        publish(out / "evaluation.md")
+        publish(out / "evaluation.json")
+
+    if checkpoint:
+        if owned:
+            del model  # the export loads its own CPU copy; give the accelerator's memory back first
+            _free_accelerator_memory()
+        check_cancel("the export")
+        say("info", "exporting the hybrid checkpoint")
+        from consa.export import export_hybrid, pack_checkpoint
+
+        summary = export_hybrid(config.model, allocation, out / "checkpoint")
+        if summary.get("message"):
+            say("info", f"checkpoint: {summary['message']}")
+        say("info", "packing the checkpoint for download")
+        publish(pack_checkpoint(out / "checkpoint"))
+    return run
+
+
+def evaluate_allocation(model, tokenizer, allocation, config: SearchConfig, *, eval_set=None, baselines=None,
+                        on_event=None) -> list[dict]:
+    """The allocation (as "learned") next to full attention and the baselines, on the same rows."""
+    from consa.baselines import baseline_names
+    from consa.compare import baseline_allocations, compare
+    from consa.evaluation import build_eval_set
+
+    say = on_event or (lambda type, message: None)
+    model.eval()  # the search's copy: frozen weights, gates swapped per allocation
+    if eval_set is None:
+        if config.dataset is None:
+            raise DataError("an evaluation needs data: give the config a dataset or pass eval_set")
+        sizes = dict(seq_len=config.seq_len, num_sequences=EVAL_SEQUENCES, seed=config.seed)
+        try:
+            eval_set = build_eval_set(tokenizer, config.dataset, retrieval_docs=EVAL_RETRIEVAL_DOCS, **sizes)
+        except DataError as e:  # retrieval documents need room for their keys; score the loss alone
+            say("warning", f"evaluation without retrieval: {e}")
+            eval_set = build_eval_set(tokenizer, config.dataset, retrieval_docs=0, **sizes)
+    names = baseline_names(config.granularity) if baselines is None else list(baselines)
+    allocations = {"full": None, "learned": allocation}
+    allocations |= baseline_allocations(names, model, tokenizer, sparsity=config.sparsity,
+                                        granularity=config.granularity, window=config.window,
+                                        sink_tokens=config.sink_tokens, seed=config.seed,
+                                        calibration_data=config.dataset, seq_len=config.seq_len,
+                                        model_name=config.model, on_event=say)
+    return compare(model, tokenizer, allocations, data=eval_set, window=allocation.window,
+                   progress=lambda line: say("info", f"evaluation: {line}"))
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
