@@ -18,10 +18,15 @@ def valid_name(name: str) -> bool:
     return bool(_NAME.fullmatch(name)) and ".." not in name
 
 
+# Every media type content_type() can answer (the download's documented content types).
+MEDIA_TYPES = ("application/json", "image/png", "application/gzip", "text/markdown", "application/octet-stream")
+
+
 def content_type(name: str) -> str:
     if name.endswith(".tar.gz"):
         return "application/gzip"
-    return mimetypes.guess_type(name)[0] or "application/octet-stream"
+    guessed = mimetypes.guess_type(name)[0]
+    return guessed if guessed in MEDIA_TYPES else "application/octet-stream"
 
 
 def job_dir(root: Path, job_id: str) -> Path:

@@ -1,4 +1,5 @@
-"""What one key may ask of the service: job size, metadata size, body size, request rate, open streams.
+"""What one key may ask of the service: job size, metadata size, request rate, open streams (the body size
+is BodySizeLimit, below).
 
 The bounds are settings (service/settings.py), so an operator with bigger GPUs raises them; the
 defaults refuse a job of days. Breaking one is a 4xx problem document, never a 500.
@@ -9,8 +10,8 @@ import threading
 import time
 from collections import defaultdict
 
-from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+
+from fastapi import HTTPException
 
 from service.problems import ProblemError, field_error
 from service.settings import Settings
@@ -104,37 +105,34 @@ class StreamSlots:
 
 
 class BodySizeLimit:
-    """ASGI middleware: a request body over `max_bytes` is refused with 413, whether it announces its
-    length or streams in chunks."""
+    """ASGI middleware: a request body over `max_bytes` is refused with a 413 problem document, at once
+    when its Content-Length says so, else as soon as the streamed bytes pass the limit."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = HTTPException(413, f"the request body is larger than {self.max_bytes} bytes")
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _problem_413(scope, receive, send, too_large)  # before a byte of the body is read
+        detail = f"the request body is larger than {self.max_bytes} bytes"
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            from starlette.requests import Request
+
+            from service.problems import problem_response
+
+            response = problem_response(Request(scope, receive), 413, detail, code="request_too_large")
+            return await response(scope, receive, send)
         seen = 0
 
-        async def counting_receive():
+        async def counted_receive():
             nonlocal seen
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise too_large  # FastAPI re-raises HTTPExceptions from body reading: problem+json 413
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                # FastAPI re-raises its own HTTPException from reading the body; the handlers make it
+                # a problem document.
+                raise HTTPException(413, detail)
             return message
 
-        await self.app(scope, counting_receive, send)
-
-
-async def _problem_413(scope: Scope, receive: Receive, send: Send, exc: HTTPException) -> None:
-    from starlette.requests import Request
-
-    from service.problems import problem_response
-
-    response = problem_response(Request(scope, receive), 413, exc.detail, code="request_too_large")
-    await response(scope, receive, send)
+        await self.app(scope, counted_receive, send)

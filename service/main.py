@@ -4,7 +4,8 @@ import asyncio
 import contextlib
 from importlib.metadata import PackageNotFoundError, version
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from starlette.routing import compile_path
 
 from service import dashboard, problems, reconciler
 from service.db import configure_pool
@@ -35,13 +36,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics(settings.database_url)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     app.state.stream_slots = StreamSlots(settings.max_streams_per_key)
-    app.middleware("http")(app.state.metrics.middleware)
+    # Innermost, so that a too-large streamed body raises straight into FastAPI's body reading.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.middleware("http")(app.state.metrics.middleware)
+    app.middleware("http")(_allow_every_method)
     problems.install(app)
     for module in (jobs, events, artifacts, health, dashboard):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)
     return app
+
+
+async def _allow_every_method(request: Request, call_next):
+    """A 405's Allow header names every documented method of the path: Starlette's names only those of
+    the first route that matched (GET /v1/jobs/{id} but not DELETE /v1/jobs/{id})."""
+    response = await call_next(request)
+    if response.status_code == 405:
+        methods = {m.upper() for regex, ms in _path_methods(request.app) if regex.match(request.url.path) for m in ms}
+        if methods:
+            response.headers["Allow"] = ", ".join(sorted(methods))
+    return response
+
+
+def _path_methods(app: FastAPI) -> list:
+    if not hasattr(app.state, "path_methods"):
+        app.state.path_methods = [(compile_path(path)[0], list(ops)) for path, ops in app.openapi()["paths"].items()]
+    return app.state.path_methods
 
 
 @contextlib.asynccontextmanager

@@ -3,42 +3,52 @@
 import datetime as dt
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from dataclasses import MISSING
 
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_serializer
+
+from consa.config import setting_fields
 from service import models
 
 Status = Literal["queued", "running", "cancel_requested", "succeeded", "failed", "cancelled"]
 assert set(Status.__args__) == set(models.STATUSES)
 
 
-class JobCreate(BaseModel):
-    """What to search for. Everything but `model` and `sparsity` has a default."""
+# The API's wording for fields whose meaning on a server differs from the library's (paths live under roots).
+_API_HELP = {
+    "model": "A hub model ID (org/name) or an absolute path under one of the server's model roots.",
+    "dataset": "Absolute path of a text file, directory or .jsonl under one of the server's data roots. "
+               "Default: the server's default dataset.",
+}
 
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent default
 
-    model: str = Field(min_length=1, max_length=1000,
-                       description="A hub model ID (org/name) or an absolute path under one of the server's model roots.")
-    revision: str | None = Field(None, max_length=200, description="Hub revision (branch, tag or commit).")
-    sparsity: float = Field(ge=0.0, le=1.0, description="Share of attention units that become sliding-window.")
-    granularity: Literal["layer", "kv_head"] = Field("kv_head", description="Switch whole layers or single KV heads.")
-    window: int = Field(256, gt=0, le=1 << 20, description="Sliding-window length in tokens.")
-    sink_tokens: int = Field(0, ge=0, le=1 << 16, description="Leading tokens every SWA unit still attends to.")
-    dataset: str | None = Field(None, max_length=4000,
-                                description="Absolute path of a text file, directory or .jsonl under one of the "
-                                            "server's data roots. Default: the server's default dataset.")
-    retrieval_ratio: float | None = Field(None, ge=0.0, le=1.0,
-                                          description="Share of training sequences replaced by synthetic multi-key "
-                                                      "retrieval documents built over the dataset. Default: 0.25 when "
-                                                      "seq_len >= max(4 x window, 512), else 0.")
-    steps: int = Field(200, ge=1, le=1_000_000)
-    seq_len: int = Field(1024, ge=8, le=1 << 20, description="Training sequence length in tokens.")
-    batch_size: int = Field(1, ge=1, le=4096)
-    lr: float = Field(0.1, gt=0.0, le=100.0, description="Learning rate of the gates.")
-    objective: Literal["lm", "distill"] = Field("lm", description="Next-token loss, or distillation to the full model.")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    evaluate: bool = Field(False, description="Evaluate the allocation against baselines after the search.")
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=16,
-                                     description="Up to 16 string pairs, returned with the job.")
+def _search_fields() -> dict:
+    """One request field per consa.SearchConfig setting, with its default, bounds, choices and help."""
+    out = {}
+    for name, kind, default, meta, optional in setting_fields():
+        annotation = Literal[meta["choices"]] if "choices" in meta else kind
+        bounds = {k: meta[k] for k in ("ge", "gt", "le", "max_length") if k in meta}
+        if kind is str and default is MISSING:
+            bounds["min_length"] = 1
+        out[name] = (annotation | None if optional else annotation,
+                     Field(... if default is MISSING else default, description=_API_HELP.get(name, meta["help"]),
+                           **bounds))
+    return out
+
+
+# What a job adds to the search: the evaluation switch and the caller's labels.
+_JOB_OPTIONS = {
+    "evaluate": (bool, Field(False, description="Evaluate the allocation against baselines after the search.")),
+    "metadata": (dict[str, str], Field(default_factory=dict, max_length=16,
+                                       description="Up to 16 string pairs, returned with the job.")),
+}
+
+# The search settings come from consa.config.SearchConfig, their one source; the worker maps a job's
+# config back by the same names (worker/runner.py: JobRun.search_config). extra="forbid": a misspelt
+# field is an error, not a silent default.
+JobCreate = create_model("JobCreate", __config__=ConfigDict(extra="forbid"), __module__=__name__,
+                         __doc__="What to search for. Everything but `model` and `sparsity` has a default.",
+                         **_search_fields(), **_JOB_OPTIONS)
 
 
 class Progress(BaseModel):

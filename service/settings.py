@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     """Extra connections under load. pool_size + overflow = 40 = the API's thread pool, so a request
     never waits on the pool longer than on a thread."""
     max_page_size: int = 100
+    public_url: str = ""
+    """The API's external base URL (https://consa.example.com), for absolute artifact URLs. Empty:
+    artifact URLs are paths relative to the API (never taken from the request's Host header)."""
     idempotency_ttl_s: int = 24 * 3600
     """An Idempotency-Key is remembered this long (Stripe: 24 h); after that it may name a new request."""
 

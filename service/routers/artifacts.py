@@ -7,26 +7,30 @@ from fastapi.responses import FileResponse
 
 from service import artifacts, crud, schemas
 from service.deps import JobDep, SessionDep, SettingsDep
-from service.problems import PROBLEM_RESPONSES, ProblemError
+from service.problems import PROBLEM_RESPONSES, ProblemError, responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
 
 
 @router.get("/{job_id}/artifacts", response_model=schemas.ArtifactList, responses=PROBLEM_RESPONSES,
             summary="List a job's artifacts")
-def list_artifacts(job: JobDep, session: SessionDep, request: Request):
+def list_artifacts(job: JobDep, session: SessionDep, settings: SettingsDep, request: Request):
+    """`url` is relative to the API (or absolute under CONSA_PUBLIC_URL): never built from the request's
+    Host header, which a client or a proxy controls."""
+    base = settings.public_url.rstrip("/")
     data = [schemas.ArtifactInfo(name=a.name, size=a.size, sha256=a.sha256, content_type=a.content_type,
-                                 url=str(request.url_for("download_artifact", job_id=job.id, name=a.name)))
+                                 url=base + request.app.url_path_for("download_artifact", job_id=job.id, name=a.name))
             for a in crud.list_artifacts(session, job=job)]
     return schemas.ArtifactList(data=data)
 
 
 @router.get("/{job_id}/artifacts/{name:path}", name="download_artifact", summary="Download an artifact",
             response_class=FileResponse,
-            responses=PROBLEM_RESPONSES | {200: {"content": {"application/octet-stream": {}}},
-                                   206: {"description": "Partial content (Range)."},
-                                   304: {"description": "Not modified (If-None-Match)."},
-                                   416: {"description": "Range not satisfiable."}})
+            responses=PROBLEM_RESPONSES | responses(410, 416) | {
+                200: {"description": "The artifact's bytes, under its own media type (`content_type` in the list).",
+                      "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in artifacts.MEDIA_TYPES}},
+                206: {"description": "Partial content (Range)."},
+                304: {"description": "Not modified (If-None-Match)."}})
 def download_artifact(job: JobDep, name: str, session: SessionDep, settings: SettingsDep,
                       if_none_match: Annotated[str | None, Header(include_in_schema=False)] = None,
                       range: Annotated[str | None, Header(include_in_schema=False)] = None):
@@ -46,8 +50,20 @@ def download_artifact(job: JobDep, name: str, session: SessionDep, settings: Set
     if range is not None:
         _check_range(range, artifact.size)
     path = artifacts.artifact_path(settings.artifact_dir, job.id, name)
+    if not path.is_file():  # listed, but its file is gone (lost volume, manual cleanup)
+        raise ProblemError(410, f"the file of artifact {name!r} is no longer stored; run the job again",
+                           code="artifact_gone")
     return FileResponse(path, media_type=artifact.content_type, filename=name,
                         headers={"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"})
+
+
+@router.head("/{job_id}/artifacts/{name:path}", summary="An artifact's headers (size, ETag) without its bytes",
+             response_class=Response, responses=PROBLEM_RESPONSES | responses(410) | {
+                 200: {"description": "Content-Length, Content-Type and ETag of the artifact."},
+                 304: {"description": "Not modified (If-None-Match)."}})
+def head_artifact(job: JobDep, name: str, session: SessionDep, settings: SettingsDep,
+                  if_none_match: Annotated[str | None, Header(include_in_schema=False)] = None):
+    return download_artifact(job, name, session, settings, if_none_match=if_none_match)
 
 
 def _check_range(header: str, size: int) -> None:
