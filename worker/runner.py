@@ -96,19 +96,15 @@ class JobRun:
             _free_accelerator_memory()
 
     def search_config(self):
-        """The job's config as the library's SearchConfig: the settings are the same fields by name."""
-        from consa.config import SearchConfig, setting_names
-
-        settings = {name: self.params[name] for name in setting_names() if name in self.params}
-        if not Path(settings["model"]).is_absolute() and Path(settings["model"]).exists():
+        if not Path(self.params["model"]).is_absolute() and Path(self.params["model"]).exists():
             # transformers would load a hub-like ID such as "data/x" from the worker's working
             # directory, outside every model root: refuse rather than guess.
             self.finish(FAILED, error_code="model_path_not_allowed", error_type="user",
-                        error_message=f"{settings['model']!r} names a local folder of the worker, not a hub model; "
-                                      "give an absolute path under a model root")
+                        error_message=f"{self.params['model']!r} names a local folder of the worker, not a hub "
+                                      "model; give an absolute path under a model root")
             return None
         try:
-            return SearchConfig.from_dict(settings)
+            return search_config_of(self.params)
         except ValueError as e:  # the request passed the API's checks but not the library's
             self.finish(FAILED, error_code="invalid_request", error_type="user", error_message=str(e))
             return None
@@ -125,6 +121,13 @@ class JobRun:
         size, sha256 = artifacts.publish(path, self.settings.artifact_dir, self.job.id, name)
         crud.add_artifact(self.session, job=self.job, name=name, size=size, sha256=sha256,
                           content_type=artifacts.content_type(name))
+
+
+def search_config_of(params: dict):
+    """A job's config as the library's SearchConfig: the search settings are the same fields by name."""
+    from consa.config import SearchConfig, setting_names
+
+    return SearchConfig.from_dict({name: params[name] for name in setting_names() if name in params})
 
 
 def _free_accelerator_memory() -> None:
