@@ -69,13 +69,17 @@ class SearchConfig:
     objective: str = setting("lm", "what the gates minimise (see consa.objectives)", choices=_objectives)
     seed: int = setting(0, "seed of the data order, the gate noise and the retrieval documents", ge=0, le=2**31 - 1)
     revision: str | None = setting(None, "hub revision (branch, tag or commit)", max_length=200)
-    dtype: str = setting("auto", "weights: auto (fp32 weights, bf16 autocast on GPU), float32 or bfloat16",
-                         choices=("auto", "float32", "bfloat16"))
-    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory, "
-                                                  "more time)")
+    dtype: str = setting("auto", "frozen weights: auto (bfloat16 on a GPU, float32 on CPU; gates, multipliers and "
+                                 "loss reductions stay float32 either way), float32 (with bf16 autocast on GPU) or "
+                                 "bfloat16", choices=("auto", "float32", "bfloat16"))
+    gradient_checkpointing: str = setting(
+        "auto", "recompute each layer's activations in the backward pass: auto = only when the memory estimate "
+                "(consa.memory) says the step would not fit the GPU, on, or off", choices=("auto", "on", "off"))
     backend: str = setting("auto", "attention kernel for the SWA side", choices=_backends)
 
     def __post_init__(self):
+        if isinstance(self.gradient_checkpointing, bool):  # configs written when it was an on/off flag
+            self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError("model must be a local path or a hub id")
         for f in fields(self):

@@ -11,7 +11,9 @@ from consa.errors import ModelLoadError
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from consa.distributed import local_device
+
+        return local_device()  # under torchrun: this process's own GPU
     return torch.device(name)
 
 
@@ -35,12 +37,16 @@ def load_model(model: str, revision: str | None = None, device="cpu", dtype=torc
     return lm.to(device).eval(), tokenizer
 
 
-def weight_dtype(config) -> torch.dtype:
-    """The dtype a search holds the frozen weights in (see SearchConfig.dtype)."""
+def weight_dtype(config, device="cpu") -> torch.dtype:
+    """The dtype a search holds the frozen weights in (see SearchConfig.dtype): frozen weights need no
+    fp32 master copy, so "auto" halves their memory on a GPU; CPUs get fp32 (bf16 matmuls are slow there)."""
+    if config.dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
 
 
 def load_for_search(config, device="auto"):
     """The model and tokenizer as run_search loads them (its device and weight dtype), for callers
     that keep using the model afterwards (the pipeline evaluates on the same copy)."""
-    return load_model(config.model, config.revision, pick_device(str(device)), weight_dtype(config))
+    device = pick_device(str(device))
+    return load_model(config.model, config.revision, device, weight_dtype(config, device))

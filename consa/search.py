@@ -15,10 +15,12 @@ import torch
 from consa import data as data_mod
 from consa.config import SearchConfig
 from consa.constraint import AugmentedLagrangian
+from consa.distributed import data_parallel
 from consa.errors import Cancelled, ConsaError, DataError
 from consa.gates import HardConcreteGate, exact_swa_mask
 from consa.hybrid_attention import install, model_shape
 from consa.loading import load_for_search
+from consa.memory import use_checkpointing
 from consa.manifest import Allocation
 from consa.objectives import get_objective
 from consa.units import unit_grid
@@ -63,7 +65,8 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     """Learn an allocation. `progress(record)` gets step/loss/sparsity/target/lambdas each logged step;
     `should_cancel()` is checked every step and raises Cancelled when it says so. `dataset`: (N, T)
     token rows, or (rows, labels) from data.build_dataset(with_labels=True). `device` is where a model
-    loaded here goes; a given `model` stays where it is."""
+    loaded here goes; a given `model` stays where it is. Under torchrun (or consa.distributed.helpers)
+    the search runs data-parallel: see consa.distributed."""
     started = time.time()
     random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -72,10 +75,13 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     if model is None:
         model, tokenizer = load_for_search(config, device)
     device = next(model.parameters()).device
+    parallel = data_parallel(device)
     autocast = device.type == "cuda" and config.dtype in ("auto", "bfloat16")
     for p in model.parameters():
         p.requires_grad_(False)
-    if config.gradient_checkpointing:
+    checkpointing, _ = use_checkpointing(config.gradient_checkpointing, model, config.seq_len,
+                                              config.batch_size, device)
+    if checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()  # the new name from transformers 5.2x on, the old one before
         model.train()  # checkpointing is only active in train mode; dropout is 0 in these models
@@ -87,7 +93,7 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
         if config.dataset is None:
             raise DataError("a dataset path is required (dataset=...)")
         dataset = data_mod.build_dataset(tokenizer, config.dataset, config.seq_len,
-                                         config.num_sequences or config.steps * config.batch_size,
+                                         config.num_sequences or config.steps * config.batch_size * parallel.world_size,
                                          retrieval_ratio=config.retrieval_ratio, seed=config.seed, with_labels=True)
     rows, labels = dataset if isinstance(dataset, tuple) else (dataset, dataset)  # plain rows: every token
     rows, labels = rows.to(device), labels.to(device)
@@ -110,9 +116,10 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     history = []
     gate.train()
     for step in range(start_step, config.steps):
-        if should_cancel is not None and should_cancel():
+        cancel = should_cancel is not None and should_cancel()
+        if cancel and parallel.world_size == 1:
             raise Cancelled(f"cancelled at step {step}")
-        pick = torch.stack([order[(step * config.batch_size + i) % len(order)] for i in range(config.batch_size)])
+        pick = parallel.rows(order, step, config.batch_size)
         batch, batch_labels = rows[pick], labels[pick]  # (B, T)
 
         hybrid.set_gates(grid.to_grid(gate()))  # (L, K)
@@ -123,13 +130,19 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # Every rank's own rows -> one averaged gradient, so log_alpha (and all that follows from it:
+        # s_hat, the multipliers, the allocation) stays identical on every rank.
+        grad, task_value, cancel = parallel.reduce_step(gate.log_alpha.grad, loss_task, cancel)
+        if cancel:
+            raise Cancelled(f"cancelled at step {step}")
+        gate.log_alpha.grad = grad
         optimizer.step()
         lagrangian.ascend(s_hat.item(), step)
 
-        if not math.isfinite(loss_task.item()):
-            raise ConsaError(f"the loss became {loss_task.item()} at step {step}: try a lower lr")
-        if step % log_every == 0 or step == config.steps - 1:
-            record = {"step": step + 1, "total_steps": config.steps, "loss": round(loss_task.item(), 6),
+        if not math.isfinite(task_value):
+            raise ConsaError(f"the loss became {task_value} at step {step}: try a lower lr")
+        if parallel.is_main and (step % log_every == 0 or step == config.steps - 1):
+            record = {"step": step + 1, "total_steps": config.steps, "loss": round(task_value, 6),
                       "sparsity": round(s_hat.item(), 6), "target": round(lagrangian.target_at(step), 6),
                       "lambda1": round(lagrangian.lambda1, 6), "lambda2": round(lagrangian.lambda2, 6),
                       "elapsed_s": round(time.time() - started, 3)}
@@ -145,7 +158,8 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     placement = ("model", "sparsity", "granularity", "window", "sink_tokens", "revision")  # top-level manifest fields
     training = {k: v for k, v in config.to_dict().items() if k not in placement}
     training.update(seconds=round(time.time() - started, 2), final_expected_sparsity=round(gate.expected_sparsity().item(), 6),
-                    lambda1=lagrangian.lambda1, lambda2=lagrangian.lambda2)
+                    lambda1=lagrangian.lambda1, lambda2=lagrangian.lambda2, gpus=parallel.world_size,
+                    activation_checkpointing=checkpointing, weights_dtype=str(next(model.parameters()).dtype))
     allocation = Allocation.from_full_mask(
         full, model=config.model, revision=config.revision, granularity=config.granularity, window=config.window,
         sink_tokens=config.sink_tokens, sparsity_target=float(config.sparsity),

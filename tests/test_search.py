@@ -157,3 +157,22 @@ def test_retrieval_mix_defaults_to_the_benchmarked_share_where_documents_reach_p
     config = SearchConfig(model="m", sparsity=0.5, seq_len=seq_len, window=window)
     assert config.retrieval_ratio == expected
     assert SearchConfig(model="m", sparsity=0.5, seq_len=seq_len, window=window, retrieval_ratio=0.1).retrieval_ratio == 0.1
+
+
+def test_checkpointing_setting_auto_follows_the_memory_estimate(tiny_model_dir, text_dir, monkeypatch):
+    from consa import memory
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1024)  # nothing fits: must checkpoint
+    tight = run_search(_config(tiny_model_dir, text_dir, steps=2))
+    assert tight.allocation.training["activation_checkpointing"] is True
+    assert tight.allocation.training["gradient_checkpointing"] == "auto"
+    off = run_search(_config(tiny_model_dir, text_dir, steps=2, gradient_checkpointing="off"))
+    assert off.allocation.training["activation_checkpointing"] is False
+    assert SearchConfig(model="m", sparsity=0.5, gradient_checkpointing=True).gradient_checkpointing == "on"
+
+
+@pytest.mark.parametrize("objective", ["distill", "distill-hidden"])
+def test_distillation_objectives_reach_the_exact_sparsity(tiny_model_dir, text_dir, objective):
+    result = run_search(_config(tiny_model_dir, text_dir, objective=objective, steps=6))
+    assert result.allocation.sparsity_achieved == 0.5
+    assert result.allocation.method == f"learned-{objective}"

@@ -1,0 +1,152 @@
+"""Data-parallel search: one process per GPU, each on its own rows, gates kept identical everywhere.
+
+Started by `torchrun --nproc-per-node N -m consa search ...` (the environment says the rank) or, in
+a worker that owns several GPUs, by `helpers(...)`, which runs ranks 1..N-1 in child processes
+while the caller is rank 0. Per step every rank computes the task loss on its own `batch_size`
+rows; one all-reduce averages the gate gradients (and carries the loss for the log and rank 0's
+cancel flag). The penalty term, the multipliers and the final allocation are computed from
+log_alpha, which the identical averaged gradients keep identical on every rank, so they need no
+communication. Rank 0 reports progress and writes the outputs.
+
+What N changes and what it does not: step s of rank r reads rows (s*N + r)*B ... (s*N + r)*B + B-1
+of the shuffled order, so N GPUs x batch B read exactly the rows that one GPU with batch N*B reads,
+and every rank draws the same gate noise (same seed, same draws). Both runs therefore compute the
+same loss up to floating-point summation order (an average of N per-rank means vs one mean: equal
+in exact arithmetic when every rank holds B rows); bf16 kernels and the all-reduce's order make the
+gates agree to rounding, not bit for bit. Against one GPU with batch B the allocation differs
+within the noise of a larger batch: N times the rows per step.
+"""
+
+import os
+import socket
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return (dist.get_rank() if dist.is_available() and dist.is_initialized() else env_rank()) == 0
+
+
+class DataParallel:
+    """The search's view of its process group; with one process every operation is a no-op."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, order: torch.Tensor, step: int, batch_size: int) -> torch.Tensor:
+        """This rank's row indices for `step`: (batch_size,)."""
+        first = (step * self.world_size + self.rank) * batch_size
+        return order[(first + torch.arange(batch_size)) % len(order)]
+
+    def reduce_step(self, grad: torch.Tensor, loss: torch.Tensor, cancel: bool) -> tuple[torch.Tensor, float, bool]:
+        """Average the gate gradient and the task loss over ranks, and OR the cancel flags: one all-reduce."""
+        if self.world_size == 1:
+            return grad, loss.item(), cancel
+        flat = torch.cat([grad.flatten(), loss.detach().float().reshape(1),
+                          torch.tensor([float(cancel)], device=grad.device)])
+        dist.all_reduce(flat)  # SUM: gloo has no AVG
+        flat[:-1] /= self.world_size
+        return flat[:-2].view_as(grad), flat[-2].item(), flat[-1].item() > 0
+
+
+def data_parallel(device) -> DataParallel:
+    """The process group of this search: joined from the environment (torchrun or `helpers`), else one process."""
+    if env_world_size() <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return DataParallel()
+    if not dist.is_initialized():
+        device = torch.device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    return DataParallel(dist.get_rank(), dist.get_world_size())
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def local_device() -> torch.device:
+    """This process's device: the GPU of its local rank (torchrun sets LOCAL_RANK), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+# -- several GPUs from one caller (a service worker) ----------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _helper_rank(rank: int, world_size: int, port: int, config_dict: dict, devices: list[str]) -> None:
+    from consa.config import SearchConfig
+    from consa.search import run_search
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    try:
+        run_search(SearchConfig.from_dict(config_dict), device=devices[rank])
+    finally:
+        shutdown()
+
+
+@contextmanager
+def helpers(config, world_size: int, devices: list[str] | None = None):
+    """Run ranks 1..world_size-1 of `config`'s search in child processes; the caller is rank 0 for the
+    duration (its run_search joins the group through the environment) and runs on devices[0].
+
+        with helpers(config, 2) as device:
+            run_search(config, device=device, progress=..., should_cancel=...)
+    """
+    if world_size <= 1:
+        yield None
+        return
+    import torch.multiprocessing as mp
+
+    devices = devices or ([f"cuda:{i}" for i in range(world_size)] if torch.cuda.is_available()
+                          else ["cpu"] * world_size)
+    port = _free_port()
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK="0",
+                      LOCAL_RANK="0")
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+    procs = [ctx.Process(target=_helper_rank, args=(r, world_size, port, config.to_dict(), devices), daemon=True)
+             for r in range(1, world_size)]
+    for p in procs:
+        p.start()
+    ok = False
+    try:
+        yield devices[0]
+        ok = True
+    finally:
+        shutdown()
+        for p in procs:
+            if not ok:
+                p.terminate()  # rank 0 failed or was cancelled: a helper may be waiting in a collective
+            p.join(timeout=60)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    failed = [p.exitcode for p in procs if p.exitcode]
+    if failed:
+        raise RuntimeError(f"a search helper process failed (exit codes {failed})")
