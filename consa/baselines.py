@@ -34,6 +34,7 @@ import random as _random
 
 import torch
 
+from consa.errors import DataError
 from consa.gates import exact_swa_mask
 from consa.manifest import Allocation
 from consa.units import UnitGrid, unit_grid
@@ -198,10 +199,14 @@ def duo_scores(model, calibration: torch.Tensor, window: int, sink_tokens: int =
 
     if dataset is not None:
         rows, labels = dataset if isinstance(dataset, tuple) else (dataset, None)
-    elif tokenizer is not None:
-        rows, labels = duo.passkey_rows(tokenizer, calibration.cpu(), count=max(calibration.shape[0], 16), seed=seed)
     else:
         rows, labels = calibration, None
+        if tokenizer is not None:
+            try:
+                rows, labels = duo.passkey_rows(tokenizer, calibration.cpu(), count=max(calibration.shape[0], 16),
+                                                seed=seed)
+            except DataError:  # rows too short to hold the keys: distil on the text itself
+                pass
     return duo.duo_head_scores(model, rows, labels, window=window, sink_tokens=sink_tokens,
                                steps=steps or duo.DEFAULT_STEPS, seed=seed)
 
