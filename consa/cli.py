@@ -123,14 +123,31 @@ def _add_compare_parser(sub):
 
 
 def _add_export_parser(sub):
-    p = sub.add_parser("export", help="write a hybrid checkpoint (HF directory) or a DuoAttention TSV")
+    p = sub.add_parser("export", help="write a hybrid checkpoint (HF directory) or a DuoAttention pattern folder")
     _add_model_args(p)
     p.add_argument("--allocation", required=True, help="manifest.json")
-    p.add_argument("--out", required=True, help="output directory (or .tsv file with --format duo-tsv)")
-    p.add_argument("--format", default="hf", choices=["hf", "duo-tsv"])
+    p.add_argument("--out", required=True, help="output directory (created when missing)")
+    p.add_argument("--format", default="hf", choices=["hf", "duo", "duo-tsv"],
+                   help="hf: a checkpoint directory; duo (alias duo-tsv): the folder DuoAttention's "
+                        "load_attn_pattern reads (full_attention_heads.tsv + config.json)")
+    p.add_argument("--layer-format", default="auto", choices=["auto", "layer_types", "consa"],
+                   help="layer hybrids: stock layer_types where the family has them (auto), only that, or consa's")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights on disk (auto: the source checkpoint's)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, as transformers takes it")
     p.add_argument("--finetune-steps", type=int, default=0, help="short fine-tune with the allocation fixed")
     p.add_argument("--data", default=None, help="text data for --finetune-steps")
     p.add_argument("--seq-len", type=int, default=512)
+    p = sub.add_parser("import-duo", help="turn a DuoAttention pattern folder (or TSV) into a consa manifest")
+    p.add_argument("pattern", help="a folder with full_attention_heads.tsv + config.json, or a bare TSV")
+    p.add_argument("--out", required=True, help="manifest.json to write")
+    p.add_argument("--model", default="unknown", help="the model the pattern is for (recorded in the manifest)")
+    p.add_argument("--granularity", default="kv_head", choices=["layer", "kv_head"])
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="binarise learned gate values at this SWA share (default: values >= --threshold are full)")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--window", type=int, default=None, help="default: the folder's recent_size")
+    p.add_argument("--sink-tokens", type=int, default=None, help="default: the folder's sink_size")
 
 
 def cmd_compare(args) -> int:
@@ -168,17 +185,28 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from consa.export import export_hybrid, write_duo_tsv
+    from consa.duo_format import write_duo_pattern
+    from consa.export import export_hybrid
     from consa.manifest import load_allocation
     from consa.loading import pick_device
 
     allocation = load_allocation(args.allocation)
-    if args.format == "duo-tsv":
-        print(write_duo_tsv(allocation, args.out))
+    if args.format in ("duo", "duo-tsv"):
+        print(write_duo_pattern(allocation, args.out))
         return 0
     summary = export_hybrid(args.model, allocation, args.out, finetune_steps=args.finetune_steps, data=args.data,
-                            seq_len=args.seq_len, device=str(pick_device(args.device)))
+                            seq_len=args.seq_len, device=str(pick_device(args.device)), dtype=args.dtype,
+                            layer_format=args.layer_format, max_shard_size=args.max_shard_size)
     print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def cmd_import_duo(args) -> int:
+    from consa.duo_format import read_duo_tsv
+
+    allocation = read_duo_tsv(args.pattern, model=args.model, window=args.window, sink_tokens=args.sink_tokens,
+                              granularity=args.granularity, sparsity=args.sparsity, threshold=args.threshold)
+    print(allocation.save(args.out))
     return 0
 
 
@@ -280,7 +308,10 @@ def cmd_jobs(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from consa.jobs_cli import add_jobs_commands
 
+    from consa import __version__
+
     parser = argparse.ArgumentParser(prog="consa", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"consa {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_search_parser(sub)
     _add_eval_parser(sub)
@@ -293,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"search": cmd_search, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export,
+            "import-duo": cmd_import_duo,
             "generate": cmd_generate, "serve": cmd_serve, "keys": cmd_keys, "jobs": cmd_jobs}
 
 

@@ -1,12 +1,15 @@
-"""Hybrid checkpoints: an allocation baked into an HF model directory, plus the DuoAttention TSV.
+"""Hybrid checkpoints: an allocation baked into an HF model directory.
 
 Two directory formats, both with the allocation in `config.json` under `consa` (the manifest):
-- "layer_types" (layer granularity, model types that read `config.layer_types`: Qwen2, Qwen3):
-  `layer_types` + `sliding_window` make stock transformers run the hybrid with no consa import.
-- "consa" (KV-head granularity, sink tokens, or model types without per-layer types such as Llama):
-  stock transformers would load the weights but run full attention everywhere; `load_hybrid(path)`
-  installs consa's hybrid attention with hard gates.
-`load_hybrid` reads both.
+- "layer_types" (layer granularity, families whose stock config reads per-layer `layer_types`, see
+  LAYER_FAMILIES): `layer_types` + `sliding_window` make stock transformers run the hybrid with no
+  consa import (Llama and Mistral are written as Ministral, the same weights with per-layer types).
+- "consa" (KV-head granularity, sink tokens, or families with no per-layer types): model type
+  "consa_hybrid" plus a modeling file beside the weights (consa/remote_modeling.py), so stock
+  `from_pretrained` refuses to run it as full attention unless `trust_remote_code=True`, which
+  installs consa's hybrid attention. `load_hybrid(path)` reads both formats.
+
+Weights keep the source checkpoint's dtype (bf16 stays bf16) and are sharded as transformers shards.
 """
 
 import json
@@ -18,106 +21,93 @@ from pathlib import Path
 
 import torch
 
+from consa.duo_format import DUO_TSV, write_duo_tsv
 from consa.errors import ConsaError, UnsupportedModelError
 from consa.hybrid_attention import apply_allocation, model_shape, uninstall
-from consa.manifest import FULL, Allocation
+from consa.manifest import Allocation
 
-# Model types whose attention reads `config.layer_types` + `config.sliding_window` per layer.
-NATIVE_LAYER_TYPES = {"qwen2": {"use_sliding_window": True}, "qwen3": {"use_sliding_window": True}}
 LAYER_FORMATS = ("auto", "layer_types", "consa")
-DUO_TSV = "full_attention_heads.tsv"
+REMOTE_MODELING = "modeling_consa_hybrid.py"
+HYBRID_MODEL_TYPE = "consa_hybrid"
+# How each family's stock config expresses per-layer sliding windows (read from its transformers
+# configuration and modeling code): the keys to set, and the family to write it as.
+LAYER_FAMILIES = {
+    "qwen2": {"as": "qwen2", "set": {"use_sliding_window": True}, "max_window_layers": True},
+    "qwen3": {"as": "qwen3", "set": {"use_sliding_window": True}, "max_window_layers": True},
+    "gemma2": {"as": "gemma2"},
+    "gemma3_text": {"as": "gemma3_text"},
+    "ministral": {"as": "ministral"},
+    # Llama and Mistral read no layer_types; Ministral is the same decoder (same weight names) with them.
+    "llama": {"as": "ministral", "drop": ("attention_bias", "mlp_bias", "pretraining_tp")},
+    "mistral": {"as": "ministral"},
+}
+NATIVE_LAYER_TYPES = tuple(LAYER_FAMILIES)
 
 
-# -- DuoAttention TSV ---------------------------------------------------------------------------------
-def write_duo_tsv(allocation: Allocation, path) -> Path:
-    """Rows = layers, columns = KV heads, 1 = full attention, tab-separated (DuoAttention's layout)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / DUO_TSV
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = ["\t".join("1" if v == FULL else "0" for v in row) for row in allocation.assignment]
-    path.write_text("\n".join(rows) + "\n")
-    return path
+# -- which checkpoint format an allocation can take ------------------------------------------------
+def layer_types_config(config, allocation: Allocation) -> tuple[dict | None, str]:
+    """(config.json changes that make stock transformers run this layer allocation, "") or (None, why not)."""
+    model_type = config.model_type
+    if allocation.granularity != "layer":
+        return None, "KV-head allocations switch single heads, which no stock config expresses"
+    if allocation.sink_tokens:
+        return None, "sink tokens are not expressible in layer_types"
+    family = LAYER_FAMILIES.get(model_type)
+    if family is None:
+        return None, f"model type {model_type!r} has no per-layer attention types in its config"
+    if model_type == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
+        return None, "this Llama has attention/MLP biases, which Ministral (Llama with layer_types) has not"
+    # A family with its own sliding layers keeps them sliding; one window must then serve both.
+    native = list(getattr(config, "layer_types", None) or [])
+    native_sliding = [t == "sliding_attention" for t in native] if model_type not in ("llama", "mistral") else []
+    if model_type == "mistral" and config.sliding_window is not None:
+        native_sliding = [True] * allocation.num_layers
+    if any(native_sliding) and config.sliding_window != allocation.window:
+        return None, (f"the model already has sliding layers with window {config.sliding_window}; one config "
+                      f"window cannot also hold the allocation's {allocation.window}")
+    sliding = [not full or (bool(native_sliding) and native_sliding[i])
+               for i, full in enumerate(allocation.full_layers())]
+    if model_type == "gemma3_text":
+        rope = config.rope_parameters or {}
+        switched = any(s and not (native_sliding and native_sliding[i]) for i, s in enumerate(sliding))
+        if switched and rope.get("sliding_attention") != rope.get("full_attention"):
+            return None, ("Gemma 3 gives sliding layers another RoPE base than full ones, so a full layer "
+                          "written as sliding would change its positions")
+    changes = {"layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+               "sliding_window": allocation.window, **family.get("set", {})}
+    if family.get("max_window_layers"):
+        changes["max_window_layers"] = allocation.num_layers  # Qwen ignores it once layer_types is given
+    if family["as"] != model_type:
+        changes |= {"model_type": family["as"], "architectures": ["MinistralForCausalLM"]}
+    return {"set": changes, "drop": family.get("drop", ())}, ""
 
 
-def read_duo_tsv(path, *, model: str = "unknown", window: int, sink_tokens: int = 0, granularity: str = "kv_head",
-                 sparsity: float | None = None, threshold: float = 0.5) -> Allocation:
-    """Read a DuoAttention `full_attention_heads.tsv` (0/1 or learned gate values in [0, 1]).
+def source_dtype(model: str, revision: str | None = None) -> torch.dtype | None:
+    """The dtype of a source checkpoint, where its config is at hand (a local directory or the hub cache)."""
+    from transformers import AutoConfig
 
-    With `sparsity`, exactly round(s * N) heads with the lowest values become SWA (how DuoAttention
-    binarises its gates); otherwise values >= `threshold` are full. DuoAttention's own files carry no
-    window, so it is an argument (DuoAttention's "recent" size; its sink size is `sink_tokens`).
-    """
-    from consa.gates import exact_swa_mask
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / DUO_TSV
     try:
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        values = torch.tensor([[float(x) for x in ln.replace(",", "\t").split()] for ln in lines])
-    except FileNotFoundError:
-        raise ConsaError(f"DuoAttention TSV not found: {path}") from None
-    except (ValueError, RuntimeError) as e:  # not numbers, or ragged rows
-        raise ConsaError(f"{path} is not a layers x heads table of numbers: {e}") from None
-    full = ~exact_swa_mask(values, sparsity) if sparsity is not None else values >= threshold
-    if granularity == "layer" and any(len(set(row)) > 1 for row in full.tolist()):
-        raise ConsaError(f"{path} switches single heads; read it with granularity='kv_head'")
-    return Allocation.from_full_mask(full, model=model, granularity=granularity, window=window,
-                                     sink_tokens=sink_tokens, method="duo-tsv",
-                                     sparsity_target=float(1 - full.float().mean()))
-
-
-# -- optional fine-tune with the allocation fixed -----------------------------------------------------
-def finetune(model, allocation: Allocation, data: torch.Tensor, steps: int, *, lr: float = 1e-5,
-             batch_size: int = 1, seed: int = 0, progress=None) -> list[dict]:
-    """A short AdamW run on the weights with hard gates in place, next-token loss on `data` (N, T)."""
-    apply_allocation(model, allocation)
-    device = next(model.parameters()).device
-    data = data.to(device)
-    generator = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    history = []
-    for step in range(steps):
-        batch = data[torch.randint(0, data.shape[0], (batch_size,), generator=generator)]  # (B, T)
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)  # a few steps on little data: keep them from jumping
-        optimizer.step()
-        record = {"step": step + 1, "total_steps": steps, "loss": round(loss.item(), 6)}
-        history.append(record)
-        if progress is not None:
-            progress(record)
-    model.eval()
-    for p in params:
-        p.requires_grad_(False)
-    return history
+        config = AutoConfig.from_pretrained(model, revision=revision, local_files_only=not Path(model).is_dir())
+    except (OSError, ValueError, KeyError):
+        return None
+    dtype = getattr(config, "dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 # -- export -------------------------------------------------------------------------------------------
-def _native_layer_config(model_type: str, allocation: Allocation) -> dict | None:
-    """Config keys that make stock transformers run this allocation, or None when it cannot."""
-    if allocation.granularity != "layer" or allocation.sink_tokens or model_type not in NATIVE_LAYER_TYPES:
-        return None
-    layer_types = ["full_attention" if full else "sliding_attention" for full in allocation.full_layers()]
-    return {"layer_types": layer_types, "sliding_window": allocation.window,
-            "max_window_layers": allocation.num_layers, **NATIVE_LAYER_TYPES[model_type]}
-
-
 def export_hybrid(model_or_path, allocation: Allocation, out_dir, *, tokenizer=None, finetune_steps: int = 0,
                   data=None, seq_len: int = 512, lr: float = 1e-5, batch_size: int = 1, seed: int = 0,
-                  layer_format: str = "auto", device: str = "cpu", progress=None) -> dict:
+                  layer_format: str = "auto", device: str = "cpu", dtype="auto", max_shard_size="5GB",
+                  progress=None) -> dict:
     """Write a hybrid checkpoint directory; returns a summary {out_dir, format, message, ...}.
 
     model_or_path: a loaded causal LM or a local path / hub id. data: a (N, T) token tensor or a text
-    path (only for `finetune_steps` > 0). layer_format: "auto" (stock `layer_types` when the model type
+    path (only for `finetune_steps` > 0). layer_format: "auto" (stock `layer_types` when the family
     supports it, else the consa format with a warning), "layer_types" (error if impossible) or "consa".
+    dtype: the weights' dtype on disk; "auto" = the source checkpoint's (a model searched in fp32 from
+    a bf16 checkpoint is written in bf16 again).
     """
+    from consa.finetune import finetune, finetune_data
     from consa.loading import load_model
 
     if layer_format not in LAYER_FORMATS:
@@ -125,10 +115,16 @@ def export_hybrid(model_or_path, allocation: Allocation, out_dir, *, tokenizer=N
     if finetune_steps < 0:
         raise ValueError(f"finetune_steps must be >= 0, got {finetune_steps}")
     if isinstance(model_or_path, (str, Path)):
-        model, loaded_tokenizer = load_model(str(model_or_path), allocation.revision, device)
+        # The source's own dtype, except for fine-tuning: AdamW steps on bf16 weights mostly round away.
+        model, loaded_tokenizer = load_model(str(model_or_path), allocation.revision, device,
+                                             dtype=torch.float32 if finetune_steps else "auto")
         tokenizer = tokenizer or loaded_tokenizer
+        save_dtype = source_dtype(str(model_or_path), allocation.revision)
     else:
         model = model_or_path
+        save_dtype = source_dtype(allocation.model, allocation.revision)
+    if dtype != "auto":
+        save_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     num_layers, num_kv_heads = model_shape(model)
     if (allocation.num_layers, allocation.num_kv_heads) != (num_layers, num_kv_heads):
         raise ConsaError(f"allocation is for {allocation.num_layers} layers x {allocation.num_kv_heads} KV heads, "
@@ -136,28 +132,20 @@ def export_hybrid(model_or_path, allocation: Allocation, out_dir, *, tokenizer=N
 
     history = []
     if finetune_steps:
-        if data is None:
-            raise ConsaError("finetune_steps > 0 needs data (a token tensor or a text path)")
-        if not isinstance(data, torch.Tensor):
-            from consa.data import build_dataset
-
-            if tokenizer is None:
-                raise ConsaError("fine-tuning on a text path needs the tokenizer")
-            data = build_dataset(tokenizer, data, seq_len, max(finetune_steps * batch_size, 1), seed=seed)
+        data = finetune_data(tokenizer, data, seq_len, finetune_steps, batch_size, seed)
         history = finetune(model, allocation, data, finetune_steps, lr=lr, batch_size=batch_size, seed=seed,
                            progress=progress)
 
     model_type = model.config.model_type
-    native = None if layer_format == "consa" else _native_layer_config(model_type, allocation)
+    native, why = (None, "asked for the consa format") if layer_format == "consa" else \
+        layer_types_config(model.config, allocation)
     message = ""
     if native is None and allocation.granularity == "layer" and layer_format != "consa":
-        why = (f"model type {model_type!r} has no per-layer attention types in its config" if not allocation.sink_tokens
-               else "sink tokens are not expressible in layer_types")
         if layer_format == "layer_types":
             raise UnsupportedModelError(f"cannot export a stock layer_types checkpoint: {why} "
-                                        f"(supported: {', '.join(sorted(NATIVE_LAYER_TYPES))}); use layer_format='consa'")
-        message = (f"{why}: wrote the consa format instead; load it with consa.load_hybrid (stock transformers "
-                   "would run full attention on every layer)")
+                                        f"(supported: {', '.join(NATIVE_LAYER_TYPES)}); use layer_format='consa'")
+        message = (f"{why}: wrote the consa format instead; load it with consa.load_hybrid or "
+                   "trust_remote_code=True (stock transformers refuses it without)")
         warnings.warn(message, stacklevel=2)
     fmt = "layer_types" if native else "consa"
 
@@ -167,12 +155,28 @@ def export_hybrid(model_or_path, allocation: Allocation, out_dir, *, tokenizer=N
     hybrid = getattr(model, "consa_hybrid", None)
     if hybrid is not None:
         uninstall(model)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    held_dtype = next(model.parameters()).dtype
+    if save_dtype is not None and save_dtype != held_dtype:
+        model.to(save_dtype)
+    try:
+        model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    finally:
+        if save_dtype is not None and save_dtype != held_dtype:
+            model.to(held_dtype)
     config_path = out_dir / "config.json"
     config = json.loads(config_path.read_text())
-    config.update(native or {})
-    config["consa"] = {"format": fmt, "allocation": allocation.to_dict(),
-                       "finetune": {"steps": finetune_steps, "lr": lr, "seed": seed, "history": history[-5:]}}
+    section = {"format": fmt, "base_model_type": model_type, "allocation": allocation.to_dict(),
+               "finetune": {"steps": finetune_steps, "lr": lr, "seed": seed, "history": history[-5:]}}
+    if native:
+        for key in native["drop"]:
+            config.pop(key, None)
+        config.update(native["set"])
+    else:
+        _write_remote_modeling(out_dir, model_type)
+        config.update({"model_type": HYBRID_MODEL_TYPE, "architectures": ["ConsaHybridForCausalLM"],
+                       "auto_map": {"AutoConfig": f"{REMOTE_MODELING[:-3]}.ConsaHybridConfig",
+                                    "AutoModelForCausalLM": f"{REMOTE_MODELING[:-3]}.ConsaHybridForCausalLM"}})
+    config["consa"] = section
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     allocation.save(out_dir / "manifest.json")
     write_duo_tsv(allocation, out_dir / DUO_TSV)
@@ -182,10 +186,22 @@ def export_hybrid(model_or_path, allocation: Allocation, out_dir, *, tokenizer=N
         tokenizer.save_pretrained(out_dir)
     if hybrid is not None:  # leave the caller's model as it was
         apply_allocation(model, allocation)
+    written = native["set"].get("model_type", model_type) if native else HYBRID_MODEL_TYPE
     return {"out_dir": str(out_dir), "format": fmt, "granularity": allocation.granularity,
-            "model_type": model_type, "finetune_steps": finetune_steps, "tokenizer": tokenizer is not None,
-            "message": message or (f"stock transformers runs this checkpoint natively (layer_types on {model_type})"
-                                   if native else "load with consa.load_hybrid(path)")}
+            "model_type": written, "source_model_type": model_type,
+            "dtype": str(save_dtype or held_dtype).removeprefix("torch."), "finetune_steps": finetune_steps,
+            "tokenizer": tokenizer is not None,
+            "message": message or (f"stock transformers runs this checkpoint natively (layer_types on {written})"
+                                   if native else "load with consa.load_hybrid(path), or from_pretrained(path, "
+                                                  "trust_remote_code=True) with consa installed")}
+
+
+def _write_remote_modeling(out_dir: Path, base_model_type: str) -> None:
+    template = (Path(__file__).with_name("remote_modeling.py")).read_text()
+    marker = 'BASE_MODEL_TYPE = ""'
+    if marker not in template:  # the template and this writer must change together
+        raise RuntimeError(f"consa/remote_modeling.py lost its `{marker}` line")
+    (out_dir / REMOTE_MODELING).write_text(template.replace(marker, f"BASE_MODEL_TYPE = {base_model_type!r}", 1))
 
 
 def _try_tokenizer(path):
@@ -195,6 +211,18 @@ def _try_tokenizer(path):
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError):
         return None
+
+
+def _base_config(path: Path, config: dict):
+    """A consa-format config.json read as its base family's config (no remote code involved)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    base = config["consa"].get("base_model_type")
+    if base not in CONFIG_MAPPING:
+        raise ConsaError(f"{path}: its consa section names base model type {base!r}, which this transformers "
+                         "version does not know")
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "auto_map", "architectures")}
+    return CONFIG_MAPPING[base].from_dict(fields)
 
 
 def load_hybrid(path, *, device="cpu", dtype=None, backend: str = "auto", hybrid_cache: bool = True):
@@ -216,7 +244,10 @@ def load_hybrid(path, *, device="cpu", dtype=None, backend: str = "auto", hybrid
     if section is None:
         raise ConsaError(f"{path} is not a consa hybrid checkpoint (its config.json has no 'consa' section)")
     allocation = Allocation.from_dict(section["allocation"])
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", attn_implementation="sdpa").to(device).eval()
+    kwargs = {"dtype": dtype or "auto", "attn_implementation": "sdpa"}
+    if config.get("model_type") == HYBRID_MODEL_TYPE:
+        kwargs["config"] = _base_config(path, config)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
     if section["format"] == "consa":
         apply_allocation(model, allocation, backend)
     model.consa_allocation = allocation
@@ -226,17 +257,20 @@ def load_hybrid(path, *, device="cpu", dtype=None, backend: str = "auto", hybrid
 
 
 def pack_checkpoint(directory, out_path=None) -> Path:
-    """Pack a checkpoint directory into `<dir>.tar.gz` (members under the directory's name)."""
+    """Pack a checkpoint directory into an uncompressed `<dir>.tar` (members under the directory's name).
+
+    Not gzip: safetensors weights barely compress, and gzip costs minutes of CPU on a large checkpoint.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise ConsaError(f"not a directory: {directory}")
-    out_path = Path(out_path) if out_path else directory.with_name(directory.name + ".tar.gz")
+    out_path = Path(out_path) if out_path else directory.with_name(directory.name + ".tar")
     tmp = out_path.with_name(out_path.name + f".{int(time.time() * 1000)}.tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
+    with tarfile.open(tmp, "w") as tar:
         tar.add(directory, arcname=directory.name)
     shutil.move(tmp, out_path)
     return out_path
 
 
-__all__ = ["export_hybrid", "load_hybrid", "write_duo_tsv", "read_duo_tsv", "finetune", "pack_checkpoint",
-           "NATIVE_LAYER_TYPES"]
+__all__ = ["export_hybrid", "load_hybrid", "pack_checkpoint", "layer_types_config", "NATIVE_LAYER_TYPES",
+           "LAYER_FAMILIES"]

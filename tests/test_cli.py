@@ -60,10 +60,10 @@ def test_export_writes_a_checkpoint_and_a_duo_tsv(tiny_model_dir, manifest, tmp_
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["format"] == "consa"
     assert (tmp_path / "ckpt" / "config.json").exists()
-    proc = _cli("export", "--model", tiny_model_dir, "--allocation", manifest, "--out", tmp_path / "heads.tsv",
+    proc = _cli("export", "--model", tiny_model_dir, "--allocation", manifest, "--out", tmp_path / "duo",
                 "--format", "duo-tsv")
     assert proc.returncode == 0, proc.stderr
-    rows = [line.split("\t") for line in (tmp_path / "heads.tsv").read_text().split("\n") if line]
+    rows = [line.split("\t") for line in (tmp_path / "duo" / "full_attention_heads.tsv").read_text().split("\n") if line]
     assert rows == [["1", "0"], ["0", "1"], ["1", "1"], ["0", "0"]]
     assert load_allocation(manifest).sparsity_achieved == 0.5
 

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 import consa
 from consa.errors import UnsupportedModelError
-from consa.export import export_hybrid, pack_checkpoint, read_duo_tsv, write_duo_tsv
+from consa.duo_format import read_duo_tsv, write_duo_pattern, write_duo_tsv
+from consa.export import export_hybrid, pack_checkpoint
 from consa.hybrid_attention import apply_allocation
 from consa.manifest import Allocation
 
@@ -26,9 +27,9 @@ def allocation(pattern, granularity, sink_tokens=0, model="tiny"):
                                      sink_tokens=sink_tokens)
 
 
-def hybrid_logits(model_type, alloc, ids):
+def hybrid_logits(model_type, alloc, ids, **config):
     """consa's own hybrid forward on a fresh copy of the original model."""
-    model = tiny.build_model(model_type)
+    model = tiny.build_model(model_type, **config)
     apply_allocation(model, alloc)
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -82,16 +83,17 @@ def test_kv_head_export_round_trips_through_load_hybrid(tmp_path, model_type, si
     assert "layer_types" not in config or set(config["layer_types"]) == {"full_attention"}
 
 
-def test_llama_layer_export_says_it_falls_back(tmp_path):
+def test_layer_export_says_when_it_falls_back(tmp_path):
     alloc = allocation(LAYER, "layer")
-    with pytest.warns(UserWarning, match="no per-layer attention types"):
-        summary = export_hybrid(tiny.build_model("llama"), alloc, tmp_path / "auto")
+    biased = dict(attention_bias=True)  # Ministral, the Llama with layer_types, has no biases
+    with pytest.warns(UserWarning, match="biases"):
+        summary = export_hybrid(tiny.build_model("llama", **biased), alloc, tmp_path / "auto")
     assert summary["format"] == "consa" and "consa.load_hybrid" in summary["message"]
-    with pytest.raises(UnsupportedModelError, match="'llama'"):
-        export_hybrid(tiny.build_model("llama"), alloc, tmp_path / "strict", layer_format="layer_types")
+    with pytest.raises(UnsupportedModelError, match="biases"):
+        export_hybrid(tiny.build_model("llama", **biased), alloc, tmp_path / "strict", layer_format="layer_types")
     with torch.no_grad():
         got = consa.load_hybrid(tmp_path / "auto")(input_ids=IDS).logits
-    torch.testing.assert_close(got, hybrid_logits("llama", alloc, IDS), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got, hybrid_logits("llama", alloc, IDS, **biased), atol=1e-5, rtol=1e-4)
 
 
 def test_export_from_path_with_finetune(tmp_path, tiny_model_dir):
@@ -103,9 +105,65 @@ def test_export_from_path_with_finetune(tmp_path, tiny_model_dir):
     after = consa.load_hybrid(tmp_path / "ckpt").model.layers[0].self_attn.q_proj.weight
     assert not torch.allclose(before, after)  # the weights were trained
     packed = pack_checkpoint(tmp_path / "ckpt")
-    with tarfile.open(packed) as tar:
+    assert packed.name == "ckpt.tar" and packed.read_bytes()[:2] != b"\x1f\x8b"  # not gzip: weights barely shrink
+    with tarfile.open(packed, "r:") as tar:
         names = tar.getnames()
     assert "ckpt/config.json" in names and "ckpt/model.safetensors" in names and "ckpt/manifest.json" in names
+
+
+def _tensor_dtypes(directory):
+    from safetensors import safe_open
+
+    dtypes = set()
+    for f in directory.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            dtypes |= {st.get_slice(k).get_dtype() for k in st.keys()}
+    return dtypes
+
+
+def test_export_keeps_the_source_dtype_and_shards(tmp_path):
+    source = tiny.save_tiny(tmp_path / "bf16", model_type="qwen3")
+    bf16 = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    bf16.save_pretrained(source)  # the source checkpoint is bf16 on disk
+    alloc = allocation(KV_HEAD, "kv_head", model=str(source))
+    # from the path: loaded and written in bf16, in shards as transformers writes them
+    summary = export_hybrid(str(source), alloc, tmp_path / "from-path", max_shard_size="20KB")
+    assert summary["dtype"] == "bfloat16" and _tensor_dtypes(tmp_path / "from-path") == {"BF16"}
+    assert (tmp_path / "from-path" / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "from-path").glob("model-*.safetensors"))) > 1
+    # from a model the search held in fp32: written back in the source's bf16, the caller's copy untouched
+    held = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    export_hybrid(held, alloc, tmp_path / "from-fp32")
+    assert _tensor_dtypes(tmp_path / "from-fp32") == {"BF16"} and next(held.parameters()).dtype == torch.float32
+    size = sum(f.stat().st_size for f in (tmp_path / "from-fp32").glob("*.safetensors"))
+    assert size < sum(p.numel() for p in held.parameters()) * 2.5  # ~2 bytes a weight, not 4
+    loaded = consa.load_hybrid(tmp_path / "from-path")
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        want = consa.load_hybrid(tmp_path / "from-fp32")(input_ids=IDS).logits
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, want)
+
+
+def load_attn_pattern(attn_load_dir):
+    """DuoAttention's own reader (duo_attn/utils.py), re-implemented faithfully: numpy + config.json."""
+    import os
+
+    import numpy as np
+
+    full_attention_heads = np.loadtxt(os.path.join(attn_load_dir, "full_attention_heads.tsv"), dtype=float,
+                                      delimiter="\t")
+    full_attention_heads = np.clip(full_attention_heads, 0, 1)
+    config = json.load(open(os.path.join(attn_load_dir, "config.json")))
+    return full_attention_heads, config["sink_size"], config["recent_size"]
+
+
+def test_duo_pattern_folder_reads_in_duoattention_and_back(tmp_path):
+    alloc = allocation(KV_HEAD, "kv_head", sink_tokens=4)
+    out = write_duo_pattern(alloc, tmp_path / "new" / "pattern")  # a new directory, created
+    heads, sink_size, recent_size = load_attn_pattern(out)
+    assert heads.tolist() == alloc.full_mask().float().tolist() and (sink_size, recent_size) == (4, WINDOW)
+    back = read_duo_tsv(out)  # window and sinks from the folder's config.json
+    assert back.assignment == alloc.assignment and (back.window, back.sink_tokens) == (WINDOW, 4)
 
 
 def test_duo_tsv_round_trip(tmp_path):
@@ -121,3 +179,24 @@ def test_duo_tsv_round_trip(tmp_path):
     # a uniform table reads as layer granularity when asked
     (tmp_path / "layers.tsv").write_text("1\t1\n0\t0\n")
     assert read_duo_tsv(tmp_path / "layers.tsv", window=WINDOW, granularity="layer").granularity == "layer"
+
+
+def test_cli_duo_export_and_import_round_trip(tmp_path, capsys):
+    from consa.cli import main
+
+    alloc = allocation(KV_HEAD, "kv_head", sink_tokens=2)
+    alloc.save(tmp_path / "manifest.json")
+    assert main(["export", "--model", "unused", "--allocation", str(tmp_path / "manifest.json"),
+                 "--out", str(tmp_path / "new-dir"), "--format", "duo"]) == 0
+    assert (tmp_path / "new-dir").is_dir() and load_attn_pattern(tmp_path / "new-dir")[1:] == (2, WINDOW)
+    assert main(["import-duo", str(tmp_path / "new-dir"), "--out", str(tmp_path / "back.json")]) == 0
+    back = consa.load_allocation(tmp_path / "back.json")
+    assert back.assignment == alloc.assignment and (back.window, back.sink_tokens) == (WINDOW, 2)
+
+
+def test_version_flag(capsys):
+    from consa.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"consa {consa.__version__}"

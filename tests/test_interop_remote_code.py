@@ -1,0 +1,98 @@
+"""A consa-format checkpoint (KV-head hybrid, or a layer hybrid no stock config expresses) never runs
+as plain full attention in stock transformers: without trust_remote_code it is refused, with it the
+shipped modeling file installs consa's hybrid; without consa installed that file says what to do."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import tiny
+import torch
+
+import consa
+from consa.export import REMOTE_MODELING, export_hybrid
+from consa.hybrid_attention import apply_allocation
+from consa.manifest import Allocation
+
+IDS = torch.randint(1, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+KV_HEAD = [[True, False], [False, True], [False, False], [True, True]]
+LAYER = [[True, True], [False, False], [True, True], [False, False]]
+
+STOCK = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+path, out = sys.argv[1], {}
+ids = torch.load(sys.argv[2])
+try:  # a plain load, as a user or a serving tool would write it
+    AutoModelForCausalLM.from_pretrained(path)
+    out["plain"] = "loaded"
+except ValueError as e:
+    out["plain"] = str(e)
+sys.modules["consa"] = None  # consa not installed
+try:
+    AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    out["no_consa"] = "loaded"
+except ImportError as e:
+    out["no_consa"] = str(e)
+del sys.modules["consa"]
+m = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+with torch.no_grad():
+    torch.save(m(input_ids=ids).logits, sys.argv[3])
+    out["generated"] = m.generate(ids[:1, :10], max_new_tokens=4, min_new_tokens=4, do_sample=False).shape[1]
+out["attn"] = m.config._attn_implementation
+open(sys.argv[4], "w").write(json.dumps(out))
+"""
+
+
+def hybrid_logits(model_type, alloc):
+    model = tiny.build_model(model_type)
+    apply_allocation(model, alloc)
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("model_type,pattern,granularity,sinks", [
+    ("qwen3", KV_HEAD, "kv_head", 0),
+    ("llama", LAYER, "layer", 2),  # sink tokens: no stock config can say it
+])
+def test_consa_format_is_refused_plain_and_hybrid_with_remote_code(tmp_path, model_type, pattern, granularity, sinks):
+    alloc = Allocation.from_full_mask(torch.tensor(pattern), model="tiny", granularity=granularity, window=6,
+                                      sink_tokens=sinks)
+    with pytest.warns(UserWarning) if granularity == "layer" else _no_warning():
+        summary = export_hybrid(tiny.build_model(model_type), alloc, tmp_path / "ckpt")
+    assert summary["format"] == "consa" and summary["model_type"] == "consa_hybrid"
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == REMOTE_MODELING[:-3] + ".ConsaHybridForCausalLM"
+    assert (tmp_path / "ckpt" / REMOTE_MODELING).exists()
+    torch.save(IDS, tmp_path / "ids.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}  # remote code is copied there
+    proc = subprocess.run([sys.executable, "-c", STOCK, str(tmp_path / "ckpt"), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "logits.pt"), str(tmp_path / "out.json")], capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert "trust_remote_code=True" in out["plain"]  # refused, not run as full attention
+    assert "pip install consa" in out["no_consa"] and "consa.load_hybrid" in out["no_consa"]
+    assert out["attn"] == "consa_hybrid" and out["generated"] == 14
+    want = hybrid_logits(model_type, alloc)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, atol=1e-5, rtol=1e-4)
+    full = tiny.build_model(model_type)(input_ids=IDS).logits
+    assert (full - want).abs().max() > 1e-3  # the hybrid is not full attention
+    # consa's own loader reads the same directory without running the shipped file
+    with torch.no_grad():
+        torch.testing.assert_close(consa.load_hybrid(tmp_path / "ckpt")(input_ids=IDS).logits, want,
+                                   atol=1e-5, rtol=1e-4)
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        return self._catch.__exit__(*exc)
