@@ -7,6 +7,8 @@ fused Triton kernel (consa.decode_kernel) instead, and fresh long prompts throug
 import torch
 import torch.nn.functional as F
 
+from consa.window import swa_visible
+
 PREFILL_CHUNK = 1024  # queries per SDPA call for SWA heads in prefill: keys outside the window are skipped
 
 
@@ -54,11 +56,11 @@ def banded_attention(q, q0, span_k, span_v, k0, window, sink_k=None, sink_v=None
         lo = max(0, q0 + a - window + 1 - k0)  # span rows any query of the chunk can see
         hi = max(lo, q0 + b - k0)
         k_pos = torch.arange(k0 + lo, k0 + hi, device=q.device)[None, :]  # (1, n)
-        keep = (k_pos <= q_pos) & (k_pos > q_pos - window)  # (c, n)
+        keep = swa_visible(q_pos, k_pos, window)  # (c, n); the sinks come separately below
         keys, values = span_k[:, :, lo:hi], span_v[:, :, lo:hi]
         if ns:
             sink_pos = torch.arange(ns, device=q.device)[None, :]
-            keep = torch.cat([sink_pos <= q_pos, keep], 1)
+            keep = torch.cat([swa_visible(q_pos, sink_pos, window, ns), keep], 1)
             keys, values = torch.cat([sink_k, keys], 2), torch.cat([sink_v, values], 2)
             k_pos = torch.cat([sink_pos, k_pos], 1)
         keep = keep[None, None]  # (1, 1, c, n)

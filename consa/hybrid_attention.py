@@ -18,6 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from consa.errors import UnsupportedModelError
+from consa.window import swa_visible
 
 ATTN_NAME = "consa_hybrid"
 BACKENDS = ("auto", "sdpa", "flex", "flash")
@@ -55,9 +56,7 @@ class HybridAttention:
         """
         q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
         k_pos = torch.arange(kv_len, device=device)[None, :]
-        # Same convention as transformers' sliding_window_overlay: a query sees itself and W-1 before.
-        in_window = (k_pos > q_pos - self.window) | (k_pos < self.sink_tokens)
-        return in_window & (k_pos <= q_pos)
+        return swa_visible(q_pos, k_pos, self.window, self.sink_tokens)
 
 
 
@@ -76,7 +75,7 @@ def swa_block_mask(q_len: int, kv_len: int, window: int, sink_tokens: int, devic
 
         def swa_mod(b, h, q_idx, kv_idx):
             q_pos = q_idx + offset
-            return (kv_idx <= q_pos) & ((kv_idx > q_pos - window) | (kv_idx < sink_tokens))
+            return swa_visible(q_pos, kv_idx, window, sink_tokens)
 
         _block_masks[key] = create_block_mask(swa_mod, None, None, q_len, kv_len, device=device)
     return _block_masks[key]
@@ -162,7 +161,7 @@ def _select_heads(module, query, key, value, kv_heads: torch.Tensor):
 def hybrid_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """query (B, H, q, d); key/value (B, K, kv, d), KV heads not yet repeated. Returns (B, q, H, d)."""
     if hasattr(key, "hybrid_attend"):
-        # A consa.runtime cache layer stands in for key/value: it stores FA and SWA heads apart
+        # A consa.cache layer stands in for key/value: it stores FA and SWA heads apart
         # (SWA heads only their window) and computes the attention over its own storage.
         return key.hybrid_attend(module, query, attention_mask, scaling=scaling), None
     kwargs.pop("sliding_window", None)  # the window comes from the allocation, not the config
