@@ -20,9 +20,9 @@ def setting(default=MISSING, help: str = "", **meta):
 
 
 def _granularities():
-    from consa.units import GRANULARITIES
+    from consa.units import GRIDS
 
-    return GRANULARITIES
+    return tuple(GRIDS)
 
 
 def _objectives():
