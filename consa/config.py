@@ -31,6 +31,12 @@ def _objectives():
     return tuple(OBJECTIVES)
 
 
+def _warm_starts():
+    from consa.warm_start import WARM_STARTS
+
+    return WARM_STARTS
+
+
 def _backends():
     from consa.hybrid_attention import BACKENDS
 
@@ -67,6 +73,18 @@ class SearchConfig:
     init_log_alpha: float = setting(3.0, "initial gate logit (high = every unit starts as full attention)",
                                     ge=-20.0, le=20.0)
     objective: str = setting("lm", "what the gates minimise (see consa.objectives)", choices=_objectives)
+    warm_start: str = setting("none", "start the gate logits from a training-free ranking of the units (a scored "
+                                      "baseline of consa.baselines), or none", choices=_warm_starts)
+    warm_start_spread: float = setting(2.0, "range of the warm-start logits: the best unit starts at init_log_alpha "
+                                            "+ spread/2, the worst at init_log_alpha - spread/2", ge=0.0, le=40.0)
+    temperature_final: float | None = setting(None, "anneal the Hard-Concrete temperature linearly from 2/3 to this "
+                                                    "over the search (lower = harder gates); none keeps 2/3",
+                                              gt=0.0, le=10.0)
+    retrieval_keys: int = setting(4, "key lines per synthetic retrieval document (more keys = harder rows)",
+                                  ge=1, le=64)
+    refine_swaps: int = setting(0, "after the search, at most this many greedy swaps of an FA and an SWA unit at "
+                                   "the ranking's boundary, each kept only if it lowers the objective on held-out "
+                                   "rows of the training data", ge=0, le=1000)
     seed: int = setting(0, "seed of the data order, the gate noise and the retrieval documents", ge=0, le=2**31 - 1)
     revision: str | None = setting(None, "hub revision (branch, tag or commit)", max_length=200)
     dtype: str = setting("auto", "frozen weights: auto (bfloat16 on a GPU, float32 on CPU; gates, multipliers and "

@@ -51,6 +51,16 @@ class HardConcreteGate(nn.Module):
         return 1.0 - self.prob_full().mean()
 
 
+def annealed_beta(step: int, total_steps: int, final: float | None, start: float = BETA) -> float:
+    """Temperature at `step`: linear from `start` to `final` over the search (constant when final is None).
+
+    A lower temperature makes samples nearer 0/1, so late in the search the task loss sees allocations
+    close to the hard one it will be deployed as."""
+    if final is None or total_steps <= 1:
+        return start
+    return start + (final - start) * min(1.0, step / (total_steps - 1))
+
+
 def exact_swa_mask(log_alpha: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Boolean mask, True = SWA, with exactly round(sparsity * N) units set.
 

@@ -156,3 +156,16 @@ class HiddenDistillation(Objective):
         # depend on the model's hidden size or the final norm's weights.
         err = (student - teacher).pow(2).sum(-1) / teacher.pow(2).sum(-1).clamp(min=1e-6)  # (B, T-1)
         return per_row_mean(err, labels)
+
+
+@objective
+class NextTokenPlusDistillation(Objective):
+    name = "lm+distill"
+    help = ("next-token loss plus the KL divergence from the unmodified model (lm + distill, one student and "
+            "one teacher forward)")
+
+    def loss(self, model, hybrid, batch, labels):
+        teacher = teacher_hidden(model, hybrid, batch)[:, :-1]  # (B, T-1, D)
+        student = final_hidden(model, batch)[:, :-1]
+        nll = token_nll(model, student, labels[:, 1:].clamp(min=0))  # (B, T-1)
+        return per_row_mean(nll + token_kl(model, student, teacher), labels)

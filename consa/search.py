@@ -17,13 +17,15 @@ from consa.config import SearchConfig
 from consa.constraint import AugmentedLagrangian
 from consa.distributed import data_parallel
 from consa.errors import Cancelled, ConsaError, DataError
-from consa.gates import HardConcreteGate, exact_swa_mask
+from consa import refine
+from consa.gates import HardConcreteGate, annealed_beta, exact_swa_mask
 from consa.hybrid_attention import install, model_shape
 from consa.loading import load_for_search
 from consa.memory import use_checkpointing
 from consa.manifest import Allocation
 from consa.objectives import get_objective
 from consa.units import unit_grid
+from consa.warm_start import warm_start_logits
 
 
 @dataclass
@@ -93,12 +95,18 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
         if config.dataset is None:
             raise DataError("a dataset path is required (dataset=...)")
         dataset = data_mod.build_dataset(tokenizer, config.dataset, config.seq_len,
-                                         config.num_sequences or config.steps * config.batch_size * parallel.world_size,
-                                         retrieval_ratio=config.retrieval_ratio, seed=config.seed, with_labels=True)
+                                         config.num_sequences or config.steps * config.batch_size * parallel.world_size
+                                         + (refine.ROWS if config.refine_swaps else 0),
+                                         retrieval_ratio=config.retrieval_ratio, seed=config.seed,
+                                         num_keys=config.retrieval_keys, with_labels=True)
     rows, labels = dataset if isinstance(dataset, tuple) else (dataset, dataset)  # plain rows: every token
     rows, labels = rows.to(device), labels.to(device)
 
     gate = HardConcreteGate(grid.count, config.init_log_alpha).to(device)
+    if config.warm_start != "none" and resume_from is None:
+        gate.log_alpha.data.copy_(warm_start_logits(
+            config.warm_start, model, grid, rows, labels, window=config.window, sink_tokens=config.sink_tokens,
+            init=config.init_log_alpha, spread=config.warm_start_spread).to(device))
     lagrangian = AugmentedLagrangian(config.sparsity, config.steps, config.warmup_frac, config.lambda_lr,
                                      lambda2=config.penalty_init)
     start_step = 0
@@ -122,6 +130,7 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
         pick = parallel.rows(order, step, config.batch_size)
         batch, batch_labels = rows[pick], labels[pick]  # (B, T)
 
+        gate.beta = annealed_beta(step, config.steps, config.temperature_final)
         hybrid.set_gates(grid.to_grid(gate()))  # (L, K)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss_task = objective.loss(model, hybrid, batch, batch_labels)
@@ -151,15 +160,26 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
                 progress(record)
     hybrid.set_gates(None)
 
-    # finalize: exactly round(s * N) units SWA, chosen by log_alpha
+    # finalize: exactly round(s * N) units SWA, chosen by log_alpha (refined by swaps where asked)
     log_alpha = gate.log_alpha.detach().cpu()
+    refined = {}
+    if config.refine_swaps:
+        used = min(len(order), config.steps * config.batch_size * parallel.world_size)
+        held = order[used:used + refine.ROWS] if len(order) - used >= refine.ROWS else order[:refine.ROWS]
+        model.eval()
+        log_alpha, swaps, before, after = refine.refine_scores(
+            model, hybrid, grid, objective, log_alpha, config.sparsity, rows[held], labels[held],
+            config.refine_swaps, autocast=autocast)
+        refined = {"refine": {"swaps": swaps, "loss_before": round(before, 6), "loss_after": round(after, 6),
+                              "held_out_rows": bool(len(order) - used >= refine.ROWS)}}
     full = grid.to_grid(~exact_swa_mask(log_alpha, config.sparsity))
     prob_full = grid.to_grid(gate.prob_full().detach().cpu())
     placement = ("model", "sparsity", "granularity", "window", "sink_tokens", "revision")  # top-level manifest fields
     training = {k: v for k, v in config.to_dict().items() if k not in placement}
     training.update(seconds=round(time.time() - started, 2), final_expected_sparsity=round(gate.expected_sparsity().item(), 6),
                     lambda1=lagrangian.lambda1, lambda2=lagrangian.lambda2, gpus=parallel.world_size,
-                    activation_checkpointing=checkpointing, weights_dtype=str(next(model.parameters()).dtype))
+                    activation_checkpointing=checkpointing, weights_dtype=str(next(model.parameters()).dtype),
+                    **refined)
     allocation = Allocation.from_full_mask(
         full, model=config.model, revision=config.revision, granularity=config.granularity, window=config.window,
         sink_tokens=config.sink_tokens, sparsity_target=float(config.sparsity),
