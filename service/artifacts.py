@@ -19,7 +19,8 @@ def valid_name(name: str) -> bool:
 
 
 # Every media type content_type() can answer (the download's documented content types).
-MEDIA_TYPES = ("application/json", "image/png", "application/gzip", "text/markdown", "application/octet-stream")
+MEDIA_TYPES = ("application/json", "image/png", "application/x-tar", "application/gzip", "text/markdown",
+               "application/octet-stream")
 
 
 def content_type(name: str) -> str:

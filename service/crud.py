@@ -179,6 +179,12 @@ def record_progress(session: Session, *, job: Job, progress: dict) -> str:
     return job_status(session, job_pk=job.pk)
 
 
+def runs_on(session: Session, *, job_pk: int, worker: str) -> bool:
+    """The job is running on this worker (not cancel-requested, ended, or handed to another worker)."""
+    row = session.execute(select(Job.status, Job.worker).where(Job.pk == job_pk)).first()
+    return row is not None and row.status == RUNNING and row.worker == worker
+
+
 def job_status(session: Session, *, job_pk: int) -> str:
     return session.scalar(select(Job.status).where(Job.pk == job_pk))
 
@@ -244,6 +250,11 @@ def add_artifact(session: Session, *, job: Job, name: str, size: int, sha256: st
               data={"artifact": name, "size": size, "sha256": sha256})
     session.commit()
     return artifact
+
+
+def delete_artifacts(session: Session, *, job: Job) -> None:
+    session.execute(delete(Artifact).where(Artifact.job_pk == job.pk))
+    session.commit()
 
 
 def list_artifacts(session: Session, *, job: Job) -> list[Artifact]:
@@ -318,8 +329,8 @@ def settle_lost_jobs(session: Session, *, max_attempts: int, stale_before: dt.da
     which just restarted): a cancel-requested one ends `cancelled`; a running one is queued again
     while it has attempts left, else it fails as `worker_lost`. Returns the job ids by outcome.
 
-    Each change is conditional on the status and heartbeat read here, so a worker that beats or
-    finishes the job at the same moment wins and the job is left alone.
+    Each change is conditional on the status, worker and staleness read here, so a worker that beats
+    or finishes the job at the same moment wins and the job is left alone.
     """
     query = select(Job).where(Job.status.in_((RUNNING, CANCEL_REQUESTED)))
     if worker is not None:
@@ -328,7 +339,9 @@ def settle_lost_jobs(session: Session, *, max_attempts: int, stale_before: dt.da
         query = query.where(Job.heartbeat_at < stale_before)
     outcome = {"cancelled": [], "requeued": [], "failed": []}
     for job in list(session.scalars(query.order_by(Job.pk))):
-        same = update(Job).where(Job.pk == job.pk, Job.status == job.status, Job.heartbeat_at == job.heartbeat_at)
+        same = update(Job).where(Job.pk == job.pk, Job.status == job.status, Job.worker == job.worker)
+        if stale_before is not None:
+            same = same.where(Job.heartbeat_at < stale_before)
         if job.status == CANCEL_REQUESTED:
             values = dict(status=CANCELLED, finished_at=utcnow())
             kind, message = "cancelled", f"job cancelled: its worker {job.worker} stopped"

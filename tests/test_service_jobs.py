@@ -49,11 +49,11 @@ def test_job_runs_to_success_with_downloadable_artifacts(server):
 
         listed = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
         names = {a["name"] for a in listed}
-        assert {"manifest.json", "gates.safetensors", "heatmap.png", "checkpoint.tar.gz"} <= names
+        assert {"manifest.json", "gates.safetensors", "heatmap.png", "checkpoint.tar"} <= names
         for artifact in listed:
             body = client.get(artifact["url"]).content
             assert len(body) == artifact["size"] and hashlib.sha256(body).hexdigest() == artifact["sha256"]
-            if artifact["name"] == "checkpoint.tar.gz":
+            if artifact["name"] == "checkpoint.tar":
                 with tarfile.open(fileobj=io.BytesIO(body)) as tar:
                     members = {Path(m).name for m in tar.getnames()}
                 assert {"config.json", "model.safetensors"} <= members, members

@@ -122,4 +122,149 @@ def test_a_job_loads_its_model_once_for_search_and_evaluation(tmp_path, tiny_mod
     assert loads == [str(tiny_model_dir)] * 2
     with sessionmaker_for(settings.database_url)() as session:
         names = {a.name for a in crud.get_job(session, job_id=job_id).artifacts}
-    assert {"evaluation.json", "checkpoint.tar.gz", "manifest.json"} <= names
+    assert {"evaluation.json", "checkpoint.tar", "manifest.json"} <= names
+
+
+# -- issue 11: every phase honours a cancel; disk faults fail fast, without paths or partial artifacts --
+def tiny_job(settings, tiny_model_dir, text_dir, **fields):
+    params = dict(JobCreate(model=str(tiny_model_dir), sparsity=0.5, steps=2, seq_len=64, window=16, **fields)
+                  .model_dump(exclude={"metadata"}), dataset=str(text_dir))
+    return new_job(settings, params=params)
+
+
+def events_of(settings, job_id):
+    with sessionmaker_for(settings.database_url)() as session:
+        return crud.list_events(session, job=crud.get_job(session, job_id=job_id), limit=1000)[0]
+
+
+@pytest.fixture
+def sqlite_settings(tmp_path):
+    settings = Settings(var_dir=tmp_path / "var")
+    prepare(settings)
+    return settings
+
+
+def test_a_cancel_during_the_export_ends_the_job_cancelled(sqlite_settings, tiny_model_dir, text_dir, monkeypatch):
+    import consa.export
+
+    settings, real = sqlite_settings, consa.export.export_hybrid
+
+    def export_then_cancel(*args, **kwargs):
+        with sessionmaker_for(settings.database_url)() as session:  # the API's cancel, mid-export
+            crud.request_cancel(session, job=crud.get_job(session, job_id=job_id))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(consa.export, "export_hybrid", export_then_cancel)
+    job_id = tiny_job(settings, tiny_model_dir, text_dir)
+    assert run_job(job_id, settings, worker="gpu0@host") == "cancelled"
+
+
+def test_a_cancel_during_the_evaluation_stops_it(sqlite_settings, tiny_model_dir, text_dir, monkeypatch):
+    import consa.pipeline
+
+    settings, real = sqlite_settings, consa.pipeline.evaluate_allocation
+
+    def cancel_then_evaluate(*args, **kwargs):
+        with sessionmaker_for(settings.database_url)() as session:
+            crud.request_cancel(session, job=crud.get_job(session, job_id=job_id))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(consa.pipeline, "evaluate_allocation", cancel_then_evaluate)
+    job_id = tiny_job(settings, tiny_model_dir, text_dir, evaluate=True)
+    assert run_job(job_id, settings, worker="gpu0@host") == "cancelled"
+    assert not any("checkpoint" in e.message for e in events_of(settings, job_id))  # export never began
+
+
+def test_an_unwritable_store_fails_before_the_search_and_names_no_path(tmp_path, tiny_model_dir, text_dir):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the artifact store should be\n")
+    settings = Settings(var_dir=tmp_path / "var", artifact_dir=blocker / "artifacts")
+    prepare_db = Settings(var_dir=tmp_path / "var")
+    prepare(prepare_db)
+    job_id = tiny_job(settings, tiny_model_dir, text_dir)
+    assert run_job(job_id, settings, worker="gpu0@host") == "failed"
+    row = job_row(settings, job_id)
+    assert (row.error_type, row.error_code) == ("system", "storage_error")
+    assert "/" not in row.error_message, row.error_message
+    assert not [e for e in events_of(settings, job_id) if e.type == "progress"]  # no search step ran
+
+
+def test_a_failed_job_lists_no_partial_artifacts_and_shows_no_server_path(sqlite_settings, tiny_model_dir, text_dir,
+                                                                          monkeypatch):
+    import consa.export
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError(f"could not write {sqlite_settings.artifact_dir}/tmp/shard-0.bin")
+
+    monkeypatch.setattr(consa.export, "export_hybrid", broken_export)
+    job_id = tiny_job(sqlite_settings, tiny_model_dir, text_dir)
+    assert run_job(job_id, sqlite_settings, worker="gpu0@host") == "failed"
+    row = job_row(sqlite_settings, job_id)
+    assert row.error_code == "internal_error" and str(sqlite_settings.artifact_dir) not in row.error_message
+    assert "<path>" in row.error_message
+    assert any("manifest.json" in e.message for e in events_of(sqlite_settings, job_id))  # it had published some
+    with sessionmaker_for(sqlite_settings.database_url)() as session:
+        assert crud.list_artifacts(session, job=crud.get_job(session, job_id=job_id)) == []
+    assert not (sqlite_settings.artifact_dir / job_id).exists()
+
+
+# -- the reconciler's decisions, on a real database ----------------------------------------------
+def age(settings, job_id, seconds):
+    """Make the job's heartbeat `seconds` old (its worker stopped beating then)."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    with engine_for(settings.database_url).begin() as conn:
+        conn.execute(sa.text("UPDATE jobs SET heartbeat_at = :t WHERE id = :id"),
+                     {"t": crud.utcnow() - dt.timedelta(seconds=seconds), "id": job_id})
+
+
+def test_a_stale_job_is_requeued_then_failed_whatever_its_worker_name(settings):
+    from service.reconciler import settle_lost
+
+    job_id, live = new_job(settings), new_job(settings)
+    claim(settings, job_id, "ghost@gone")
+    claim(settings, live, "gpu1@host")
+    age(settings, job_id, settings.stale_after_s + 5)
+    assert settle_lost(settings) == {"cancelled": [], "requeued": [job_id], "failed": []}
+    row = job_row(settings, job_id)
+    assert (row.status, row.worker, row.enqueued_at) == ("queued", None, None)  # the outbox sends it again
+    assert job_row(settings, live).status == "running"  # a fresh heartbeat is left alone
+    claim(settings, job_id, "gpu2@host")  # attempt 2 of max_attempts = 2 dies too
+    age(settings, job_id, settings.stale_after_s + 5)
+    assert settle_lost(settings)["failed"] == [job_id]
+    row = job_row(settings, job_id)
+    assert (row.status, row.error_code, row.attempts) == ("failed", "worker_lost", 2)
+
+
+def test_a_cancel_requested_job_whose_worker_died_ends_cancelled(settings):
+    from service.reconciler import settle_lost
+
+    job_id = new_job(settings)
+    claim(settings, job_id, "ghost@gone")
+    with sessionmaker_for(settings.database_url)() as session:
+        crud.request_cancel(session, job=crud.get_job(session, job_id=job_id))
+    age(settings, job_id, settings.stale_after_s + 5)
+    assert settle_lost(settings)["cancelled"] == [job_id]
+    assert job_row(settings, job_id).status == "cancelled"
+
+
+def test_the_outbox_sends_unsent_jobs_and_resends_only_while_a_worker_idles(settings):
+    import datetime as dt
+
+    now = crud.utcnow()
+    old = now - dt.timedelta(seconds=600)
+    unsent, sent = new_job(settings), new_job(settings)
+    with sessionmaker_for(settings.database_url)() as session:
+        session.execute(crud.update(crud.Job).values(created_at=old))
+        session.commit()
+        crud.mark_enqueued(session, job_id=sent)
+        session.execute(crud.update(crud.Job).where(crud.Job.id == sent).values(enqueued_at=old))
+        session.commit()
+        # No idle worker: only the never-sent job is due.
+        assert crud.jobs_to_publish(session, created_before=now, republish_before=None) == [unsent]
+        assert not crud.idle_worker_exists(session, stale_before=old, idle_before=now)
+        crud.beat_worker(session, worker="gpu0@host")  # alive and idle from now on
+        assert crud.idle_worker_exists(session, stale_before=old, idle_before=now + dt.timedelta(seconds=1))
+        assert crud.jobs_to_publish(session, created_before=now, republish_before=now) == [unsent, sent]

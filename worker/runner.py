@@ -9,6 +9,8 @@ The database is the truth.
 import datetime as dt
 import logging
 import math
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -62,7 +64,12 @@ class JobRun:
         self.staging: Path | None = None
 
     def event(self, type: str, message: str, data: dict | None = None) -> None:
+        from consa.errors import Cancelled
+
         crud.log_event(self.session, job=self.job, type=type, message=message, data=data)
+        # Events come between the steps of the evaluation and export too: a cancel stops them there.
+        if self.should_cancel():
+            raise Cancelled(f"cancelled during: {message}")
 
     def finish(self, status: str, **error) -> str:
         crud.finish_job(self.session, job=self.job, status=status, **error)
@@ -72,28 +79,53 @@ class JobRun:
         from consa.errors import Cancelled, ConsaError
         from consa.pipeline import run_allocation
 
-        self.settings.artifact_dir.mkdir(parents=True, exist_ok=True)
-        # Same filesystem as the store, so publishing is a copy + rename without crossing devices.
-        self.staging = Path(tempfile.mkdtemp(prefix=f".staging-{self.job.id}-", dir=self.settings.artifact_dir))
         try:
+            # Before the search, not after hours of it: a full or read-only store fails the job now.
+            self.staging = self.writable_staging()
             config = self.search_config()
             if config is None:
                 return crud.job_status(self.session, job_pk=self.job.pk)
             run_allocation(config, self.staging, evaluate=bool(self.params.get("evaluate")), checkpoint=True,
                            progress=self.progress, should_cancel=self.should_cancel, on_event=self.event,
                            on_artifact=self.publish)
-            return self.finish(SUCCEEDED)
+            # A cancel that came during the last phase still wins over success.
+            return self.finish(CANCELLED if self.should_cancel() else SUCCEEDED)
         except Cancelled:
             return self.finish(CANCELLED)
         except ConsaError as e:  # the user's model, data or settings: they can fix it
-            return self.finish(FAILED, error_code=e.code, error_type="user", error_message=str(e))
+            return self.fail(error_code=e.code, error_type="user", error_message=str(e))
+        except OSError as e:  # the disk: full, read-only, gone. Say what, never where.
+            log.exception("job %s failed on storage", self.job.id)
+            return self.fail(error_code="storage_error", error_type="system",
+                             error_message=f"the server could not write the job's files: {e.strerror or type(e).__name__}")
         except Exception as e:
             log.exception("job %s failed", self.job.id)
-            return self.finish(FAILED, error_code="internal_error", error_type="system",
-                               error_message=f"{type(e).__name__}: {e}"[:2000])
+            return self.fail(error_code="internal_error", error_type="system",
+                             error_message=without_paths(f"{type(e).__name__}: {e}")[:2000])
         finally:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            if self.staging is not None:
+                shutil.rmtree(self.staging, ignore_errors=True)
             _free_accelerator_memory()
+
+    def writable_staging(self) -> Path:
+        """A staging folder in the store (same filesystem, so publishing is a copy + rename without
+        crossing devices), after proving that the store takes a write."""
+        self.settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{self.job.id}-", dir=self.settings.artifact_dir))
+        self.staging = staging
+        probe = staging / ".probe"
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+        return staging
+
+    def fail(self, **error) -> str:
+        """A failed job lists no artifacts: the partial ones of this attempt are removed, rows and files."""
+        crud.delete_artifacts(self.session, job=self.job)
+        artifacts.remove_job_files(self.settings.artifact_dir, self.job.id)
+        return self.finish(FAILED, **error)
 
     def search_config(self):
         if not Path(self.params["model"]).is_absolute() and Path(self.params["model"]).exists():
@@ -114,13 +146,19 @@ class JobRun:
         crud.record_progress(self.session, job=self.job, progress=clean)
 
     def should_cancel(self) -> bool:
-        # Anything but running stops the search: cancel_requested, or a row someone else ended.
-        return crud.job_status(self.session, job_pk=self.job.pk) != RUNNING
+        # Anything but running *here* stops the job: cancel_requested, a row someone else ended, or a
+        # row the reconciler gave to another worker because this one looked dead.
+        return not crud.runs_on(self.session, job_pk=self.job.pk, worker=self.job.worker)
 
     def publish(self, name: str, path: Path) -> None:
         size, sha256 = artifacts.publish(path, self.settings.artifact_dir, self.job.id, name)
         crud.add_artifact(self.session, job=self.job, name=name, size=size, sha256=sha256,
                           content_type=artifacts.content_type(name))
+
+
+def without_paths(message: str) -> str:
+    """A server fault's message for the client: absolute paths (the server's layout) left out."""
+    return re.sub(r"(?<![\w.])/[^\s'\",:]+", "<path>", message)
 
 
 def search_config_of(params: dict):
