@@ -29,11 +29,16 @@ def _checked(name: str, kind):
     return parse
 
 
-def _add_setting_args(p) -> None:
-    """One flag per SearchConfig setting: its default, help, bounds and choices come from consa.config."""
+def _add_setting_args(p, server_defaults: bool = False) -> None:
+    """One flag per SearchConfig setting: its default, help, bounds and choices come from consa.config.
+
+    With `server_defaults` (`consa jobs submit`) a flag left out stays None, so the server applies its own.
+    """
     for name, kind, default, meta, _ in setting_fields():
         flags = ["--" + name.replace("_", "-")] + (["--data"] if name == "dataset" else [])
         help = meta["help"] + ("" if default is MISSING else " (default: %(default)s)")
+        if server_defaults and default is not MISSING:
+            default, help = None, meta["help"] + f" (server default: {default})"
         if kind is bool:
             p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help)
             continue

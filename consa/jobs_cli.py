@@ -9,8 +9,9 @@ import argparse
 import json
 import sys
 import time
+import uuid
 
-from consa.client import TERMINAL, ApiError, Client, ConnectionFailed
+from consa.client import RETRY_STATUS, TERMINAL, ApiError, Client, ConnectionFailed
 
 EXIT_JOB_FAILED, EXIT_USAGE, EXIT_API, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
@@ -29,18 +30,19 @@ def add_jobs_commands(subparsers) -> argparse.ArgumentParser:
     sub = jobs.add_subparsers(dest="jobs_command", required=True)
 
     p = sub.add_parser("submit", parents=[conn], help="submit a job (202 + the job)")
-    p.add_argument("--model", required=True, help="hub ID or a path under one of the server's model roots")
-    p.add_argument("--sparsity", type=float, required=True, help="share of attention units that become SWA")
-    p.add_argument("--granularity", choices=["layer", "kv_head"], default=None)
-    p.add_argument("--revision", default=None)
-    for name, kind in [("window", int), ("sink-tokens", int), ("dataset", str), ("retrieval-ratio", float),
-                       ("steps", int), ("seq-len", int), ("batch-size", int), ("lr", float), ("seed", int)]:
-        p.add_argument(f"--{name}", type=kind, default=None)
-    p.add_argument("--objective", choices=["lm", "distill"], default=None)
+    # One flag per search setting, as `consa search` has them (consa.config), but with no defaults:
+    # what is not given is left to the server's defaults.
+    from consa.cli import _add_setting_args
+
+    _add_setting_args(p, server_defaults=True)
     p.add_argument("--evaluate", action="store_true", help="evaluate against the baselines after the search")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--idempotency-key", default=None, help="resubmitting with the same key returns the same job")
+    p.add_argument("--idempotency-key", default=None,
+                   help="resubmitting with the same key returns the same job (default: a fresh one per "
+                        "invocation, so retries after a dropped connection never submit twice)")
     p.add_argument("--wait", action="store_true", help="show progress until the job ends; exit 1 if it did not succeed")
+    p.add_argument("--patience", type=float, default=3600.0,
+                   help="with --wait: seconds to keep retrying while the server is unreachable (a restart)")
     p.set_defaults(jobs_func=cmd_submit)
 
     p = sub.add_parser("list", parents=[conn], help="list your jobs, newest first")
@@ -125,11 +127,9 @@ def _job_line(job: dict) -> str:
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_submit(client: Client, args) -> int:
-    params = {"model": args.model, "sparsity": args.sparsity}
-    for field in ("granularity", "revision", "window", "sink_tokens", "dataset", "retrieval_ratio", "steps",
-                  "seq_len", "batch_size", "lr", "objective", "seed"):
-        if getattr(args, field) is not None:
-            params[field] = getattr(args, field)
+    from consa.config import setting_names
+
+    params = {name: getattr(args, name) for name in setting_names() if getattr(args, name) is not None}
     if args.evaluate:
         params["evaluate"] = True
     if args.metadata:
@@ -139,13 +139,13 @@ def cmd_submit(client: Client, args) -> int:
             return EXIT_USAGE
         params["metadata"] = dict(m.split("=", 1) for m in args.metadata)
 
-    job = client.submit(params, idempotency_key=args.idempotency_key)
+    job = client.submit(params, idempotency_key=args.idempotency_key or str(uuid.uuid4()))
     if not args.wait:
         _print_json(job) if args.json else print(_job_line(job))
         return 0
     print(f"submitted {job['id']}", file=sys.stderr)
     try:
-        job = wait_with_progress(client, job["id"], args.interval)
+        job = wait_with_progress(client, job["id"], args.interval, patience_s=args.patience)
     except KeyboardInterrupt:
         print(f"\nstopped waiting; the job goes on (consa jobs cancel {job['id']} stops it)", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -153,15 +153,35 @@ def cmd_submit(client: Client, args) -> int:
     return 0 if job["status"] == "succeeded" else EXIT_JOB_FAILED
 
 
-def wait_with_progress(client: Client, job_id: str, poll_s: float = 2.0) -> dict:
-    """Poll until the job ends, drawing a tqdm bar (step/total, loss, sparsity) on stderr."""
+def wait_with_progress(client: Client, job_id: str, poll_s: float = 2.0, patience_s: float = 3600.0) -> dict:
+    """Poll until the job ends, drawing a tqdm bar (step/total, loss, sparsity) on stderr.
+
+    A server that goes away (a restart, a deploy) is waited for up to `patience_s` seconds: the job
+    lives in the server's database and goes on, so losing the connection must not end the wait.
+    """
     from tqdm import tqdm  # comes with transformers; imported here so `consa jobs list` starts fast
 
     bar = None
     status = None
+    down_since = None
     try:
         while True:
-            job = client.get(job_id)
+            try:
+                job = client.get(job_id)
+            except (ConnectionFailed, ApiError) as e:
+                if isinstance(e, ApiError) and e.status not in RETRY_STATUS:
+                    raise
+                now = time.monotonic()
+                if down_since is None:
+                    down_since = now
+                    print(f"\n{job_id}: server unavailable ({e}); still waiting", file=sys.stderr)
+                if now - down_since > patience_s:
+                    raise
+                time.sleep(min(max(poll_s, 1.0) * 2, 30.0))
+                continue
+            if down_since is not None:
+                print(f"{job_id}: server back", file=sys.stderr)
+                down_since = None
             p = job.get("progress") or {}
             if bar is None and p.get("total_steps"):
                 bar = tqdm(total=p["total_steps"], desc=job_id, unit="step", file=sys.stderr)
@@ -241,7 +261,8 @@ def cmd_download(client: Client, args) -> int:
         wanted, dest = list(listed.values()), Path(args.output or args.job)
         dest.mkdir(parents=True, exist_ok=True)  # a directory even if it does not exist yet
     for a in wanted:
-        path = client.download(args.job, a["name"], dest, sha256=a.get("sha256"))
+        path = client.download(args.job, a["name"], dest, sha256=a.get("sha256"), size=a.get("size"),
+                               progress=not args.json and sys.stderr.isatty())
         print(f"{path}  {a['size']} bytes  sha256 {a['sha256']}")
     return 0
 
