@@ -6,6 +6,7 @@ random depths inside filler text and the document ends with `assert KEY_abcd == 
 that can see far back can complete the value. The format matches the testbed model's training data.
 """
 
+import itertools
 import json
 import random
 import string
@@ -17,25 +18,41 @@ import torch
 from consa.errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".json", ".jsonl", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs"}
+# Files read through Hugging Face `datasets` (the optional `data` extra), by the builder that reads them.
+DATASET_FILES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl.zst": "json", ".json.zst": "json",
+                 ".jsonl.gz": "json", ".json.gz": "json"}
+# Columns tried, in order, when no text field is named: plain text corpora and code corpora (the Stack).
+TEXT_FIELDS = ("text", "content")
 
 
 # -- reading text ---------------------------------------------------------------------------------
-def iter_texts(path, max_files: int | None = None, seed: int = 0, suffixes=None):
-    """Yield documents from a file, a directory of text files, or a .jsonl with a `text` field."""
+def iter_texts(path, max_files: int | None = None, seed: int = 0, suffixes=None, text_field: str | None = None):
+    """Yield documents from a file, a directory of text files, a .jsonl with a `text` field, or (with
+    the `data` extra) parquet / arrow / .jsonl.zst files, a directory saved by `datasets`
+    (`save_to_disk`), or a hub dataset name where the machine is online. `text_field` names the
+    column to read (default: "text", else "content")."""
     suffixes = set(suffixes or TEXT_SUFFIXES)
     path = Path(path)
     if not path.exists():
+        if _looks_like_hub_name(str(path)):
+            yield from _iter_dataset(str(path), None, text_field)
+            return
         raise DataError(f"dataset path does not exist: {path}")
+    if path.is_dir() and _is_saved_dataset(path):
+        yield from _iter_dataset(path, "disk", text_field)
+        return
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in suffixes and p.is_file())
+        files = sorted(p for p in path.rglob("*") if (p.suffix in suffixes or _builder(p)) and p.is_file())
         if not files:
-            raise DataError(f"no text files ({', '.join(sorted(suffixes))}) under {path}")
+            raise DataError(f"no text files ({', '.join(sorted(suffixes | set(DATASET_FILES)))}) under {path}")
         random.Random(seed).shuffle(files)  # a dataset directory is usually sorted by topic
     else:
         files = [path]
     for f in files[:max_files]:
-        if f.suffix == ".jsonl":
-            yield from _iter_jsonl(f)
+        if _builder(f):
+            yield from _iter_dataset(f, _builder(f), text_field)
+        elif f.suffix == ".jsonl":
+            yield from _iter_jsonl(f, text_field or "text")
         else:
             try:
                 yield f.read_text(encoding="utf-8", errors="replace")
@@ -43,7 +60,7 @@ def iter_texts(path, max_files: int | None = None, seed: int = 0, suffixes=None)
                 raise DataError(f"cannot read {f}: {e}") from None
 
 
-def _iter_jsonl(path: Path):
+def _iter_jsonl(path: Path, field: str = "text"):
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -52,9 +69,57 @@ def _iter_jsonl(path: Path):
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno} is not valid JSON: {e.msg}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{path}:{lineno} has no string field 'text'")
-            yield record["text"]
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise DataError(f"{path}:{lineno} has no string field {field!r}")
+            yield record[field]
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return (path / "dataset_dict.json").exists() or ((path / "state.json").exists()
+                                                     and (path / "dataset_info.json").exists())
+
+
+def _builder(path: Path) -> str | None:
+    return DATASET_FILES.get("".join(path.suffixes[-2:])) or DATASET_FILES.get(path.suffix)
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    """"owner/name" that is not a local path (no file suffix, no leading ./ or /)."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and "." not in parts[1] and not name.startswith((".", "/", "~"))
+
+
+def _iter_dataset(source, builder: str | None, text_field: str | None):
+    """Rows of a `datasets` dataset (a local file read by `builder`, a saved dataset, or a hub name)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"reading {source} needs Hugging Face datasets: pip install 'consa[data]'") from None
+    try:
+        if builder == "disk":
+            ds = datasets.load_from_disk(str(source))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        else:
+            # Streamed: rows are read as they are packed, with no arrow copy in the datasets cache and
+            # no whole-corpus download for the few thousand rows a search needs.
+            ds = datasets.load_dataset(builder or str(source), data_files=str(source) if builder else None,
+                                       split="train", streaming=True)
+        rows = iter(ds)
+        first = next(rows, None)
+    except Exception as e:  # datasets raises many kinds (FileNotFoundError, DatasetNotFoundError, ArrowInvalid ...)
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot read dataset {source}: {line}") from None
+    if first is None:
+        return
+    field = text_field or next((c for c in TEXT_FIELDS if c in first), None)
+    if field not in first:
+        raise DataError(f"{source} has no text column {text_field or ' / '.join(TEXT_FIELDS)!r} "
+                        f"(its columns: {', '.join(first)}); name one with text_field")
+    for row in itertools.chain([first], rows):
+        if isinstance(row[field], str):
+            yield row[field]
 
 
 def pack_tokens(tokenizer, texts, seq_len: int, max_sequences: int | None = None) -> torch.Tensor:
@@ -166,7 +231,7 @@ def retrieval_sequences(tokenizer, filler_ids: list, seq_len: int, count: int, s
 
 # -- the training mix -----------------------------------------------------------------------------
 def build_dataset(tokenizer, path, seq_len: int, num_sequences: int, retrieval_ratio: float = 0.0,
-                  seed: int = 0, num_keys: int = 4, with_labels: bool = False):
+                  seed: int = 0, num_keys: int = 4, with_labels: bool = False, text_field: str | None = None):
     """(num_sequences, seq_len) token rows: packed text mixed with retrieval documents at a ratio.
 
     With `with_labels`, returns (rows, labels): text rows are labelled everywhere, retrieval rows on
@@ -178,11 +243,13 @@ def build_dataset(tokenizer, path, seq_len: int, num_sequences: int, retrieval_r
     n_text = num_sequences - n_retrieval
     rows, labels = [], []
     if n_text:
-        text = pack_tokens(tokenizer, iter_texts(path, seed=seed), seq_len, max_sequences=n_text)
+        text = pack_tokens(tokenizer, iter_texts(path, seed=seed, text_field=text_field), seq_len,
+                           max_sequences=n_text)
         rows.append(text)
         labels.append(text)
     if n_retrieval:
-        filler = filler_token_ids(tokenizer, iter_texts(path, seed=seed + 1), max_tokens=max(seq_len * 8, 65536))
+        filler = filler_token_ids(tokenizer, iter_texts(path, seed=seed + 1, text_field=text_field),
+                                  max_tokens=max(seq_len * 8, 65536))
         r_rows, r_labels = retrieval_sequences(tokenizer, filler, seq_len, n_retrieval, seed=seed, num_keys=num_keys)
         rows.append(r_rows)
         labels.append(r_labels)

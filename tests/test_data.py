@@ -75,3 +75,57 @@ def test_calibration_rows_come_in_another_order_than_the_evaluation(text_dir, to
     assert calib.shape == (4, 64)
     assert not torch.equal(calib, first)
     assert torch.equal(calib, data.calibration_rows(tokenizer, text_dir, 64, seed=0, num_sequences=4))  # seeded
+
+
+# -- Hugging Face datasets (the `data` extra) -------------------------------------------------------
+DOCS = [{"text": f"document {i} " * 20, "content": f"code {i}", "n": i} for i in range(6)]
+
+
+def _write_formats(root):
+    """The same six documents as parquet, arrow, .jsonl.zst and a saved `datasets` directory."""
+    import datasets
+    import zstandard
+
+    ds = datasets.Dataset.from_list(DOCS)
+    ds.to_parquet(str(root / "docs.parquet"))
+    ds.save_to_disk(str(root / "saved"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(root / "saved-dict"))
+    arrow = next((root / "saved").glob("*.arrow"))
+    (root / "docs.arrow").write_bytes(arrow.read_bytes())
+    lines = "".join(json.dumps(d) + "\n" for d in DOCS).encode()
+    (root / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    return root
+
+
+@pytest.mark.parametrize("name", ["docs.parquet", "docs.arrow", "docs.jsonl.zst", "saved", "saved-dict"])
+def test_datasets_formats_are_read(tmp_path, name, tokenizer):
+    root = _write_formats(tmp_path)
+    assert list(data.iter_texts(root / name)) == [d["text"] for d in DOCS]
+    assert list(data.iter_texts(root / name, text_field="content")) == [d["content"] for d in DOCS]
+    rows = data.build_dataset(tokenizer, root / name, seq_len=16, num_sequences=3)
+    assert rows.shape == (3, 16)
+
+
+def test_datasets_column_errors_name_the_columns(tmp_path):
+    root = _write_formats(tmp_path)
+    with pytest.raises(DataError, match="no text column 'body'.*text, content, n"):
+        list(data.iter_texts(root / "docs.parquet", text_field="body"))
+    import datasets
+
+    datasets.Dataset.from_list([{"code": "x"}]).to_parquet(str(tmp_path / "code.parquet"))
+    with pytest.raises(DataError, match="text / content"):  # neither default column
+        list(data.iter_texts(tmp_path / "code.parquet"))
+
+
+def test_a_directory_mixes_text_files_and_parquet(tmp_path):
+    import datasets
+
+    (tmp_path / "a.txt").write_text("alpha")
+    datasets.Dataset.from_list([{"text": "beta"}]).to_parquet(str(tmp_path / "b.parquet"))
+    (tmp_path / "c.txt.gz").write_bytes(b"\x1f\x8b not json")  # not a dataset file: skipped like any binary
+    assert sorted(data.iter_texts(tmp_path)) == ["alpha", "beta"]
+
+
+def test_a_missing_local_path_is_not_taken_for_a_hub_name(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        list(data.iter_texts("data/train.txt"))
