@@ -63,6 +63,12 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
     run.search = run_search(config, progress=progress, should_cancel=should_cancel, resume_from=resume_from,
                             model=model, tokenizer=tokenizer, dataset=dataset)
     allocation = run.search.allocation
+    from consa.convergence import convergence_warning
+
+    warning = convergence_warning(config.sparsity, allocation.training.get("final_expected_sparsity"), config.steps)
+    if warning:  # in the manifest's training record too, so the allocation carries it wherever it goes
+        allocation.training["warning"] = warning
+        say("warning", warning)
     run.search.save(out)
     publish(out / "manifest.json")
     publish(out / "gates.safetensors")
