@@ -156,3 +156,36 @@ def _drop_queue(url: str, queue: str) -> None:
     client = redis.Redis.from_url(url)
     client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
     client.close()
+
+
+# -- fault tests: a private server with its own settings -----------------------------------------
+def server_env(var: Path, tiny_model_dir, text_dir, **settings) -> dict:
+    """The environment of a private `consa serve` (embedded default) with CONSA_<NAME> overrides."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSA_")}
+    env |= {"CONSA_VAR_DIR": str(var), "CONSA_MODEL_ROOTS": str(Path(tiny_model_dir).parent),
+            "CONSA_DATA_ROOTS": str(Path(text_dir).parent), "CONSA_DEFAULT_DATASET": str(text_dir),
+            "PYTHONPATH": str(ROOT), "CONSA_QUEUE": "gpu-test-" + uuid.uuid4().hex[:8], "OMP_NUM_THREADS": "1"}
+    return env | {f"CONSA_{k.upper()}": str(v) for k, v in settings.items()}
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process (serve's worker)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(stat.parent.name))
+    return children
+
+
+def wait_until(predicate, timeout: float, what: str, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"not within {timeout}s: {what}")
