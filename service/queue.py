@@ -45,10 +45,7 @@ def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
         task_ignore_result=True,  # results live in the database
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
-        # Publishing must fail fast when the broker is down: the job row stays queued and the reconciler
-        # publishes it later, instead of the API request hanging on retries.
         broker_connection_timeout=3,
-        broker_connection_max_retries=1,
         worker_hijack_root_logger=False,
         task_serializer="json",
         accept_content=["json"],

@@ -1,0 +1,91 @@
+"""Issue 11, points 2 and 4, with real processes: a private redis-server (no AOF) as the broker,
+PostgreSQL as the database, `consa serve` with its Celery worker. Redis is killed with SIGKILL while
+jobs are queued (their messages are lost), a job is submitted while it is down (and retried with the
+same Idempotency-Key), then Redis comes back empty: the reconciler's outbox must bring every job to
+success. Settings are shortened (reconcile every 1 s, re-send after 3 s of an idle worker)."""
+
+import shutil
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from service_fixtures import (POSTGRES_URL, Server, create_database, drop_database, free_port, server_env, wait_for,
+                              wait_until)
+
+FAST = dict(worker_heartbeat_s=1, stale_after_s=10, reconcile_interval_s=1, requeue_after_s=3)
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, on a free port, without persistence: a restart loses everything."""
+
+    def __init__(self, workdir):
+        self.port, self.workdir, self.proc = free_port(), workdir, None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "PrivateRedis":
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        wait_until(lambda: _pings(redis.Redis(port=self.port)), 20, "redis-server answers")
+        return self
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+def _pings(client) -> bool:
+    try:
+        return client.ping()
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def broker_and_server(tmp_path, tiny_model_dir, text_dir):
+    redis_server = PrivateRedis(tmp_path).start()
+    db_url, db_name = create_database(POSTGRES_URL)
+    env = server_env(tmp_path / "var", tiny_model_dir, text_dir, database_url=db_url, broker_url=redis_server.url,
+                     **FAST)
+    srv = Server(env, tmp_path / "serve.log")
+    try:
+        srv.start()
+        srv.alice = srv.create_key("alice")
+        srv.model, srv.data = str(tiny_model_dir), str(text_dir)
+        yield redis_server, srv
+    finally:
+        srv.stop()
+        if redis_server.proc.poll() is None:
+            redis_server.kill()
+        drop_database(POSTGRES_URL, db_name)
+
+
+def test_jobs_lost_by_redis_and_submitted_while_it_is_down_all_run(broker_and_server):
+    redis_server, srv = broker_and_server
+    small = {"model": srv.model, "dataset": srv.data, "sparsity": 0.5, "window": 16, "seq_len": 64, "steps": 2}
+    with srv.client(srv.alice) as client:
+        blocker = client.post("/v1/jobs", json=small | {"steps": 5000}).json()
+        wait_for(client, blocker["id"], statuses=("running",), timeout=120)
+        queued = [client.post("/v1/jobs", json=small | {"seed": i}).json()["id"] for i in range(5)]
+
+        redis_server.kill()  # no AOF: the 5 queued messages are gone
+        start = time.monotonic()
+        down = client.post("/v1/jobs", json=small | {"seed": 99}, headers={"Idempotency-Key": "while-down"})
+        assert down.status_code == 202 and down.json()["status"] == "queued", down.text
+        assert time.monotonic() - start < 20
+        retry = client.post("/v1/jobs", json=small | {"seed": 99}, headers={"Idempotency-Key": "while-down"})
+        assert retry.json()["id"] == down.json()["id"] and retry.headers["idempotent-replayed"] == "true"
+        assert httpx.get(srv.url + "/readyz", timeout=10).json()["checks"]["broker"].startswith("error")
+
+        redis_server.start()  # back, on the same port, empty
+        client.post(f"/v1/jobs/{blocker['id']}/cancel")  # the worker goes idle; the lost jobs must be re-sent
+        for job_id in [*queued, down.json()["id"]]:
+            job = wait_for(client, job_id, timeout=120)
+            assert job["status"] == "succeeded", job
+        assert wait_for(client, blocker["id"], timeout=30)["status"] == "cancelled"
