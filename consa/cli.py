@@ -245,7 +245,9 @@ def cmd_generate(args) -> int:
     device = pick_device(args.device)
     model = load_hybrid(args.model, device=device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        # No remote code for the tokenizer: it needs none, and transformers would otherwise stop to ask
+        # about a consa-format checkpoint's modeling file, reading the answer from stdin (the prompt).
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ConsaError(f"{args.model} has no tokenizer to read the prompt with ({type(e).__name__})") from None
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
