@@ -136,3 +136,38 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, counted_receive, send)
+
+
+class ConcurrencyLimit:
+    """ASGI middleware: at most `limit` requests inside the app at once; the rest wait here, holding
+    nothing. FastAPI takes a request's database session before the route runs, so without this 200
+    concurrent requests would ask the pool for 200 connections and time out on it (500s). An event
+    stream gives its slot back once its headers are sent: it polls with its own short sessions."""
+
+    def __init__(self, app, limit: int):
+        import anyio
+
+        self.app, self.semaphore = app, anyio.Semaphore(limit)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        await self.semaphore.acquire()
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.semaphore.release()
+
+        async def send_and_release(message):
+            if message["type"] == "http.response.start" and \
+                    dict(message.get("headers", [])).get(b"content-type", b"").startswith(b"text/event-stream"):
+                release()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_release)
+        finally:
+            release()

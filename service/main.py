@@ -9,7 +9,7 @@ from starlette.routing import compile_path
 
 from service import dashboard, problems, reconciler
 from service.db import configure_pool
-from service.limits import BodySizeLimit, RateLimiter, StreamSlots
+from service.limits import BodySizeLimit, ConcurrencyLimit, RateLimiter, StreamSlots
 from service.metrics import Metrics
 from service.queue import make_celery
 from service.routers import artifacts, events, health, jobs
@@ -40,6 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.middleware("http")(app.state.metrics.middleware)
     app.middleware("http")(_allow_every_method)
+    # Outermost: a request waits here, before it holds a thread or a database connection.
+    app.add_middleware(ConcurrencyLimit, limit=settings.db_pool_size + settings.db_max_overflow)
     problems.install(app)
     for module in (jobs, events, artifacts, health, dashboard):
         app.include_router(module.router)

@@ -213,3 +213,92 @@ def test_delete_frees_a_finished_job_and_refuses_a_live_one(server):
         client.post(f"/v1/jobs/{live['id']}/cancel")
         assert wait_for(client, live["id"], timeout=60)["status"] == "cancelled"
         assert client.delete(f"/v1/jobs/{live['id']}").status_code == 200
+
+
+# -- issue 11: hostile input is a 4xx, never a 500; bounds; revocation; artifact edges ------------
+@pytest.mark.parametrize("fields, field, code", [
+    ({"model": "/models/a\u0000b"}, "model", "invalid_character"),
+    ({"dataset": "/data/\u0000"}, "dataset", "invalid_character"),
+    ({"metadata": {"k": "v\u0000"}}, "metadata", "invalid_character"),
+    ({"metadata": {"big": "x" * 5000}}, "metadata", "metadata_too_large"),
+    ({"steps": 1_000_000}, "steps", "limit_exceeded"),
+    ({"seq_len": 1 << 20}, "seq_len", "limit_exceeded"),
+    ({"batch_size": 4096}, "batch_size", "limit_exceeded"),
+    ({"steps": 20_000, "seq_len": 32_768, "batch_size": 64}, "steps", "limit_exceeded"),  # tokens per job
+])
+def test_hostile_or_oversized_input_is_a_4xx_problem(server, fields, field, code):
+    with server.client(server.alice) as client:
+        problem = assert_problem(client.post("/v1/jobs", json=body(server, **fields)), 422, code)
+        assert field in problem["detail"]
+
+
+def test_hostile_queries_and_ids_are_4xx(server, finished_job):
+    with server.client(server.alice) as client:
+        events = client.get(f"/v1/jobs/{finished_job['id']}/events", params={"after": 2147483648})
+        assert events.status_code == 200 and events.json()["data"] == []
+        assert_problem(client.get("/v1/jobs/job_%00x"), 404, "job_not_found")
+        assert_problem(client.get("/v1/jobs", params={"model": "a\u0000"}), 422, "invalid_character")
+        assert_problem(client.post("/v1/jobs", content=b"[" * 70_000, headers={"Content-Type": "application/json"}),
+                       413, "request_too_large")
+
+
+def test_hub_models_are_off_by_default():
+    assert Settings(var_dir="/nonexistent").allow_hub_models is False
+
+
+def test_a_revoked_key_is_refused_at_once(server):
+    import subprocess
+    import sys
+
+    from service_fixtures import ROOT
+
+    key = server.create_key("short-lived")
+    with server.client(key) as client:
+        assert client.get("/v1/jobs").status_code == 200
+        subprocess.run([sys.executable, "-m", "service.keys", "revoke", "short-lived"], env=server.env, cwd=ROOT,
+                       check=True, capture_output=True, timeout=60)
+        assert_problem(client.get("/v1/jobs"), 401, "unauthorized")
+    listed = subprocess.run([sys.executable, "-m", "service.keys", "list"], env=server.env, cwd=ROOT, check=True,
+                            capture_output=True, text=True, timeout=60).stdout
+    line = next(l for l in listed.splitlines() if l.startswith("short-lived"))
+    assert line.split()[-1] != "-" and key not in listed  # revoked, and the key itself is never shown
+
+
+def test_artifacts_head_types_urls_and_missing_files(server, finished_job):
+    base = f"/v1/jobs/{finished_job['id']}/artifacts"
+    with server.client(server.alice) as client:
+        listed = client.get(base, headers={"Host": "evil.example"}).json()["data"]
+        assert all(a["url"].startswith(base + "/") for a in listed), listed  # never the Host header
+        manifest = next(a for a in listed if a["name"] == "manifest.json")
+        head = client.head(f"{base}/manifest.json")
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["etag"] == f'"{manifest["sha256"]}"' and int(head.headers["content-length"]) == manifest["size"]
+        assert head.headers["content-type"].startswith("application/json")
+        assert client.options(f"/v1/jobs/{finished_job['id']}").headers["allow"] == "DELETE, GET"
+
+    # A listed artifact whose file is gone: 410, not 500 (on a copy of the job, so the shared one stays whole).
+    with server.client(server.alice) as client:
+        job = wait_for(client, submit(client, server)["id"])
+        (server.artifact_dir / job["id"] / "heatmap.png").unlink()
+        assert_problem(client.get(f"/v1/jobs/{job['id']}/artifacts/heatmap.png"), 410, "artifact_gone")
+
+
+def test_a_key_over_its_quota_gets_429_with_retry_after(server):
+    key = server.create_key("quota")
+    with server.client(key) as client:
+        created = []
+        try:
+            for i in range(25):
+                response = client.post("/v1/jobs", json=body(server, seed=i, steps=5000))
+                if response.status_code == 429:
+                    break
+                assert response.status_code == 202, response.text
+                created.append(response.json()["id"])
+            assert len(created) == 20  # CONSA_MAX_ACTIVE_JOBS_PER_KEY
+            assert_problem(response, 429, "too_many_active_jobs")
+            assert int(response.headers["retry-after"]) > 0
+        finally:
+            for job_id in created:
+                client.post(f"/v1/jobs/{job_id}/cancel")
+        for job_id in created:
+            wait_for(client, job_id, timeout=60)
