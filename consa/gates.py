@@ -28,9 +28,10 @@ class HardConcreteGate(nn.Module):
     def num_units(self) -> int:
         return self.log_alpha.numel()
 
-    def sample(self) -> torch.Tensor:
-        """A reparameterised sample z in [0, 1] per unit (training)."""
-        u = torch.rand_like(self.log_alpha).clamp(1e-6, 1 - 1e-6)
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A reparameterised sample z in [0, 1] per unit (training). The noise is drawn on the CPU from
+        `generator` (a search seeds one per step, so a resumed search draws what the original would)."""
+        u = torch.rand(self.log_alpha.shape, generator=generator).to(self.log_alpha.device).clamp(1e-6, 1 - 1e-6)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
         return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
@@ -39,8 +40,8 @@ class HardConcreteGate(nn.Module):
         s = torch.sigmoid(self.log_alpha)
         return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
-    def forward(self) -> torch.Tensor:
-        return self.sample() if self.training else self.deterministic()
+    def forward(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.sample(generator) if self.training else self.deterministic()
 
     def prob_full(self) -> torch.Tensor:
         """P(z > 0) per unit: the probability that the unit keeps any full attention (the L0 norm term)."""

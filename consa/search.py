@@ -4,6 +4,7 @@ Recipe: setup (load model, freeze it, install the hybrid attention, build data a
 train (gates by AdamW, multipliers by ascent) -> finalize (rank gates, exactly round(s*N) SWA).
 """
 
+import json
 import math
 import random
 import time
@@ -31,43 +32,56 @@ from consa.warm_start import warm_start_logits
 @dataclass
 class SearchResult:
     allocation: Allocation
-    gate_state: dict  # log_alpha (+ lambdas, step) to resume or inspect
+    gate_state: dict  # log_alpha, the multipliers, the optimizer's moments and the step: enough to resume
     history: list = field(default_factory=list)  # one record per logged step
 
     def save(self, out_dir) -> Path:
-        from safetensors.torch import save_file
-
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.allocation.save(out_dir / "manifest.json")
-        tensors = {"log_alpha": self.gate_state["log_alpha"].detach().cpu().contiguous()}
-        meta = {k: str(v) for k, v in self.gate_state.items() if k != "log_alpha"}
-        save_file(tensors, str(out_dir / "gates.safetensors"), metadata=meta)
+        save_gate_state(self.gate_state, out_dir / "gates.safetensors")
         return out_dir
 
 
-# -- setup ----------------------------------------------------------------------------------------
+# -- the search's state: what a resumed search needs to continue exactly -----------------------------
+def save_gate_state(state: dict, path) -> Path:
+    """Tensors as safetensors tensors, numbers in its metadata (written to a temporary file, then renamed)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    meta = {k: json.dumps(v) for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
 def load_gate_state(path) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as fh:
-        state = {"log_alpha": fh.get_tensor("log_alpha")}
-        meta = fh.metadata() or {}
-    for key in ("lambda1", "lambda2"):
-        if key in meta:
-            state[key] = float(meta[key])
-    if "step" in meta:
-        state["step"] = int(meta["step"])
+        state = {k: fh.get_tensor(k) for k in fh.keys()}
+        state |= {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
     return state
+
+
+def step_noise(seed: int, step: int) -> torch.Generator:
+    """The generator of step `step`'s gate noise: a function of the seed and the step only, so a
+    resumed search (or another rank) draws exactly what the uninterrupted one would."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 # -- the search -----------------------------------------------------------------------------------
 def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_from=None,
-               model=None, tokenizer=None, dataset=None, log_every: int = 1, device="auto") -> SearchResult:
+               model=None, tokenizer=None, dataset=None, log_every: int = 1, device="auto",
+               on_checkpoint=None, checkpoint_every: int = 0) -> SearchResult:
     """Learn an allocation. `progress(record)` gets step/loss/sparsity/target/lambdas each logged step;
     `should_cancel()` is checked every step and raises Cancelled when it says so. `dataset`: (N, T)
     token rows, or (rows, labels) from data.build_dataset(with_labels=True). `device` is where a model
-    loaded here goes; a given `model` stays where it is. Under torchrun (or consa.distributed.helpers)
+    loaded here goes; a given `model` stays where it is. `on_checkpoint(state)` gets the search's state
+    every `checkpoint_every` steps; `resume_from` (that state, or a gates.safetensors holding it)
+    continues the search exactly where it stopped. Under torchrun (or consa.distributed.helpers)
     the search runs data-parallel: see consa.distributed."""
     started = time.time()
     random.seed(config.seed)
@@ -118,6 +132,18 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     # Little first-moment momentum: with beta1=0.9 the gates overshoot the ramped target and
     # oscillate (toy problem in tests/test_gates.py: max gap 0.2-0.7 vs <0.05 with these settings).
     optimizer = torch.optim.AdamW(gate.parameters(), lr=config.lr, betas=(0.5, 0.99), weight_decay=0.0)
+    if resume_from is not None and "exp_avg" in state:  # older gate files hold no moments: Adam restarts
+        optimizer.state[gate.log_alpha] = {"step": torch.tensor(float(state["adam_step"])),
+                                           "exp_avg": state["exp_avg"].to(device),
+                                           "exp_avg_sq": state["exp_avg_sq"].to(device)}
+
+    def search_state(step: int) -> dict:
+        moments = optimizer.state.get(gate.log_alpha, {})
+        state = {"log_alpha": gate.log_alpha.detach().cpu().clone(), "step": step, **lagrangian.state_dict()}
+        if moments:
+            state |= {"exp_avg": moments["exp_avg"].cpu().clone(), "exp_avg_sq": moments["exp_avg_sq"].cpu().clone(),
+                      "adam_step": float(moments["step"])}
+        return state
     order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(config.seed))
 
     # train
@@ -131,7 +157,7 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
         batch, batch_labels = rows[pick], labels[pick]  # (B, T)
 
         gate.beta = annealed_beta(step, config.steps, config.temperature_final)
-        hybrid.set_gates(grid.to_grid(gate()))  # (L, K)
+        hybrid.set_gates(grid.to_grid(gate(step_noise(config.seed, step))))  # (L, K)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss_task = objective.loss(model, hybrid, batch, batch_labels)
         s_hat = gate.expected_sparsity()
@@ -158,6 +184,9 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
             history.append(record)
             if progress is not None:
                 progress(record)
+        if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 \
+                and step + 1 < config.steps and parallel.is_main:
+            on_checkpoint(search_state(step + 1))
     hybrid.set_gates(None)
 
     # finalize: exactly round(s * N) units SWA, chosen by log_alpha (refined by swaps where asked)
@@ -185,5 +214,5 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
         sink_tokens=config.sink_tokens, sparsity_target=float(config.sparsity),
         gate_prob_full=[[round(p, 6) for p in row] for row in prob_full.tolist()],
         method=f"learned-{config.objective}", training=training)
-    gate_state = {"log_alpha": log_alpha, "step": config.steps, **lagrangian.state_dict()}
+    gate_state = {**search_state(config.steps), "log_alpha": log_alpha}
     return SearchResult(allocation=allocation, gate_state=gate_state, history=history)
