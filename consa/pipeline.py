@@ -30,13 +30,17 @@ class AllocationRun:
 def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, checkpoint: bool = False,
                    heatmap: bool = True, device="auto", model=None, tokenizer=None, dataset=None, eval_set=None,
                    baselines=None, progress=None, on_event=None, on_artifact=None, should_cancel=None,
-                   resume_from=None) -> AllocationRun:
+                   resume_from=None, on_checkpoint=None, checkpoint_every: int = 0) -> AllocationRun:
     """Search an allocation for `config` and write its artifacts into `out_dir`.
 
     evaluate: score it against full attention and the baselines (`baselines`: names, default every
     baseline of the granularity) on `eval_set` (default: rows and retrieval prompts from the config's
     dataset). checkpoint: export the hybrid model (checkpoint.tar). `model`/`tokenizer`/`dataset` reuse
     what a caller has loaded already; otherwise the model is loaded once for the search and evaluation.
+    progress(record): every search step's record, then one per step of the later phases, each with
+    `phase` ("search", "evaluation", "export") and `phase_done` / `phase_total`. on_checkpoint(state) +
+    checkpoint_every: the search's state every N steps; resume_from: such a state (or its file) to
+    continue from.
     """
     from consa.loading import load_for_search
 
@@ -54,14 +58,25 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"cancelled before {phase}")
 
+    def search_progress(record: dict) -> None:
+        if progress is not None:
+            progress({**record, "phase": "search", "phase_done": record["step"], "phase_total": record["total_steps"]})
+
+    def phase_progress(phase: str, done: int, total: int) -> None:
+        # The search's last record stays in: a job's progress keeps its final loss and sparsity.
+        if progress is not None:
+            last = run.search.history[-1] if run.search.history else {"step": config.steps, "total_steps": config.steps}
+            progress({**last, "phase": phase, "phase_done": done, "phase_total": total})
+
     # setup + search
     owned = model is None
     if owned:
         model, tokenizer = load_for_search(config, device)
     say("info", f"search: {config.steps} steps, sparsity {config.sparsity}, {config.granularity}, "
                 f"window {config.window}, objective {config.objective}")
-    run.search = run_search(config, progress=progress, should_cancel=should_cancel, resume_from=resume_from,
-                            model=model, tokenizer=tokenizer, dataset=dataset)
+    run.search = run_search(config, progress=search_progress, should_cancel=should_cancel, resume_from=resume_from,
+                            model=model, tokenizer=tokenizer, dataset=dataset, on_checkpoint=on_checkpoint,
+                            checkpoint_every=checkpoint_every)
     allocation = run.search.allocation
     from consa.convergence import convergence_warning
 
@@ -85,7 +100,8 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
         check_cancel("the evaluation")
         say("info", "evaluating the allocation against full attention and the baselines")
         run.evaluation = evaluate_allocation(model, tokenizer, allocation, config, eval_set=eval_set,
-                                             baselines=baselines, on_event=say)
+                                             baselines=baselines, on_event=say,
+                                             on_scored=lambda done, total: phase_progress("evaluation", done, total))
         from consa.compare import markdown_table
 
         (out / "evaluation.md").write_text(markdown_table(run.evaluation))
@@ -99,19 +115,23 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
             _free_accelerator_memory()
         check_cancel("the export")
         say("info", "exporting the hybrid checkpoint")
+        phase_progress("export", 0, 2)
         from consa.export import export_hybrid, pack_checkpoint
 
         summary = export_hybrid(config.model, allocation, out / "checkpoint")
         if summary.get("message"):
             say("info", f"checkpoint: {summary['message']}")
         say("info", "packing the checkpoint for download")
+        phase_progress("export", 1, 2)
         publish(pack_checkpoint(out / "checkpoint"))
+        phase_progress("export", 2, 2)
     return run
 
 
 def evaluate_allocation(model, tokenizer, allocation, config: SearchConfig, *, eval_set=None, baselines=None,
-                        on_event=None) -> list[dict]:
-    """The allocation (as "learned") next to full attention and the baselines, on the same rows."""
+                        on_event=None, on_scored=None) -> list[dict]:
+    """The allocation (as "learned") next to full attention and the baselines, on the same rows.
+    on_scored(done, total) after each allocation is scored."""
     from consa.baselines import baseline_names
     from consa.compare import baseline_allocations, compare
     from consa.evaluation import build_eval_set
@@ -134,8 +154,15 @@ def evaluate_allocation(model, tokenizer, allocation, config: SearchConfig, *, e
                                         sink_tokens=config.sink_tokens, seed=config.seed,
                                         calibration_data=config.dataset, seq_len=config.seq_len,
                                         model_name=config.model, on_event=say)
-    return compare(model, tokenizer, allocations, data=eval_set, window=allocation.window,
-                   progress=lambda line: say("info", f"evaluation: {line}"))
+    scored = []
+
+    def scored_one(line: str) -> None:
+        scored.append(line)
+        say("info", f"evaluation {len(scored)}/{len(allocations)}: {line}")
+        if on_scored is not None:
+            on_scored(len(scored), len(allocations))
+
+    return compare(model, tokenizer, allocations, data=eval_set, window=allocation.window, progress=scored_one)
 
 
 def _free_accelerator_memory() -> None:

@@ -169,12 +169,19 @@ def claim_job(session: Session, *, job_id: str, worker: str) -> Job | None:
     return job
 
 
+def progress_message(progress: dict) -> str:
+    """ "step 12/200" while searching, "evaluation 3/11" or "export 1/2" afterwards."""
+    if progress.get("phase") in (None, "search"):
+        return f"step {progress.get('step')}/{progress.get('total_steps')}"
+    return f"{progress['phase']} {progress.get('phase_done')}/{progress.get('phase_total')}"
+
+
 def record_progress(session: Session, *, job: Job, progress: dict) -> str:
     """Store the latest step metrics + an event, beat the heartbeat; return the status (for cancel checks)."""
     session.execute(update(Job).where(Job.pk == job.pk).values(progress=progress, heartbeat_at=utcnow()),
                     execution_options=_PLAIN)
     add_event(session, job_pk=job.pk, type="progress",
-              message=f"step {progress.get('step')}/{progress.get('total_steps')}", data=progress)
+              message=progress_message(progress), data=progress)
     session.commit()
     return job_status(session, job_pk=job.pk)
 

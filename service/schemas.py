@@ -60,6 +60,11 @@ class Progress(BaseModel):
     lambda1: float | None = None
     lambda2: float | None = None
     elapsed_s: float | None = None
+    phase: Literal["search", "evaluation", "export"] | None = Field(
+        None, description="What the job is doing now; after the search the search's last numbers stay.")
+    phase_done: int | None = Field(None, description="Steps of the current phase done (search steps, "
+                                                     "allocations evaluated, export stages).")
+    phase_total: int | None = Field(None, description="Steps of the current phase in all.")
 
 
 class JobError(BaseModel):

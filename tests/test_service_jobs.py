@@ -40,12 +40,14 @@ def test_job_runs_to_success_with_downloadable_artifacts(server):
         assert job["progress"]["step"] == job["progress"]["total_steps"] == SMALL["steps"]
         assert job["started_at"] and job["finished_at"] >= job["started_at"] >= job["created_at"]
 
-        # The events tell the whole story, in order: queued -> running -> one progress per step -> succeeded.
+        # The events tell the whole story, in order: queued -> running -> one progress per search step,
+        # then the export's stages (the phase after the search is never silent) -> succeeded.
         events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
         statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
         assert statuses == ["queued", "running", "succeeded"], (statuses, seen)
-        steps = [e["data"]["step"] for e in events if e["type"] == "progress"]
-        assert steps == list(range(1, SMALL["steps"] + 1))
+        phases = [(e["data"]["phase"], e["data"]["phase_done"]) for e in events if e["type"] == "progress"]
+        assert phases == [("search", s) for s in range(1, SMALL["steps"] + 1)] + [("export", d) for d in range(3)]
+        assert job["progress"]["phase"] == "export" and job["progress"]["phase_done"] == job["progress"]["phase_total"]
 
         listed = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
         names = {a["name"] for a in listed}
