@@ -4,6 +4,8 @@ and the quality benchmark all go through here."""
 import re
 from pathlib import Path
 
+import torch
+
 from consa.evaluation import EvalSet, build_eval_set, evaluate
 
 # Columns of the markdown table: (record key, header, format)
@@ -70,7 +72,7 @@ def baseline_allocations(names, model, tokenizer, *, sparsity: float, granularit
     if any(baselines.needs_calibration(name) for name in names):
         if calibration_data is None:
             raise ValueError("these baselines score the model on calibration data: give calibration_data")
-        calibration = calibration_data if not isinstance(calibration_data, (str, Path)) else \
+        calibration = calibration_data if isinstance(calibration_data, torch.Tensor) else \
             calibration_rows(tokenizer, calibration_data, seq_len, seed)
         calibration = calibration.to(next(model.parameters()).device)
         if on_event is not None:
@@ -78,7 +80,7 @@ def baseline_allocations(names, model, tokenizer, *, sparsity: float, granularit
                              f"{calibration.shape[1]} tokens")
     return {name: baselines.build_baseline(name, shape, sparsity, granularity, window, seed=seed,
                                            sink_tokens=sink_tokens, model_name=model_name, model=model,
-                                           calibration=calibration)
+                                           calibration=calibration, tokenizer=tokenizer)
             for name in names}
 
 

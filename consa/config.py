@@ -53,6 +53,8 @@ class SearchConfig:
     sink_tokens: int = setting(0, "leading tokens every SWA unit still attends to (0 = plain SWA)", ge=0, le=1 << 16)
     dataset: str | None = setting(None, "training text: a text file, a directory of text files, or a .jsonl with "
                                         "a `text` field", max_length=4000)
+    text_field: str | None = setting(None, "the text column of a jsonl / parquet / arrow / `datasets` source "
+                                           "(default: text, else content)", max_length=200)
     retrieval_ratio: float | None = setting(
         None, "share of training rows that are synthetic multi-key retrieval documents; default 0.25 where a "
               "document can hold keys far beyond the window (seq_len >= max(4 x window, 512)), else 0 "
@@ -115,6 +117,13 @@ class SearchConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def text_source(self):
+        """The training text as consa.data reads it (None when no dataset is named)."""
+        from consa.data import TextSource
+
+        return TextSource(self.dataset, self.text_field) if self.dataset is not None else None
 
 
 def setting_names() -> list[str]:

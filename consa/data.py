@@ -26,11 +26,22 @@ TEXT_FIELDS = ("text", "content")
 
 
 # -- reading text ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TextSource:
+    """Where a search's text comes from and how to read it: everything that takes a dataset path
+    also takes one of these, so a new reading option is a field here (and in SearchConfig)."""
+
+    path: str
+    text_field: str | None = None  # the column of a jsonl / parquet / arrow / `datasets` source
+
+
 def iter_texts(path, max_files: int | None = None, seed: int = 0, suffixes=None, text_field: str | None = None):
     """Yield documents from a file, a directory of text files, a .jsonl with a `text` field, or (with
     the `data` extra) parquet / arrow / .jsonl.zst files, a directory saved by `datasets`
     (`save_to_disk`), or a hub dataset name where the machine is online. `text_field` names the
-    column to read (default: "text", else "content")."""
+    column to read (default: "text", else "content"). `path` may be a TextSource."""
+    if isinstance(path, TextSource):
+        path, text_field = path.path, path.text_field or text_field
     suffixes = set(suffixes or TEXT_SUFFIXES)
     path = Path(path)
     if not path.exists():

@@ -143,16 +143,16 @@ def evaluate_allocation(model, tokenizer, allocation, config: SearchConfig, *, e
             raise DataError("an evaluation needs data: give the config a dataset or pass eval_set")
         sizes = dict(seq_len=config.seq_len, num_sequences=EVAL_SEQUENCES, seed=config.seed)
         try:
-            eval_set = build_eval_set(tokenizer, config.dataset, retrieval_docs=EVAL_RETRIEVAL_DOCS, **sizes)
+            eval_set = build_eval_set(tokenizer, config.text_source, retrieval_docs=EVAL_RETRIEVAL_DOCS, **sizes)
         except DataError as e:  # retrieval documents need room for their keys; score the loss alone
             say("warning", f"evaluation without retrieval: {e}")
-            eval_set = build_eval_set(tokenizer, config.dataset, retrieval_docs=0, **sizes)
+            eval_set = build_eval_set(tokenizer, config.text_source, retrieval_docs=0, **sizes)
     names = baseline_names(config.granularity) if baselines is None else list(baselines)
     allocations = {"full": None, "learned": allocation}
     allocations |= baseline_allocations(names, model, tokenizer, sparsity=config.sparsity,
                                         granularity=config.granularity, window=config.window,
                                         sink_tokens=config.sink_tokens, seed=config.seed,
-                                        calibration_data=config.dataset, seq_len=config.seq_len,
+                                        calibration_data=config.text_source, seq_len=config.seq_len,
                                         model_name=config.model, on_event=say)
     scored = []
 

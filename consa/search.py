@@ -108,7 +108,7 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     if dataset is None:
         if config.dataset is None:
             raise DataError("a dataset path is required (dataset=...)")
-        dataset = data_mod.build_dataset(tokenizer, config.dataset, config.seq_len,
+        dataset = data_mod.build_dataset(tokenizer, config.text_source, config.seq_len,
                                          config.num_sequences or config.steps * config.batch_size * parallel.world_size
                                          + (refine.ROWS if config.refine_swaps else 0),
                                          retrieval_ratio=config.retrieval_ratio, seed=config.seed,
