@@ -9,6 +9,7 @@ from dataclasses import MISSING
 
 from consa.config import SearchConfig, check_setting, setting_fields, setting_names
 from consa.errors import Cancelled, ConsaError
+from consa.units import GRIDS
 
 
 def _add_model_args(p):
@@ -74,9 +75,15 @@ def _add_eval_parser(sub):
 def cmd_search(args) -> int:
     from tqdm import tqdm
 
+    from consa.distributed import is_main_process
     from consa.pipeline import run_allocation
 
     config = SearchConfig.from_dict({name: getattr(args, name) for name in setting_names()})
+    if not is_main_process():  # torchrun: ranks 1..N-1 only search; rank 0 reports and writes the outputs
+        from consa.search import run_search
+
+        run_search(config, resume_from=args.resume, device=args.device)
+        return 0
     bar = tqdm(total=config.steps, desc="search", unit="step", file=sys.stderr)
 
     def progress(rec):
@@ -117,7 +124,8 @@ def _add_compare_parser(sub):
                    help="manifest.json to compare (repeatable)")
     p.add_argument("--baselines", default="", help="comma list of baseline names, or 'all' (see consa.baselines)")
     p.add_argument("--sparsity", type=float, default=None, help="sparsity for the baselines (default: the first allocation's)")
-    p.add_argument("--granularity", default=None, help="granularity for the baselines (default: the first allocation's)")
+    p.add_argument("--granularity", default=None, choices=tuple(GRIDS),
+                   help="granularity for the baselines (default: the first allocation's)")
     p.add_argument("--window", type=int, default=None, help="window for the baselines (default: the first allocation's)")
     p.add_argument("--data", required=True)
     p.add_argument("--seq-len", type=int, default=1024)
@@ -147,7 +155,7 @@ def _add_export_parser(sub):
     p.add_argument("pattern", help="a folder with full_attention_heads.tsv + config.json, or a bare TSV")
     p.add_argument("--out", required=True, help="manifest.json to write")
     p.add_argument("--model", default="unknown", help="the model the pattern is for (recorded in the manifest)")
-    p.add_argument("--granularity", default="kv_head", choices=["layer", "kv_head"])
+    p.add_argument("--granularity", default="kv_head", choices=tuple(GRIDS))
     p.add_argument("--sparsity", type=float, default=None,
                    help="binarise learned gate values at this SWA share (default: values >= --threshold are full)")
     p.add_argument("--threshold", type=float, default=0.5)
