@@ -14,6 +14,7 @@ import torch
 
 from consa.errors import ConsaError
 from consa.manifest import FULL, Allocation
+from consa.units import unit_grid
 
 DUO_TSV = "full_attention_heads.tsv"
 DUO_CONFIG = "config.json"
@@ -74,7 +75,7 @@ def read_duo_tsv(path, *, model: str = "unknown", window: int | None = None, sin
         raise ConsaError(f"{path} is not a layers x heads table of numbers: {e}") from None
     values = values.reshape(len(lines), -1).clamp(0, 1)  # np.loadtxt gives a 1-D row for one head
     full = ~exact_swa_mask(values, sparsity) if sparsity is not None else values >= threshold
-    if granularity == "layer" and any(len(set(row)) > 1 for row in full.tolist()):
+    if not unit_grid(granularity, *full.shape).expressible(full):
         raise ConsaError(f"{path} switches single heads; read it with granularity='kv_head'")
     model = config.get("consa", {}).get("model", model) if model == "unknown" else model
     return Allocation.from_full_mask(full, model=model, granularity=granularity, window=int(window),

@@ -48,8 +48,8 @@ NATIVE_LAYER_TYPES = tuple(LAYER_FAMILIES)
 def layer_types_config(config, allocation: Allocation) -> tuple[dict | None, str]:
     """(config.json changes that make stock transformers run this layer allocation, "") or (None, why not)."""
     model_type = config.model_type
-    if allocation.granularity != "layer":
-        return None, "KV-head allocations switch single heads, which no stock config expresses"
+    if not allocation.switches_whole_layers():
+        return None, "the allocation switches single KV heads, which no stock config expresses"
     if allocation.sink_tokens:
         return None, "sink tokens are not expressible in layer_types"
     family = LAYER_FAMILIES.get(model_type)
@@ -140,7 +140,7 @@ def export_hybrid(model_or_path, allocation: Allocation, out_dir, *, tokenizer=N
     native, why = (None, "asked for the consa format") if layer_format == "consa" else \
         layer_types_config(model.config, allocation)
     message = ""
-    if native is None and allocation.granularity == "layer" and layer_format != "consa":
+    if native is None and allocation.switches_whole_layers() and layer_format != "consa":
         if layer_format == "layer_types":
             raise UnsupportedModelError(f"cannot export a stock layer_types checkpoint: {why} "
                                         f"(supported: {', '.join(NATIVE_LAYER_TYPES)}); use layer_format='consa'")

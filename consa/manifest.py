@@ -70,6 +70,10 @@ class Allocation:
         """(num_layers, num_kv_heads) bool, True = full attention."""
         return torch.tensor([[v == FULL for v in row] for row in self.assignment], dtype=torch.bool)
 
+    def switches_whole_layers(self) -> bool:
+        """Every layer is all full or all SWA: a per-layer config (layer_types) can express it."""
+        return all(len(set(row)) == 1 for row in self.assignment)
+
     def full_layers(self) -> list[bool]:
         return [all(v == FULL for v in row) for row in self.assignment]
 
