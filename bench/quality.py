@@ -1,43 +1,61 @@
 """Quality benchmark: learned allocations vs every baseline vs full attention, on one model.
 
-For each granularity x sparsity: run the search (objectives lm and distill), build every baseline at
-the same exact sparsity (random: several seeds, reported as mean ± std), and evaluate all of them on
-the same held-out rows and retrieval prompts. Writes quality.json (a list of records), quality.md (the
-table) and heatmap PNGs.
+For each granularity x sparsity: learned allocations (consa.pipeline.run_allocation, one per search
+variant and seed) and every baseline at the same exact sparsity (random: several seeds, mean ± std),
+all evaluated on the same held-out rows and retrieval prompts. Writes quality.json (a list of
+records), quality.md (the table), screen.json (the screening, when asked) and heatmaps.
 
-    python bench/quality.py --model .models/qwen3-code-26m --out $OUT --pack
+    python bench/quality.py --model .models/qwen3-code-26m --out $OUT --pack --workers 6 \\
+        --screen lm,distill,lm+distill,lm-warm,lm-anneal,lm-ret50,lm-keys8,lm-refine
+
+With --screen, the variants are first compared at --screen-sparsity (both granularities, every
+--screen-seeds seed); the best one, and combinations of the knobs that helped, are kept by one
+rule fixed up front (`screen_score`), and the winner then runs every cell: its records carry
+"default": true. Without it, --variants run every cell and the first one is the default.
+
+Searches and evaluations run in --workers processes that share the one GPU: a 26M model leaves
+most of an H200 idle, so several searches at once finish sooner than one after another.
 
 Defaults are the testbed setting: window 256, 4k context, held-out text = this machine's Python
 standard library, training text = this machine's site-packages (a different directory).
 """
 
 import argparse
+import concurrent.futures as cf
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import sysconfig
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from consa import data as data_mod  # noqa: E402
-from consa.baselines import baseline_names, build_baseline, heuristic_loss_scores  # noqa: E402
-from consa.compare import markdown_table  # noqa: E402
-from consa.evaluation import build_eval_set, evaluate  # noqa: E402
-from consa.heatmap import save_heatmap  # noqa: E402
-from consa.hybrid_attention import model_shape  # noqa: E402
-from consa.config import SearchConfig  # noqa: E402
-from consa.loading import load_model, pick_device  # noqa: E402
-from consa.search import run_search  # noqa: E402
-
-LEARNED = ("learned-lm", "learned-distill")
-ALL_METHODS = ("full", *LEARNED, *baseline_names())
+# Search variants: SearchConfig overrides on top of its defaults; the method is `learned-<name>`.
+VARIANTS = {
+    "lm": {"objective": "lm"},
+    "distill": {"objective": "distill"},
+    "lm+distill": {"objective": "lm+distill"},
+    "lm-warm": {"objective": "lm", "warm_start": "heuristic-loss"},
+    "lm-anneal": {"objective": "lm", "temperature_final": 0.25},
+    "lm-ret50": {"objective": "lm", "retrieval_ratio": 0.5},
+    "lm-keys8": {"objective": "lm", "retrieval_keys": 8},
+    "lm-refine": {"objective": "lm", "refine_swaps": 4},
+    "lm-steps2x": {"objective": "lm", "steps": 500},
+}
+RULES = ("interleave-1:1", "interleave-3:1", "interleave-5:1", "bottom", "top", "even")
+SCORED = ("heuristic-loss", "retrieval-heads", "duo", "retrieval-heads-answers")
+# Bench-only variants of a baseline: retrieval-heads scored at the answers of retrieval rows (the
+# attention that retrieves) instead of every query of calibration text.
+ALIASES = {"retrieval-heads-answers": "retrieval-heads"}
 # Kept small on purpose: the random mean over seeds, and the per-unit detail, go in as extra fields.
 RECORD_KEYS = ("loss", "loss_pos_lt_window", "loss_pos_ge_window", "loss_pos_ge_1024", "retrieval_acc",
                "needle_grid", "kv_bytes", "kv_bytes_ratio")
+LOSS_WEIGHT = 20.0  # screen_score: 1% more loss costs as much as 20% of full attention's retrieval
 
 
 def parse_args(argv=None):
@@ -49,29 +67,57 @@ def parse_args(argv=None):
     p.add_argument("--pack", action="store_true", help="pack heatmaps into heatmaps.tar.gz (few files for $OUT)")
     p.add_argument("--sparsities", default="0.25,0.5,0.75")
     p.add_argument("--granularities", default="layer,kv_head")
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"subset of {','.join(ALL_METHODS)}")
+    p.add_argument("--variants", default="lm,distill", help=f"learned variants for every cell ({','.join(VARIANTS)}, "
+                                                            "or name=key:value+key:value)")
+    p.add_argument("--screen", default="", help="variants to screen first (the winner joins --variants as default)")
+    p.add_argument("--screen-sparsity", type=float, default=0.5)
+    p.add_argument("--screen-seeds", default="0,1")
+    p.add_argument("--combine", type=int, default=2, help="combinations of helpful knobs tried after the screen")
+    p.add_argument("--baselines", default="all", help="baseline names, 'all' or 'none'")
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=4096, help="evaluation context length")
     p.add_argument("--eval-sequences", type=int, default=32)
     p.add_argument("--retrieval-docs", type=int, default=200)
     p.add_argument("--eval-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=300, help="search steps per learned allocation")
+    p.add_argument("--steps", type=int, default=250, help="search steps per learned allocation (and duo's steps)")
     p.add_argument("--search-seq-len", type=int, default=4096)
     p.add_argument("--search-batch", type=int, default=1)
     p.add_argument("--retrieval-ratio", type=float, default=0.25, help="share of retrieval docs in search data")
-    p.add_argument("--search-lr", type=float, default=None, help="gate lr (default: SearchConfig's)")
-    p.add_argument("--calibration-sequences", type=int, default=8, help="rows scored by heuristic-loss")
+    p.add_argument("--calibration-sequences", type=int, default=8, help="text rows scored by the training-free "
+                                                                        "baselines")
     p.add_argument("--random-seeds", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the device")
+    p.add_argument("--deadline", type=float, default=0, help="seconds: stop submitting work after this and save "
+                                                             "(0 = none)")
+    p.add_argument("--resume", default=None, help="a quality.json whose finished records are kept, not re-run")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
     args.granularities = args.granularities.split(",")
-    args.methods = args.methods.split(",")
-    unknown = set(args.methods) - set(ALL_METHODS)
-    if unknown:
-        p.error(f"unknown method(s): {', '.join(sorted(unknown))}")
+    args.variants = [parse_variant(v) for v in args.variants.split(",") if v]
+    args.screen = [parse_variant(v) for v in args.screen.split(",") if v]
+    args.screen_seeds = [int(s) for s in args.screen_seeds.split(",")]
     return args
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """"lm-warm" -> ("lm-warm", VARIANTS["lm-warm"]); "x=objective:lm+refine_swaps:2" -> ("x", {...})."""
+    from consa.config import SearchConfig, check_setting, setting_fields
+
+    name, _, body = spec.partition("=")
+    if not body:
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}: expected one of {', '.join(VARIANTS)} or name=key:value")
+        return name, dict(VARIANTS[name])
+    kinds = {n: kind for n, kind, *_ in setting_fields()}
+    overrides = {}
+    for item in body.split("+"):
+        key, _, value = item.partition(":")
+        if key not in kinds:
+            raise SystemExit(f"unknown search setting {key!r} in variant {spec!r}")
+        overrides[key] = check_setting(key, value if kinds[key] is str else kinds[key](value))
+    SearchConfig(model="m", sparsity=0.5, **overrides)  # fail now, not on the GPU
+    return name, overrides
 
 
 def log(msg: str) -> None:
@@ -91,9 +137,9 @@ def record_of(method, granularity, sparsity, result, allocation=None, **extra) -
     return rec
 
 
-def mean_record(method, granularity, sparsity, runs: list[dict]) -> dict:
-    """Mean ± std over seeded runs of one baseline."""
-    rec = {"method": method, "granularity": granularity, "sparsity": sparsity}
+def mean_record(method, granularity, sparsity, runs: list[dict], **extra) -> dict:
+    """Mean ± std over seeded runs of one method."""
+    rec = {"method": method, "granularity": granularity, "sparsity": sparsity, **extra}
     for key in ("loss", "loss_pos_ge_window", "retrieval_acc", "kv_bytes_ratio"):
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:
@@ -103,107 +149,378 @@ def mean_record(method, granularity, sparsity, runs: list[dict]) -> dict:
     return rec
 
 
+def screen_score(records: list[dict], full: dict) -> float:
+    """Mean over runs of (retrieval / full's) - LOSS_WEIGHT x (loss / full's - 1): the rule that picks
+    the default, fixed before the screen ran."""
+    retrieval_full = full["retrieval_acc"] or 1.0  # a model that retrieves nothing (tiny test models)
+    return statistics.fmean(r["retrieval_acc"] / retrieval_full - LOSS_WEIGHT * (r["loss"] / full["loss"] - 1)
+                            for r in records)
+
+
+# -- worker processes: each holds the model, the eval set and the search data ---------------------
+_state: dict = {}
+
+
+def _setup(args, counter=None) -> None:
+    import torch
+
+    from consa.config import SearchConfig
+    from consa.evaluation import build_eval_set
+    from consa.hybrid_attention import model_shape
+    from consa.loading import load_for_search
+
+    torch.manual_seed(0)
+    device = args.device
+    if device == "auto" and torch.cuda.device_count() > 1 and counter is not None:
+        with counter.get_lock():  # workers spread round-robin over the GPUs
+            device, counter.value = f"cuda:{counter.value % torch.cuda.device_count()}", counter.value + 1
+        torch.cuda.set_device(device)  # compiled kernels launch on the current device
+    config = SearchConfig(model=args.model, sparsity=0.5)
+    model, tokenizer = load_for_search(config, device)  # the dtype a search uses
+    eval_set = build_eval_set(tokenizer, args.eval_data, seq_len=args.seq_len, num_sequences=args.eval_sequences,
+                              retrieval_docs=args.retrieval_docs, seed=0)
+    _state.update(args=args, model=model, tokenizer=tokenizer, eval_set=eval_set, shape=model_shape(model),
+                  data={}, tmp=Path(tempfile.mkdtemp(prefix="quality-")))
+
+
+def _dataset(seed: int, ratio: float, keys: int, rows: int):
+    """The search data of one seed (cached per worker): text rows + retrieval rows, labelled."""
+    from consa import data as data_mod
+
+    key = (seed, ratio, keys, rows)
+    if key not in _state["data"]:
+        a = _state["args"]
+        _state["data"][key] = data_mod.build_dataset(_state["tokenizer"], a.train_data, a.search_seq_len, rows,
+                                                     retrieval_ratio=ratio, seed=seed, num_keys=keys,
+                                                     with_labels=True)
+    return _state["data"][key]
+
+
+def _evaluate(allocation) -> dict:
+    from consa.evaluation import evaluate
+
+    a, model = _state["args"], _state["model"]
+    model.eval()
+    return evaluate(model, _state["tokenizer"], allocation, data=_state["eval_set"], window=a.window,
+                    batch_size=a.eval_batch)
+
+
+def job_full() -> list[dict]:
+    result = _evaluate(None)
+    return [record_of("full", None, 0.0, result)]
+
+
+def job_search(name: str, overrides: dict, granularity: str, sparsity: float, seed: int, heatmap_dir) -> list[dict]:
+    """One learned allocation through the pipeline's recipe, evaluated on the shared eval set."""
+    from consa.config import SearchConfig
+    from consa.pipeline import run_allocation
+    from consa.refine import ROWS
+
+    a = _state["args"]
+    settings = dict(model=a.model, sparsity=sparsity, granularity=granularity, window=a.window,
+                    seq_len=a.search_seq_len, batch_size=a.search_batch, steps=a.steps,
+                    retrieval_ratio=a.retrieval_ratio, seed=seed)
+    settings.update(overrides)
+    config = SearchConfig(**settings)
+    rows = config.steps * config.batch_size + ROWS  # held-out rows for a refinement, unused otherwise
+    dataset = _dataset(seed, config.retrieval_ratio, config.retrieval_keys, rows)
+    t = time.time()
+    run = run_allocation(config, _state["tmp"] / f"{name}-{granularity}-{sparsity}-{seed}", evaluate=False,
+                         heatmap=heatmap_dir is not None, model=_state["model"], tokenizer=_state["tokenizer"],
+                         dataset=dataset)
+    seconds = time.time() - t
+    allocation = run.search.allocation
+    history = run.search.history
+    trace = [(r["step"], r["target"], r["sparsity"], r["loss"]) for r in history]
+    extra = {"seed": seed, "settings": overrides, "search_seconds": round(seconds, 1),
+             "s_per_step": round(seconds / config.steps, 4), "trace": trace[::max(1, len(trace) // 12)] + trace[-1:]}
+    if "refine" in allocation.training:
+        extra["refine"] = allocation.training["refine"]
+    if heatmap_dir is not None and "heatmap.png" in run.artifacts:
+        target = Path(heatmap_dir) / f"{granularity}_s{sparsity:g}_learned-{name}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(run.artifacts["heatmap.png"], target)
+    return [record_of(f"learned-{name}", granularity, sparsity, _evaluate(allocation), allocation, **extra)]
+
+
+def job_scores(seed: int, granularities: list[str], names: list[str]) -> dict:
+    """The scored baselines' scores (they do not depend on the sparsity): {(name, granularity): scores}."""
+    from consa import data as data_mod
+    from consa.baselines import baseline_scores
+    from consa.warm_start import calibration_of
+
+    a, model = _state["args"], _state["model"]
+    rows, labels = _dataset(seed, a.retrieval_ratio, 4, a.steps * a.search_batch + 16)
+    calibration = calibration_of(rows, labels, a.calibration_sequences)
+    out, seconds = {}, {}
+    for name in names:
+        t = time.time()
+        if name == "duo":  # per KV head whatever the granularity: train once, on the search data
+            cells = baseline_scores("duo", model, calibration, granularities[0], a.window, dataset=(rows, labels),
+                                    steps=a.steps, seed=seed)
+            out.update({(name, g): cells for g in granularities})
+        elif name == "retrieval-heads":
+            cells = baseline_scores(name, model, calibration, granularities[0], a.window)
+            out.update({(name, g): cells for g in granularities})
+        elif name == "retrieval-heads-answers":
+            from consa.attention_scores import far_attention_scores
+
+            retrieval = (labels == data_mod.IGNORE).any(1)
+            cells = far_attention_scores(model, rows[retrieval][:16], a.window, labels=labels[retrieval][:16])
+            out.update({(name, g): cells for g in granularities})
+        else:
+            for g in granularities:
+                out[(name, g)] = baseline_scores(name, model, calibration, g, a.window)
+        seconds[name] = round(time.time() - t, 1)
+    return {"scores": out, "seconds": seconds}
+
+
+def job_baselines(granularity: str, sparsity: float, seed: int, names: list[str], scores: dict, seconds: dict,
+                  heatmap_dir) -> list[dict]:
+    from consa.baselines import build_baseline
+
+    a, shape = _state["args"], _state["shape"]
+    records = []
+    for name in names:
+        if name == "random":
+            runs = []
+            for r in range(a.random_seeds):
+                allocation = build_baseline("random", shape, sparsity, granularity, a.window, seed=r)
+                runs.append(record_of("random", granularity, sparsity, _evaluate(allocation), allocation, seed=r))
+            records.append(mean_record("random", granularity, sparsity, runs))
+            continue
+        allocation = build_baseline(ALIASES.get(name, name), shape, sparsity, granularity, a.window, seed=seed,
+                                    scores=scores.get((name, granularity)))
+        extra = {"seed": seed} if name in SCORED else {}
+        if name in seconds:
+            extra["scoring_seconds"] = seconds[name]
+        if heatmap_dir is not None:
+            from consa.heatmap import save_heatmap
+
+            extra["heatmap"] = str(save_heatmap(allocation, Path(heatmap_dir) /
+                                                f"{granularity}_s{sparsity:g}_{name.replace(':', 'to')}.png"))
+        records.append(record_of(name, granularity, sparsity, _evaluate(allocation), allocation, **extra))
+    return records
+
+
+def _call(fn_name: str, *args):
+    return globals()[fn_name](*args)
+
+
+# -- the orchestration ----------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.started = time.time()
+        out = Path(args.out) if args.out else None
+        self.results_dir = out or Path(__file__).parent / "results"
+        self.heatmap_dir = (out / "heatmaps") if out else Path(__file__).parent / "heatmaps"
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict] = []
+        self.done: set = set()
+        if args.resume:
+            self.records = json.loads(Path(args.resume).read_text())
+            self.done = {self.key(r) for r in self.records}
+        self.screen: dict = {}
+        ctx = multiprocessing.get_context("spawn")
+        self.pool = cf.ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_setup,
+                                           initargs=(args, ctx.Value("i", 0)))
+        self.pending: dict = {}
+
+    @staticmethod
+    def key(r: dict) -> tuple:
+        return r["method"], r.get("granularity"), r.get("sparsity"), r.get("seed")
+
+    def late(self) -> bool:
+        return bool(self.args.deadline) and time.time() - self.started > self.args.deadline
+
+    def submit(self, label: str, fn: str, *fn_args, on_done=None):
+        if self.late():
+            log(f"deadline: not starting {label}")
+            return
+        self.pending[self.pool.submit(_call, fn, *fn_args)] = (label, on_done)
+
+    def wait(self, predicate=lambda label: True) -> None:
+        """Collect finished jobs until none whose label matches the predicate is pending."""
+        while any(predicate(label) for label, _ in self.pending.values()):
+            remaining = None
+            if self.args.deadline:
+                remaining = max(1.0, self.args.deadline + 30 - (time.time() - self.started))
+            done, _ = cf.wait(self.pending, timeout=remaining, return_when=cf.FIRST_COMPLETED)
+            if not done:
+                log("deadline: giving up on the jobs still running")
+                for label, _ in self.pending.values():
+                    log(f"  unfinished: {label}")
+                self.pending.clear()
+                return
+            for fut in done:
+                label, on_done = self.pending.pop(fut)
+                try:
+                    result = fut.result()
+                except Exception as e:  # one failed job must not lose the others' records
+                    log(f"FAILED {label}: {type(e).__name__}: {e}")
+                    continue
+                if on_done is not None:
+                    on_done(result)
+                else:
+                    self.add(result)
+                log(f"done {label} ({time.time() - self.started:.0f}s)")
+
+    def add(self, records: list[dict]) -> None:
+        for r in records:
+            self.records.append(r)
+            self.done.add(self.key(r))
+            if "loss" in r:
+                log(f"  {r['method']} {r.get('granularity')} s={r.get('sparsity')} seed={r.get('seed')}: "
+                    f"loss {r['loss']:.4f} retrieval {r['retrieval_acc']:.3f}")
+        self.save()
+
+    def save(self) -> None:
+        (self.results_dir / "quality.json").write_text(json.dumps(self.records, indent=1, default=str))
+        if self.screen:
+            (self.results_dir / "screen.json").write_text(json.dumps(self.screen, indent=1, default=str))
+
+    def search(self, name, overrides, g, s, seed, heatmaps=False):
+        if (f"learned-{name}", g, s, seed) in self.done:
+            return
+        self.done.add((f"learned-{name}", g, s, seed))
+        self.submit(f"search {name} {g} s={s} seed={seed}", "job_search", name, overrides, g, s, seed,
+                    str(self.heatmap_dir) if heatmaps else None)
+
+    def learned(self, name, g=None, s=None, seed=None) -> list[dict]:
+        return [r for r in self.records if r["method"] == f"learned-{name}" and g in (None, r["granularity"])
+                and s in (None, r["sparsity"]) and seed in (None, r.get("seed"))]
+
+    def full(self) -> dict:
+        return next(r for r in self.records if r["method"] == "full")
+
+    def run(self) -> None:
+        from consa.baselines import baseline_names
+
+        a = self.args
+        if ("full", None, 0.0, None) not in self.done:
+            self.submit("full attention", "job_full")
+        names = [] if a.baselines == "none" else \
+            [n for n in (RULES + ("random",) + SCORED) if a.baselines == "all" or n in a.baselines.split(",")]
+        scored = [n for n in names if n in SCORED]
+        baseline_seeds = sorted({0, *(a.screen_seeds if a.screen else [])})
+        for seed in baseline_seeds:
+            def with_scores(result, seed=seed):
+                for g in a.granularities:
+                    for s in a.sparsities:
+                        todo = [n for n in names if ALIASES.get(n, n) in baseline_names(g)
+                                and (n, g, s, seed if n in SCORED else None) not in self.done
+                                and (seed == 0 or (n in SCORED and s == a.screen_sparsity))]
+                        todo = [n for n in todo if n != "random" or (("random", g, s, None) not in self.done)]
+                        if todo:
+                            for n in todo:
+                                self.done.add((n, g, s, seed if n in SCORED else None))
+                            self.submit(f"baselines {g} s={s} seed={seed}", "job_baselines", g, s, seed, todo,
+                                        result["scores"], result["seconds"], str(self.heatmap_dir) if seed == 0 else None)
+            self.submit(f"scores seed={seed}", "job_scores", seed, a.granularities, scored, on_done=with_scores)
+
+        default = a.variants[0][0] if a.variants else None
+        if a.screen:
+            default = self.run_screen()
+        variants = dict(a.variants)
+        if default is not None and default not in variants:
+            variants[default] = self.screen["variants"][default]["settings"]
+        for name, overrides in variants.items():
+            for g in a.granularities:
+                for s in a.sparsities:
+                    self.search(name, overrides, g, s, 0, heatmaps=True)
+        self.wait()
+        for r in self.records:
+            if default is not None and r["method"] == f"learned-{default}":
+                r["default"] = True
+        self.save()
+        self.finish(default)
+
+    def run_screen(self) -> str:
+        """Screen the variants at one sparsity; then combinations of the knobs that beat `lm`. Returns the winner."""
+        a = self.args
+        s = a.screen_sparsity
+        tried = dict(a.screen)
+
+        def launch(variants):
+            for name, overrides in variants.items():
+                for g in a.granularities:
+                    for seed in a.screen_seeds:
+                        self.search(name, overrides, g, s, seed, heatmaps=False)
+            self.wait(lambda label: label.startswith("search") or label == "full attention")
+
+        def scores() -> dict:
+            full = self.full()
+            out = {}
+            for name, overrides in tried.items():
+                runs = self.learned(name, s=s)
+                runs = [r for r in runs if r.get("seed") in a.screen_seeds]
+                if len(runs) == len(a.granularities) * len(a.screen_seeds):
+                    out[name] = {"score": round(screen_score(runs, full), 4), "settings": overrides,
+                                 "runs": [(r["granularity"], r["seed"], r["loss"], r["retrieval_acc"]) for r in runs]}
+            return out
+
+        launch(tried)
+        self.screen = {"sparsity": s, "seeds": a.screen_seeds, "loss_weight": LOSS_WEIGHT, "variants": scores()}
+        self.save()
+        ranked = sorted(self.screen["variants"].items(), key=lambda kv: -kv[1]["score"])
+        for name, v in ranked:
+            log(f"screen {name}: {v['score']:+.4f}")
+        if not ranked:
+            raise SystemExit("the screen produced no complete variant")
+        best, best_v = ranked[0]
+        base = self.screen["variants"].get("lm", {"score": float("-inf")})["score"]
+        # Knobs that helped on their own (beyond the objective), added to the best variant one at a time.
+        helpful = [(n, v) for n, v in ranked[1:] if v["score"] > base and set(v["settings"]) - {"objective"}]
+        combos = {}
+        for n, v in helpful[:a.combine]:
+            merged = {**best_v["settings"], **{k: x for k, x in v["settings"].items() if k != "objective"}}
+            if merged != best_v["settings"] and merged not in tried.values():
+                combos[f"{best}+{n.removeprefix('lm-')}"] = merged
+        if combos and not self.late():
+            tried.update(combos)
+            launch(combos)
+            self.screen["variants"] = scores()
+            self.save()
+        winner = max(self.screen["variants"].items(), key=lambda kv: kv[1]["score"])[0]
+        self.screen["winner"] = winner
+        log(f"screen winner: {winner} {self.screen['variants'][winner]}")
+        self.save()
+        return winner
+
+    def finish(self, default) -> None:
+        from consa.compare import markdown_table
+
+        a = self.args
+        workers = list(getattr(self.pool, "_processes", {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in workers:  # past the deadline some may still be computing: they hold the device
+            process.terminate()
+        records = sorted(self.records, key=lambda r: (str(r.get("granularity")), r.get("sparsity", 0),
+                                                      r["method"], r.get("seed") or 0))
+        header = (f"model `{a.model}`, window {a.window}, context {a.seq_len}, {a.eval_sequences} held-out "
+                  f"sequences, {a.retrieval_docs} retrieval docs, search {a.steps} steps, retrieval ratio "
+                  f"{a.retrieval_ratio}, default learned-{default}, {time.time() - self.started:.0f}s in total\n\n")
+        table = markdown_table([{**r, "name": f"{r['method']}" + (f" seed {r['seed']}" if r.get("seed") else "")}
+                                for r in records])
+        (self.results_dir / "quality.md").write_text(header + table)
+        if a.pack and self.heatmap_dir.exists():
+            with tarfile.open(self.results_dir / "heatmaps.tar.gz", "w:gz") as tar:
+                for png in sorted(self.heatmap_dir.glob("*.png")):
+                    tar.add(png, arcname=f"heatmaps/{png.name}")
+                    png.unlink()
+            self.heatmap_dir.rmdir()
+        print(table, flush=True)
+        log(f"done in {time.time() - self.started:.0f}s: {self.results_dir / 'quality.json'}")
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    started = time.time()
-    out = Path(args.out) if args.out else None
-    results_dir = out or Path(__file__).parent / "results"
-    heatmap_dir = (out / "heatmaps") if out else Path(__file__).parent / "heatmaps"
-    results_dir.mkdir(parents=True, exist_ok=True)
-
-    # setup: one model, one eval set, one training set shared by every search
-    device = pick_device(args.device)
-    model, tokenizer = load_model(args.model, device=device)
-    shape = model_shape(model)
-    log(f"model {args.model}: {shape[0]} layers x {shape[1]} KV heads on {device}")
-    eval_set = build_eval_set(tokenizer, args.eval_data, seq_len=args.seq_len, num_sequences=args.eval_sequences,
-                              retrieval_docs=args.retrieval_docs, seed=args.seed)
-    log(f"eval set: {tuple(eval_set.rows.shape)} rows, {len(eval_set.docs)} retrieval docs from {args.eval_data}")
-    train_rows = None
-    if set(args.methods) & {*LEARNED, "heuristic-loss"}:
-        n_train = max(args.steps * args.search_batch, args.calibration_sequences)
-        train_rows, train_labels = data_mod.build_dataset(tokenizer, args.train_data, args.search_seq_len, n_train,
-                                                          retrieval_ratio=args.retrieval_ratio, seed=args.seed,
-                                                          with_labels=True)
-        log(f"search data: {tuple(train_rows.shape)} rows from {args.train_data} (retrieval ratio {args.retrieval_ratio})")
-
-    def run_eval(allocation):
-        return evaluate(model, tokenizer, allocation, data=eval_set, window=args.window, batch_size=args.eval_batch)
-
-    def heatmap(allocation, g, s, name):
-        return str(save_heatmap(allocation, heatmap_dir / f"{g}_s{s:g}_{name.replace(':', 'to')}.png"))
-
-    records = []
-    if "full" in args.methods:
-        result = run_eval(None)
-        records.append(record_of("full", None, 0.0, result))
-        log(f"full: loss {result['loss']:.4f} retrieval {result['retrieval_acc']:.3f}")
-
-    for g in args.granularities:
-        scores = None
-        if "heuristic-loss" in args.methods:
-            t = time.time()
-            text_rows = train_rows[(train_rows == train_labels).all(1)]  # calibrate on text, as a user would
-            scores = heuristic_loss_scores(model, text_rows[:args.calibration_sequences], g, args.window,
-                                           batch_size=args.eval_batch)
-            log(f"heuristic-loss scores ({g}) in {time.time() - t:.1f}s")
-        for s in args.sparsities:
-            allocations = {}  # name -> (allocation, extra fields)
-            for method in LEARNED:
-                if method not in args.methods:
-                    continue
-                cfg = dict(model=args.model, sparsity=s, granularity=g, window=args.window, seq_len=args.search_seq_len,
-                           batch_size=args.search_batch, steps=args.steps, objective=method.split("-")[1],
-                           retrieval_ratio=args.retrieval_ratio, seed=args.seed)
-                if args.search_lr is not None:
-                    cfg["lr"] = args.search_lr
-                t = time.time()
-                result = run_search(SearchConfig(**cfg), model=model, tokenizer=tokenizer,
-                                    dataset=(train_rows, train_labels),
-                                    log_every=1,
-                                    progress=lambda r: r["step"] % max(1, args.steps // 4) == 0 and log(
-                                        f"  {method} {g} s={s}: step {r['step']} loss {r['loss']:.4f} "
-                                        f"ŝ {r['sparsity']:.3f} target {r['target']:.3f}"))
-                trace = [(r["step"], r["target"], r["sparsity"], r["loss"]) for r in result.history]
-                allocations[method] = (result.allocation, {"search_seconds": round(time.time() - t, 1),
-                                                           "s_per_step": round((time.time() - t) / args.steps, 4),
-                                                           "trace": trace[::max(1, len(trace) // 30)] + trace[-1:]})
-            for name in baseline_names(g):
-                if name in args.methods and name != "random":
-                    allocations[name] = (build_baseline(name, shape, s, g, args.window, scores=scores), {})
-
-            for name, (allocation, extra) in allocations.items():
-                result = run_eval(allocation)
-                records.append(record_of(name, g, s, result, allocation, heatmap=heatmap(allocation, g, s, name), **extra))
-                log(f"{g} s={s} {name}: loss {result['loss']:.4f} retrieval {result['retrieval_acc']:.3f} "
-                    f"({result['seconds']:.1f}s)")
-            if "random" in args.methods:
-                runs = []
-                for seed in range(args.random_seeds):
-                    allocation = build_baseline("random", shape, s, g, args.window, seed=seed)
-                    runs.append(record_of("random", g, s, run_eval(allocation), allocation, seed=seed))
-                records.append(mean_record("random", g, s, runs))
-                log(f"{g} s={s} random: loss {records[-1]['loss']:.4f} ± {records[-1]['loss_std']:.4f} "
-                    f"retrieval {records[-1]['retrieval_acc']:.3f}")
-            (results_dir / "quality.json").write_text(json.dumps(records, indent=1))  # partial, in case of a timeout
-
-    # save: records, the table, the heatmaps
-    (results_dir / "quality.json").write_text(json.dumps(records, indent=1))
-    table = markdown_table(records)
-    header = (f"model `{args.model}`, window {args.window}, context {args.seq_len}, {args.eval_sequences} held-out "
-              f"sequences, {args.retrieval_docs} retrieval docs, search {args.steps} steps, "
-              f"retrieval ratio {args.retrieval_ratio}, {time.time() - started:.0f}s in total\n\n")
-    (results_dir / "quality.md").write_text(header + table)
-    if args.pack and heatmap_dir.exists():
-        with tarfile.open(results_dir / "heatmaps.tar.gz", "w:gz") as tar:
-            for png in sorted(heatmap_dir.glob("*.png")):
-                tar.add(png, arcname=f"heatmaps/{png.name}")
-                png.unlink()
-        heatmap_dir.rmdir()
-    print(table, flush=True)
-    log(f"done in {time.time() - started:.0f}s: {results_dir / 'quality.json'}")
-    return records
+    bench = Bench(args)
+    bench.run()
+    return bench.records
 
 
 if __name__ == "__main__":
     main()
+    os._exit(0)  # workers still computing past the deadline must not hold the run open
