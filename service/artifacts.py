@@ -61,5 +61,27 @@ def publish(src: Path, root: Path, job_id: str, name: str) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def remove_job_files(root: Path, job_id: str) -> None:
-    shutil.rmtree(job_dir(root, job_id), ignore_errors=True)
+# The search's resume state (worker/runner.py): in the job's folder, but a hidden name that valid_name()
+# refuses, so it is never listed or served; it outlives a lost attempt and goes when the job ends.
+SEARCH_STATE = ".search_state.safetensors"
+
+
+def search_state_path(root: Path, job_id: str) -> Path:
+    return job_dir(root, job_id) / SEARCH_STATE
+
+
+def remove_job_files(root: Path, job_id: str, keep_search_state: bool = False) -> None:
+    """Remove a job's files; `keep_search_state` keeps what a requeued attempt resumes from."""
+    folder = job_dir(root, job_id)
+    if not keep_search_state:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.name == SEARCH_STATE:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -120,9 +120,12 @@ def count_jobs_by_status(session: Session) -> dict[str, int]:
 _PLAIN = {"synchronize_session": False}
 
 
-def _set_status(session: Session, *, job_pk: int, old: tuple[str, ...], new: str, **values) -> bool:
-    result = session.execute(update(Job).where(Job.pk == job_pk, Job.status.in_(old)).values(status=new, **values),
-                             execution_options=_PLAIN)
+def _set_status(session: Session, *, job_pk: int, old: tuple[str, ...], new: str, _attempt: int | None = None,
+                **values) -> bool:
+    query = update(Job).where(Job.pk == job_pk, Job.status.in_(old))
+    if _attempt is not None:
+        query = query.where(Job.attempts == _attempt)
+    result = session.execute(query.values(status=new, **values), execution_options=_PLAIN)
     return result.rowcount == 1
 
 
@@ -186,10 +189,18 @@ def record_progress(session: Session, *, job: Job, progress: dict) -> str:
     return job_status(session, job_pk=job.pk)
 
 
-def runs_on(session: Session, *, job_pk: int, worker: str) -> bool:
-    """The job is running on this worker (not cancel-requested, ended, or handed to another worker)."""
-    row = session.execute(select(Job.status, Job.worker).where(Job.pk == job_pk)).first()
-    return row is not None and row.status == RUNNING and row.worker == worker
+def runs_on(session: Session, *, job_pk: int, worker: str, attempt: int | None = None) -> bool:
+    """The job is running on this worker, in this attempt (not cancel-requested, ended, or handed to
+    another worker, or to a later process of the same worker name)."""
+    row = session.execute(select(Job.status, Job.worker, Job.attempts).where(Job.pk == job_pk)).first()
+    return (row is not None and row.status == RUNNING and row.worker == worker
+            and (attempt is None or row.attempts == attempt))
+
+
+def is_attempt(session: Session, *, job_pk: int, attempt: int) -> bool:
+    """The job is still active in this attempt (no requeue since, not ended)."""
+    row = session.execute(select(Job.status, Job.attempts).where(Job.pk == job_pk)).first()
+    return row is not None and row.status in (RUNNING, CANCEL_REQUESTED) and row.attempts == attempt
 
 
 def job_status(session: Session, *, job_pk: int) -> str:
@@ -197,10 +208,13 @@ def job_status(session: Session, *, job_pk: int) -> str:
 
 
 def finish_job(session: Session, *, job: Job, status: str, error_code: str | None = None,
-               error_message: str | None = None, error_type: str | None = None) -> bool:
-    """Move a running (or cancel-requested) job to its terminal state, once."""
+               error_message: str | None = None, error_type: str | None = None, attempt: int | None = None) -> bool:
+    """Move a running (or cancel-requested) job to its terminal state, once. With `attempt`, only while
+    the row is still that attempt: a worker that froze, lost its job to a requeue and woke up again
+    must not end the attempt that runs now."""
     done = _set_status(session, job_pk=job.pk, old=(RUNNING, CANCEL_REQUESTED), new=status, finished_at=utcnow(),
-                       error_code=error_code, error_message=error_message, error_type=error_type)
+                       error_code=error_code, error_message=error_message, error_type=error_type,
+                       **({} if attempt is None else {"_attempt": attempt}))
     if done:
         message = f"job {status}" + (f": {error_message}" if error_message else "")
         data = {"status": status} | ({"error": {"code": error_code, "type": error_type}} if error_code else {})

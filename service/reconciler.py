@@ -41,7 +41,8 @@ def settle_lost(settings: Settings, *, worker: str | None = None) -> dict[str, l
         outcome = crud.settle_lost_jobs(session, max_attempts=settings.max_attempts, stale_before=stale_before,
                                         worker=worker)
     for job_id in outcome["requeued"]:
-        artifacts.remove_job_files(settings.artifact_dir, job_id)  # the lost attempt's partial files
+        # The lost attempt's partial artifacts go; its search state stays for the next attempt to resume from.
+        artifacts.remove_job_files(settings.artifact_dir, job_id, keep_search_state=True)
     for kind, ids in outcome.items():
         if ids:
             log.warning("worker lost: %s %s", kind, ", ".join(ids))

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     message was lost, e.g. with a Redis that had no AOF). Duplicates are harmless: one claim wins."""
     max_attempts: int = 2
     """A job whose worker died is queued again until it has been started this many times, then failed."""
+    checkpoint_every_s: float = 60.0
+    """The worker saves the search's state (its resume point) at least this often; 0: by steps only.
+    A job whose worker died resumes from it, so a 6-hour search killed at hour 5 loses about a minute."""
+    checkpoint_every_steps: int = 500
+    """...and at least every this many steps (whichever comes first); 0: by time only. Both 0: never."""
 
     # -- bounds on what one key may ask for --
     max_steps: int = 20_000

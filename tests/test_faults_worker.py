@@ -10,7 +10,8 @@ import pytest
 
 from service_fixtures import Server, server_env, wait_for, wait_until
 
-FAST = dict(worker_heartbeat_s=1, stale_after_s=4, reconcile_interval_s=1, requeue_after_s=3)
+FAST = dict(worker_heartbeat_s=1, stale_after_s=4, reconcile_interval_s=1, requeue_after_s=3,
+            checkpoint_every_steps=5, checkpoint_every_s=0)
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +21,7 @@ def srv(tmp_path_factory, tiny_model_dir, text_dir):
     try:
         server.alice = server.create_key("alice")
         server.model, server.data = str(tiny_model_dir), str(text_dir)
+        server.artifact_dir = var / "artifacts"
         yield server
     finally:
         server.stop()
@@ -37,22 +39,36 @@ def ready(srv) -> dict:
     return httpx.get(srv.url + "/readyz", timeout=10).json()
 
 
-def test_a_worker_killed_mid_job_is_restarted_and_the_job_runs_again_to_success(srv):
+def test_a_worker_killed_mid_job_is_restarted_and_the_job_resumes_from_its_checkpoint(srv):
     with srv.client(srv.alice) as client:
         job = client.post("/v1/jobs", json={"model": srv.model, "dataset": srv.data, "sparsity": 0.5, "window": 16,
                                             "seq_len": 64, "steps": 300}).json()
-        wait_until(lambda: (client.get(f"/v1/jobs/{job['id']}").json().get("progress") or {}).get("step", 0) >= 3,
-                   120, "the job is past step 3")
+        wait_until(lambda: (client.get(f"/v1/jobs/{job['id']}").json().get("progress") or {}).get("step", 0) >= 12,
+                   120, "the job is past step 12 (two checkpoints, every 5 steps)")
         first = the_worker(srv)
         os.kill(first, signal.SIGKILL)
+        killed_at = client.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"]
         # serve starts a new worker; at start it queues again the job its name left running; the outbox sends it.
         assert wait_until(lambda: [p for p in [the_worker(srv)] if p != first], 60, "a new worker")
         done = wait_for(client, job["id"], timeout=180)
         assert done["status"] == "succeeded", done
-        statuses = [e["message"] for e in client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
-                    if e["type"] == "status"]
+        events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+        statuses = [e["message"] for e in events if e["type"] == "status"]
         assert any("queued again (attempt 2 of 2)" in m for m in statuses), statuses
         assert sum(m.startswith("job running on") for m in statuses) == 2
+        # The second attempt continues from the last state saved before the kill, not from step 0.
+        second = max(i for i, e in enumerate(events) if e["message"].startswith("job running on"))
+        resumed = [e for e in events[second:] if e["message"].startswith("resumed from step")]
+        assert len(resumed) == 1, [e["message"] for e in events[second:]]
+        step = resumed[0]["data"]["resumed_from_step"]
+        assert step % 5 == 0 and 10 <= step <= killed_at, (step, killed_at)
+        steps_after = [e["data"]["step"] for e in events[second:] if e["type"] == "progress"
+                       and e["data"].get("phase") == "search"]
+        assert steps_after[0] == step + 1 and steps_after[-1] == 300, steps_after[:3]
+        # The resume point is the job's private file, never an artifact, and it goes when the job ends.
+        names = [a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]]
+        assert not any("state" in n for n in names), names
+        assert not (srv.artifact_dir / job["id"] / ".search_state.safetensors").exists()
     assert wait_until(lambda: ready(srv)["status"] == "ok", 30, "/readyz ok again")
 
 

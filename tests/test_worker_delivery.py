@@ -268,3 +268,25 @@ def test_the_outbox_sends_unsent_jobs_and_resends_only_while_a_worker_idles(sett
         crud.beat_worker(session, worker="gpu0@host")  # alive and idle from now on
         assert crud.idle_worker_exists(session, stale_before=old, idle_before=now + dt.timedelta(seconds=1))
         assert crud.jobs_to_publish(session, created_before=now, republish_before=now) == [unsent, sent]
+
+
+def test_the_search_state_is_saved_every_n_steps_and_survives_a_requeue_but_not_the_end(tmp_path):
+    import torch
+
+    from consa.search import load_gate_state
+    from service import artifacts
+    from worker.runner import StateSaver
+
+    path = artifacts.search_state_path(tmp_path, "job_x")
+    saver = StateSaver(path, every_steps=5, every_s=0)
+    for step in range(1, 13):
+        saver({"log_alpha": torch.full((4,), float(step)), "step": step, "lambda1": 0.1 * step})
+    state = load_gate_state(path)
+    assert state["step"] == 10 and torch.equal(state["log_alpha"], torch.full((4,), 10.0))
+    assert not list(path.parent.glob("*.next"))  # the temporary file was renamed into place
+    (path.parent / "manifest.json").write_text("{}")
+    artifacts.remove_job_files(tmp_path, "job_x", keep_search_state=True)  # a requeue
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    assert not artifacts.valid_name(path.name)  # never served as an artifact
+    artifacts.remove_job_files(tmp_path, "job_x")  # the job ended
+    assert not path.parent.exists()

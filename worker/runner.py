@@ -2,7 +2,10 @@
 
 The recipe itself (search -> manifest + gates -> heatmap -> evaluation -> checkpoint) is
 `consa.pipeline.run_allocation`, the same the CLI runs; this module keeps the job's lifecycle: the
-claim, heartbeats (progress), cancel checks, publishing artifacts and the terminal status.
+claim, heartbeats (progress), cancel checks, publishing artifacts, the terminal status, and the
+search's resume point: its state is saved into the job's folder of the artifact store every
+CONSA_CHECKPOINT_EVERY_S seconds / _STEPS steps, and a later attempt of the job (its worker died and
+the reconciler queued it again) continues from there instead of from step 0.
 The database is the truth.
 """
 
@@ -13,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -61,7 +65,9 @@ class JobRun:
     def __init__(self, session: Session, job: Job, settings: Settings):
         self.session, self.job, self.settings = session, job, settings
         self.params = job.params
+        self.attempt = job.attempts  # this delivery's attempt: a later one (after a requeue) owns the row
         self.staging: Path | None = None
+        self.state_path = artifacts.search_state_path(settings.artifact_dir, job.id)
 
     def event(self, type: str, message: str, data: dict | None = None) -> None:
         from consa.errors import Cancelled
@@ -72,7 +78,11 @@ class JobRun:
             raise Cancelled(f"cancelled during: {message}")
 
     def finish(self, status: str, **error) -> str:
-        crud.finish_job(self.session, job=self.job, status=status, **error)
+        if crud.finish_job(self.session, job=self.job, status=status, attempt=self.attempt, **error):
+            try:
+                self.state_path.unlink(missing_ok=True)  # the job ended: nothing will resume from it
+            except OSError:  # a broken store: the job's terminal status matters more than the stray file
+                log.warning("job %s: could not remove its search state", self.job.id)
         return crud.job_status(self.session, job_pk=self.job.pk)
 
     def run(self) -> str:
@@ -85,9 +95,11 @@ class JobRun:
             config = self.search_config()
             if config is None:
                 return crud.job_status(self.session, job_pk=self.job.pk)
+            saver = StateSaver(self.state_path, self.settings.checkpoint_every_steps, self.settings.checkpoint_every_s)
             run_allocation(config, self.staging, evaluate=bool(self.params.get("evaluate")), checkpoint=True,
                            progress=self.progress, should_cancel=self.should_cancel, on_event=self.event,
-                           on_artifact=self.publish)
+                           on_artifact=self.publish, resume_from=self.resume_point(config),
+                           on_checkpoint=saver if saver.enabled else None, checkpoint_every=1 if saver.enabled else 0)
             # A cancel that came during the last phase still wins over success.
             return self.finish(CANCELLED if self.should_cancel() else SUCCEEDED)
         except Cancelled:
@@ -123,9 +135,32 @@ class JobRun:
 
     def fail(self, **error) -> str:
         """A failed job lists no artifacts: the partial ones of this attempt are removed, rows and files."""
+        if not crud.is_attempt(self.session, job_pk=self.job.pk, attempt=self.attempt):
+            return crud.job_status(self.session, job_pk=self.job.pk)  # another attempt owns the files now
         crud.delete_artifacts(self.session, job=self.job)
         artifacts.remove_job_files(self.settings.artifact_dir, self.job.id)
         return self.finish(FAILED, **error)
+
+    def resume_point(self, config) -> dict | None:
+        """The state an earlier attempt of this job saved, announced as an event; None: start at step 0."""
+        from consa.search import load_gate_state
+
+        if self.attempt <= 1 or not self.state_path.exists():
+            if self.attempt > 1:
+                self.event("info", f"attempt {self.attempt}: no saved search state; starting from step 0")
+            return None
+        try:
+            state = load_gate_state(self.state_path)
+            step = int(state["step"])
+            if not 0 < step < config.steps or state["log_alpha"].numel() == 0:
+                raise ValueError(f"step {step} of {config.steps}")
+        except Exception as e:  # a state that does not fit: the search starts over rather than fail
+            log.warning("job %s: unusable search state (%s); starting from step 0", self.job.id, e)
+            self.event("warning", f"attempt {self.attempt}: the saved search state is unusable; starting from step 0")
+            return None
+        self.event("info", f"resumed from step {step} (attempt {self.attempt})",
+                   data={"resumed_from_step": step, "attempt": self.attempt})
+        return state
 
     def search_config(self):
         if not Path(self.params["model"]).is_absolute() and Path(self.params["model"]).exists():
@@ -147,13 +182,43 @@ class JobRun:
 
     def should_cancel(self) -> bool:
         # Anything but running *here* stops the job: cancel_requested, a row someone else ended, or a
-        # row the reconciler gave to another worker because this one looked dead.
-        return not crud.runs_on(self.session, job_pk=self.job.pk, worker=self.job.worker)
+        # row the reconciler gave to another worker (or attempt) because this one looked dead.
+        return not crud.runs_on(self.session, job_pk=self.job.pk, worker=self.job.worker, attempt=self.attempt)
 
     def publish(self, name: str, path: Path) -> None:
         size, sha256 = artifacts.publish(path, self.settings.artifact_dir, self.job.id, name)
         crud.add_artifact(self.session, job=self.job, name=name, size=size, sha256=sha256,
                           content_type=artifacts.content_type(name))
+
+
+class StateSaver:
+    """The search's `on_checkpoint`: it is offered the state every step and writes it when
+    `every_steps` steps or `every_s` seconds have passed since the last write. The write is atomic (a
+    temporary file, fsync, rename), so a kill at any moment leaves the previous state or the new one."""
+
+    def __init__(self, path: Path, every_steps: int, every_s: float):
+        self.path, self.every_steps, self.every_s = Path(path), every_steps, every_s
+        self.enabled = bool(every_steps or every_s)
+        self.saved_step, self.saved_at = 0, time.monotonic()
+
+    def __call__(self, state: dict) -> None:
+        step = int(state["step"])
+        due_steps = self.every_steps and step - self.saved_step >= self.every_steps
+        due_time = self.every_s and time.monotonic() - self.saved_at >= self.every_s
+        if due_steps or due_time:
+            self.save(state)
+            self.saved_step, self.saved_at = step, time.monotonic()
+
+    def save(self, state: dict) -> None:
+        from consa.search import save_gate_state
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".next")
+        save_gate_state(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        log.info("search state saved at step %d", state["step"])
 
 
 def without_paths(message: str) -> str:
