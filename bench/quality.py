@@ -423,8 +423,9 @@ class Bench:
         if a.screen:
             default = self.run_screen()
         variants = dict(a.variants)
-        if default is not None and default not in variants:
-            variants[default] = self.screen["variants"][default]["settings"]
+        if default is not None:  # the default's cells first: the deadline must not cut them
+            settings = variants.pop(default, None) or self.screen["variants"][default]["settings"]
+            variants = {default: settings, **variants}
         for name, overrides in variants.items():
             for g in a.granularities:
                 for s in a.sparsities:
