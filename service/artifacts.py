@@ -8,14 +8,17 @@ import shutil
 from pathlib import Path
 
 # One path segment of safe characters: no "/", no "..", no hidden files. Checked before any disk access.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+# A plain regular expression (no look-ahead) so the OpenAPI spec can state the same rule as the server.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*"
+NAME_MAX_LENGTH = 255
+_NAME = re.compile(NAME_PATTERN)
 
 mimetypes.add_type("text/markdown", ".md")
 mimetypes.add_type("application/octet-stream", ".safetensors")
 
 
 def valid_name(name: str) -> bool:
-    return bool(_NAME.fullmatch(name)) and ".." not in name
+    return len(name) <= NAME_MAX_LENGTH and bool(_NAME.fullmatch(name))
 
 
 # Every media type content_type() can answer (the download's documented content types).

@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import FileResponse
 
 from service import artifacts, crud, schemas
@@ -10,6 +10,11 @@ from service.deps import JobDep, SessionDep, SettingsDep
 from service.problems import PROBLEM_RESPONSES, ProblemError, responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
+# A JSON artifact (manifest.json, evaluation.json) is a JSON document, so a client parses it as one.
+_BYTES = {"type": "string", "format": "binary"}
+# The spec states the name rule; the server checks it itself so a bad name gets 400 with the reason.
+ArtifactName = Annotated[str, Path(description="The artifact's file name, as listed.", json_schema_extra={
+    "pattern": f"^{artifacts.NAME_PATTERN}$", "maxLength": artifacts.NAME_MAX_LENGTH})]
 
 
 @router.get("/{job_id}/artifacts", response_model=schemas.ArtifactList, responses=PROBLEM_RESPONSES,
@@ -28,10 +33,11 @@ def list_artifacts(job: JobDep, session: SessionDep, settings: SettingsDep, requ
             response_class=FileResponse,
             responses=PROBLEM_RESPONSES | responses(410, 416) | {
                 200: {"description": "The artifact's bytes, under its own media type (`content_type` in the list).",
-                      "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in artifacts.MEDIA_TYPES}},
+                      "content": {t: {"schema": _BYTES if t != "application/json" else {"description": "any JSON"}}
+                                  for t in artifacts.MEDIA_TYPES}},
                 206: {"description": "Partial content (Range)."},
                 304: {"description": "Not modified (If-None-Match)."}})
-def download_artifact(job: JobDep, name: str, session: SessionDep, settings: SettingsDep,
+def download_artifact(job: JobDep, name: ArtifactName, session: SessionDep, settings: SettingsDep,
                       if_none_match: Annotated[str | None, Header(include_in_schema=False)] = None,
                       range: Annotated[str | None, Header(include_in_schema=False)] = None):
     """The bytes of one artifact. `ETag` is the quoted sha256, so a client can check a download and
@@ -61,7 +67,7 @@ def download_artifact(job: JobDep, name: str, session: SessionDep, settings: Set
              response_class=Response, responses=PROBLEM_RESPONSES | responses(410) | {
                  200: {"description": "Content-Length, Content-Type and ETag of the artifact."},
                  304: {"description": "Not modified (If-None-Match)."}})
-def head_artifact(job: JobDep, name: str, session: SessionDep, settings: SettingsDep,
+def head_artifact(job: JobDep, name: ArtifactName, session: SessionDep, settings: SettingsDep,
                   if_none_match: Annotated[str | None, Header(include_in_schema=False)] = None):
     return download_artifact(job, name, session, settings, if_none_match=if_none_match)
 
