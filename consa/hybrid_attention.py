@@ -77,7 +77,9 @@ def swa_block_mask(q_len: int, kv_len: int, window: int, sink_tokens: int, devic
             q_pos = q_idx + offset
             return swa_visible(q_pos, kv_idx, window, sink_tokens)
 
-        _block_masks[key] = create_block_mask(swa_mod, None, None, q_len, kv_len, device=device)
+        # _compile: built block by block; eager evaluates mask_mod on the dense (q, kv) grid (128 GiB at 128k).
+        _block_masks[key] = create_block_mask(swa_mod, None, None, q_len, kv_len, device=device,
+                                              _compile=str(device).startswith("cuda"))
     return _block_masks[key]
 
 
