@@ -96,22 +96,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _helper_rank(rank: int, world_size: int, port: int, config_dict: dict, devices: list[str]) -> None:
+def _helper_rank(rank: int, world_size: int, port: int, config_dict: dict, devices: list[str], resume_from) -> None:
     from consa.config import SearchConfig
     from consa.search import run_search
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
                       RANK=str(rank), LOCAL_RANK=str(rank))
     try:
-        run_search(SearchConfig.from_dict(config_dict), device=devices[rank])
+        run_search(SearchConfig.from_dict(config_dict), device=devices[rank], resume_from=resume_from)
     finally:
         shutdown()
 
 
 @contextmanager
-def helpers(config, world_size: int, devices: list[str] | None = None):
+def helpers(config, world_size: int, devices: list[str] | None = None, resume_from=None):
     """Run ranks 1..world_size-1 of `config`'s search in child processes; the caller is rank 0 for the
     duration (its run_search joins the group through the environment) and runs on devices[0].
+    `resume_from`: the state rank 0 resumes from; every rank must start from the same one.
 
         with helpers(config, 2) as device:
             run_search(config, device=device, progress=..., should_cancel=...)
@@ -128,7 +129,7 @@ def helpers(config, world_size: int, devices: list[str] | None = None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK="0",
                       LOCAL_RANK="0")
     ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-    procs = [ctx.Process(target=_helper_rank, args=(r, world_size, port, config.to_dict(), devices), daemon=True)
+    procs = [ctx.Process(target=_helper_rank, args=(r, world_size, port, config.to_dict(), devices, resume_from), daemon=True)
              for r in range(1, world_size)]
     for p in procs:
         p.start()

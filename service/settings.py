@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     A job whose worker died resumes from it, so a 6-hour search killed at hour 5 loses about a minute."""
     checkpoint_every_steps: int = 500
     """...and at least every this many steps (whichever comes first); 0: by time only. Both 0: never."""
+    gpus_per_job: int = 1
+    """GPUs a worker runs each job's search over, data-parallel (consa.distributed): the worker must see
+    this many (cuda:0..N-1, e.g. through its container's device reservation)."""
 
     # -- bounds on what one key may ask for --
     max_steps: int = 20_000

@@ -88,3 +88,23 @@ def test_torchrun_search_writes_one_exact_manifest(tiny_model_dir, text_dir, tmp
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sparsity_achieved"] == 0.5 and manifest["training"]["gpus"] == 2
     assert proc.stdout.count('"manifest"') == 1  # only rank 0 reports the outputs
+
+
+def test_a_service_worker_owning_two_devices_runs_the_job_over_both(tmp_path, tiny_model_dir, text_dir):
+    """CONSA_GPUS_PER_JOB=2: the worker is rank 0 with one helper rank (gloo on CPU here); the job says so."""
+    from service_fixtures import Server, server_env, wait_for
+
+    server = Server(server_env(tmp_path / "var", tiny_model_dir, text_dir, gpus_per_job=2), tmp_path / "serve.log")
+    server.start()
+    try:
+        with server.client(server.create_key("alice")) as client:
+            job = client.post("/v1/jobs", json={"model": str(tiny_model_dir), "dataset": str(text_dir),
+                                                "sparsity": 0.5, "window": 16, "seq_len": 64, "steps": 4}).json()
+            done = wait_for(client, job["id"], timeout=240)
+            assert done["status"] == "succeeded", done
+            manifest = client.get(f"/v1/jobs/{job['id']}/artifacts/manifest.json").json()
+            assert manifest["training"]["gpus"] == 2 and manifest["sparsity_achieved"] == 0.5
+            events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+            assert any(e["data"] and e["data"].get("gpus") == 2 for e in events), events
+    finally:
+        server.stop()

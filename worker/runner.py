@@ -87,6 +87,7 @@ class JobRun:
 
     def run(self) -> str:
         from consa.errors import Cancelled, ConsaError
+        from consa.distributed import helpers
         from consa.pipeline import run_allocation
 
         try:
@@ -96,10 +97,16 @@ class JobRun:
             if config is None:
                 return crud.job_status(self.session, job_pk=self.job.pk)
             saver = StateSaver(self.state_path, self.settings.checkpoint_every_steps, self.settings.checkpoint_every_s)
-            run_allocation(config, self.staging, evaluate=bool(self.params.get("evaluate")), checkpoint=True,
-                           progress=self.progress, should_cancel=self.should_cancel, on_event=self.event,
-                           on_artifact=self.publish, resume_from=self.resume_point(config),
-                           on_checkpoint=saver if saver.enabled else None, checkpoint_every=1 if saver.enabled else 0)
+            resume_from, gpus = self.resume_point(config), self.settings.gpus_per_job
+            if gpus > 1:
+                self.event("info", f"search data-parallel over {gpus} GPUs", {"gpus": gpus})
+            # This process is rank 0 (progress, cancel, outputs); helpers() runs ranks 1..N-1 beside it.
+            with helpers(config, gpus, resume_from=resume_from) as device:
+                run_allocation(config, self.staging, evaluate=bool(self.params.get("evaluate")), checkpoint=True,
+                               device=device or "auto", progress=self.progress, should_cancel=self.should_cancel,
+                               on_event=self.event, on_artifact=self.publish, resume_from=resume_from,
+                               on_checkpoint=saver if saver.enabled else None,
+                               checkpoint_every=1 if saver.enabled else 0)
             # A cancel that came during the last phase still wins over success.
             return self.finish(CANCELLED if self.should_cancel() else SUCCEEDED)
         except Cancelled:
