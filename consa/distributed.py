@@ -102,8 +102,12 @@ def _helper_rank(rank: int, world_size: int, port: int, config_dict: dict, devic
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
                       RANK=str(rank), LOCAL_RANK=str(rank))
+    from consa.errors import Cancelled
+
     try:
         run_search(SearchConfig.from_dict(config_dict), device=devices[rank], resume_from=resume_from)
+    except Cancelled:
+        pass  # rank 0's cancel reached every rank through the step's all-reduce; rank 0 reports it
     finally:
         shutdown()
 
