@@ -111,11 +111,23 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
 
 
+def phase_of(progress: dict) -> tuple[str, int | None, int | None]:
+    """(phase, done, total) of a job's progress: "search" (steps), "evaluation" (allocations scored) or
+    "export" (stages); a server that reports no phase is searching."""
+    phase = progress.get("phase") or "search"
+    if phase == "search":
+        return phase, progress.get("phase_done", progress.get("step")), progress.get("phase_total", progress.get("total_steps"))
+    return phase, progress.get("phase_done"), progress.get("phase_total")
+
+
 def _job_line(job: dict) -> str:
     p = job.get("progress") or {}
     parts = [job["id"], job["status"], job["model"]]
     if p:
         parts.append(f"step {p.get('step')}/{p.get('total_steps')}")
+        phase, done, total = phase_of(p)
+        if phase != "search":
+            parts.append(f"{phase} {done}/{total}")
         if p.get("loss") is not None:
             parts.append(f"loss {p['loss']:.4f}")
         if p.get("sparsity") is not None:
@@ -154,14 +166,15 @@ def cmd_submit(client: Client, args) -> int:
 
 
 def wait_with_progress(client: Client, job_id: str, poll_s: float = 2.0, patience_s: float = 3600.0) -> dict:
-    """Poll until the job ends, drawing a tqdm bar (step/total, loss, sparsity) on stderr.
+    """Poll until the job ends, drawing a tqdm bar per phase (search steps with loss and sparsity,
+    evaluation, export) on stderr.
 
     A server that goes away (a restart, a deploy) is waited for up to `patience_s` seconds: the job
     lives in the server's database and goes on, so losing the connection must not end the wait.
     """
     from tqdm import tqdm  # comes with transformers; imported here so `consa jobs list` starts fast
 
-    bar = None
+    bars = PhaseBars(job_id, tqdm)
     status = None
     down_since = None
     try:
@@ -182,26 +195,59 @@ def wait_with_progress(client: Client, job_id: str, poll_s: float = 2.0, patienc
             if down_since is not None:
                 print(f"{job_id}: server back", file=sys.stderr)
                 down_since = None
-            p = job.get("progress") or {}
-            if bar is None and p.get("total_steps"):
-                bar = tqdm(total=p["total_steps"], desc=job_id, unit="step", file=sys.stderr)
-            if bar is not None:
-                bar.n = p.get("step") or 0
-                post = {"status": job["status"]}
-                if p.get("loss") is not None:
-                    post["loss"] = f"{p['loss']:.4f}"
-                if p.get("sparsity") is not None:
-                    post["sparsity"] = f"{p['sparsity']:.3f}"
-                bar.set_postfix(post)
-            elif job["status"] != status:
+            if not bars.show(job) and job["status"] != status:
                 print(f"{job_id}: {job['status']}", file=sys.stderr)
             status = job["status"]
             if status in TERMINAL:
                 return job
             time.sleep(poll_s)
     finally:
-        if bar is not None:
-            bar.close()
+        bars.close()
+
+
+class PhaseBars:
+    """One bar per phase of the job, in order: the search (steps), the evaluation (allocations scored),
+    the export (stages). A phase's bar is filled and closed when the next one starts, so a phase that
+    ended between two polls still shows as done."""
+
+    UNITS = {"search": "step", "evaluation": "allocation", "export": "stage"}
+
+    def __init__(self, job_id: str, tqdm):
+        self.job_id, self.tqdm = job_id, tqdm
+        self.phase, self.bar = None, None
+
+    def show(self, job: dict) -> bool:
+        """Draw the job's progress; False while it has none to draw (queued, or no total yet)."""
+        p = job.get("progress") or {}
+        phase, done, total = phase_of(p)
+        if not total:
+            return self.bar is not None
+        if phase != self.phase:
+            if self.phase is None and phase != "search" and p.get("total_steps"):
+                self._open("search", p["total_steps"])  # the whole search ran between two polls
+            self._open(phase, total)
+        self.bar.n = done or 0
+        post = {"status": job["status"]}
+        if p.get("loss") is not None:
+            post["loss"] = f"{p['loss']:.4f}"
+        if p.get("sparsity") is not None:
+            post["sparsity"] = f"{p['sparsity']:.3f}"
+        self.bar.set_postfix(post)
+        return True
+
+    def _open(self, phase: str, total: int) -> None:
+        if self.bar is not None:
+            self.bar.n = self.bar.total  # a later phase began: this one is done
+            self.close()
+        self.phase = phase
+        self.bar = self.tqdm(total=total, desc=f"{self.job_id} {phase}", unit=self.UNITS.get(phase, "step"),
+                             file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.refresh()
+            self.bar.close()
+            self.bar = None
 
 
 def cmd_list(client: Client, args) -> int:

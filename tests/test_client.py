@@ -89,11 +89,16 @@ def test_submit_wait_list_get_logs_download(cli, jobs_server, tmp_path):
     assert code == 0, err
     job_id = out.split()[0]
     assert "succeeded" in out and job_id.startswith("job_")
-    # The tqdm bar on stderr: the step count reached the total, with loss and sparsity shown.
+    # A tqdm bar per phase on stderr: the search's steps reached the total, with loss and sparsity
+    # shown, then the export's two stages (pack + tar), each under its own label.
     assert f"{SMALL['steps']}/{SMALL['steps']}" in err and "loss=" in err and "sparsity=" in err
+    assert f"{job_id} search" in err and f"{job_id} export" in err and "2/2" in err, err
+    assert err.index(f"{job_id} search") < err.index(f"{job_id} export")
 
     code, out, _ = cli("list", "--limit", "5")
     assert code == 0 and job_id in out
+    code, out, _ = cli("get", job_id)
+    assert code == 0 and f"step {SMALL['steps']}/{SMALL['steps']}" in out and "export 2/2" in out, out
     code, out, _ = cli("get", job_id, "--json")
     job = json.loads(out)
     assert job["status"] == "succeeded" and job["metadata"] == {"run": "cli"}
@@ -205,3 +210,29 @@ def test_usage_and_connection_errors_exit_codes(tmp_path):
     down = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert down.returncode == jobs_cli.EXIT_UNREACHABLE and "cannot reach http://127.0.0.1:9" in down.stderr
     assert "Traceback" not in down.stderr
+
+
+def test_the_wait_bars_show_each_phase_in_order_and_fill_a_phase_that_ended_between_polls(capsys):
+    from tqdm import tqdm
+
+    bars = jobs_cli.PhaseBars("job_x", tqdm)
+    assert not bars.show({"status": "queued", "progress": None})
+    last = {"step": 10, "total_steps": 10, "loss": 1.5, "sparsity": 0.5}
+    for progress in [{"step": 3, "total_steps": 10, "loss": 2.0, "sparsity": 0.1, "phase": "search",
+                      "phase_done": 3, "phase_total": 10},
+                     last | {"phase": "evaluation", "phase_done": 2, "phase_total": 5},
+                     last | {"phase": "export", "phase_done": 1, "phase_total": 2}]:
+        assert bars.show({"status": "running", "progress": progress})
+    bars.close()
+    err = capsys.readouterr().err
+    # The search was last seen at 3/10 and the evaluation at 2/5: each is drawn full once the next began.
+    assert "10/10" in err and "5/5" in err and "1/2" in err, err
+    order = [err.index(f"job_x {phase}") for phase in ("search", "evaluation", "export")]
+    assert order == sorted(order) and "allocation" in err and "stage" in err
+
+    # A job first seen after its search (a short search, a slow poll) still shows the search as done.
+    bars = jobs_cli.PhaseBars("job_y", tqdm)
+    bars.show({"status": "running", "progress": last | {"phase": "export", "phase_done": 2, "phase_total": 2}})
+    bars.close()
+    err = capsys.readouterr().err
+    assert "job_y search" in err and "10/10" in err and "job_y export" in err
