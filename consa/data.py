@@ -10,6 +10,7 @@ import itertools
 import json
 import random
 import string
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,9 +60,18 @@ def iter_texts(path, max_files: int | None = None, seed: int = 0, suffixes=None,
         random.Random(seed).shuffle(files)  # a dataset directory is usually sorted by topic
     else:
         files = [path]
+    # A folder that also holds text files may hold stray .json.gz / .parquet files that are no corpus
+    # (package data in site-packages), or the `datasets` extra may be missing: such a file is skipped
+    # with a warning there. A folder of dataset files only, or a single file, fails on it.
+    mixed = any(not _builder(f) for f in files)
     for f in files[:max_files]:
         if _builder(f):
-            yield from _iter_dataset(f, _builder(f), text_field)
+            try:
+                yield from _iter_dataset(f, _builder(f), text_field)
+            except DataError as e:
+                if not mixed:
+                    raise
+                warnings.warn(f"skipped {f.name}: {e}", stacklevel=2)
         elif f.suffix == ".jsonl":
             yield from _iter_jsonl(f, text_field or "text")
         else:

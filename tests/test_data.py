@@ -126,6 +126,19 @@ def test_a_directory_mixes_text_files_and_parquet(tmp_path):
     assert sorted(data.iter_texts(tmp_path)) == ["alpha", "beta"]
 
 
+def test_stray_data_files_in_a_text_folder_are_skipped_not_fatal(tmp_path):
+    """site-packages holds package data such as .json.gz that is no corpus: the folder still reads."""
+    import gzip
+
+    (tmp_path / "a.py").write_text("def alpha(): pass")
+    (tmp_path / "schema.json.gz").write_bytes(gzip.compress(b'{"type": "object", "n": 1}\n'))
+    with pytest.warns(UserWarning, match="skipped schema.json.gz"):
+        assert list(data.iter_texts(tmp_path)) == ["def alpha(): pass"]
+    (tmp_path / "a.py").unlink()  # dataset files alone: the error is the user's to see
+    with pytest.raises(DataError, match="no text column"):
+        list(data.iter_texts(tmp_path))
+
+
 def test_a_missing_local_path_is_not_taken_for_a_hub_name(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         list(data.iter_texts("data/train.txt"))
