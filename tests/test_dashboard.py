@@ -90,7 +90,8 @@ def test_jobs_table_shows_the_keys_jobs_with_status_and_progress(dash, jobs, tmp
     shown = rows(dom)
     assert shown[jobs["succeeded"]["id"]] == "succeeded" and shown[jobs["cancelled"]["id"]] == "cancelled"
     row = re.search(rf'<tr data-job-id="{jobs["succeeded"]["id"]}".*?</tr>', dom).group(0)
-    assert f'{SMALL["steps"]}/{SMALL["steps"]}' in row and 'class="status status-succeeded"' in row
+    # The bar shows the job's phase: a finished job ends in its export's last stage.
+    assert 'data-phase="export"' in row and "export 2/2" in row and 'class="status status-succeeded"' in row
     assert f'href="/dashboard/jobs/{jobs["succeeded"]["id"]}"' in row
 
     # Another key sees none of alice's jobs; no key gets a prompt instead of a table.
@@ -107,7 +108,12 @@ def test_job_page_draws_the_curve_heatmap_and_artifacts(dash, jobs, tmp_path):
     page = f"{url}/dashboard/jobs/{job['id']}#key={srv.alice}"
     dom = chromium(page, tmp_path)
     assert 'data-loaded="final"' in dom, "the page did not finish loading the job"
-    # One point of the loss curve per progress event, i.e. per step.
+    # Each phase the job went through, in order, all done: search steps, allocations scored, export stages.
+    phases = re.findall(r'<li class="phase phase-(\w+)" data-phase="(\w+)" data-state="\w+">(\w+) (\d+)/(\d+)</li>', dom)
+    assert [p[1] for p in phases] == ["search", "evaluation", "export"], phases
+    assert all(state == "done" and done == total for state, _, _, done, total in phases), phases
+    assert phases[0][3:] == (str(SMALL["steps"]),) * 2 and phases[2][3:] == ("2", "2")
+    # One point of the loss curve per search step (the later phases' records repeat the last step).
     loss_path = re.search(r'<path d="([^"]+)" class="line line-loss"', dom).group(1)
     assert loss_path.count("L") + 1 == SMALL["steps"]
     assert re.search(r'class="line line-sparsity"', dom)

@@ -85,12 +85,34 @@ function bytes(n) {
   return (i ? n.toFixed(1) : n) + " " + units[i];
 }
 function statusBadge(status) { return el("span", { class: "status status-" + status }, status); }
+// A job works in phases: the search (steps), the evaluation (allocations scored), the export (stages).
+const PHASES = ["search", "evaluation", "export"];
+function phaseOf(p) {
+  const phase = p.phase || "search";
+  if (phase === "search") return { phase, done: p.phase_done ?? p.step, total: p.phase_total ?? p.total_steps };
+  return { phase, done: p.phase_done, total: p.phase_total };
+}
 function progressBar(p) {
   if (!p || !p.total_steps) return el("span", { class: "muted" }, "–");
-  const pct = Math.min(100, (100 * p.step) / p.total_steps);
-  return el("div", { class: "progress", title: `${p.step}/${p.total_steps}` },
-    el("div", { class: "progress-fill", style: `width:${pct.toFixed(1)}%` }),
-    el("span", { class: "progress-text" }, `${p.step}/${p.total_steps}`));
+  const { phase, done, total } = phaseOf(p);
+  const pct = total ? Math.min(100, (100 * done) / total) : 0;
+  return el("div", { class: "progress", "data-phase": phase, title: `${phase} ${done}/${total} (search step ${p.step}/${p.total_steps})` },
+    el("div", { class: "progress-fill phase-" + phase, style: `width:${pct.toFixed(1)}%` }),
+    el("span", { class: "progress-text" }, `${phase} ${done}/${total}`));
+}
+// Every phase the job's progress events went through, in order, with the last count seen: a phase is
+// done once a later one began (or the job succeeded), current while the job is in it.
+function phaseList(points, status) {
+  const last = new Map();
+  for (const p of points) { const ph = phaseOf(p); last.set(ph.phase, ph); }
+  const seen = PHASES.filter((name) => last.has(name));
+  return el("ol", { id: "job-phases", class: "phases" }, ...seen.map((name, i) => {
+    const { done, total } = last.get(name);
+    const finished = i < seen.length - 1 || status === "succeeded";
+    const state = finished ? "done" : TERMINAL.includes(status) ? "stopped" : "current";
+    return el("li", { class: "phase phase-" + state, "data-phase": name, "data-state": state },
+      `${name} ${finished ? total : done}/${total}`);
+  }));
 }
 
 // -- jobs page ----------------------------------------------------------------------------------
@@ -170,7 +192,7 @@ async function jobPage() {
     document.getElementById("job-id").textContent = job.id;
     document.getElementById("job-status").replaceWith(
       Object.assign(statusBadge(job.status), { id: "job-status" }));
-    document.getElementById("job-progress").replaceChildren(progressBar(job.progress));
+    document.getElementById("job-progress").replaceChildren(progressBar(job.progress), phaseList(points, job.status));
     const error = document.getElementById("job-error");
     error.hidden = !job.error;
     if (job.error) error.textContent = `${job.error.code} (${job.error.type} error): ${job.error.message}`;
@@ -287,7 +309,8 @@ function table(header, rows) {
 
 // Loss (left axis) and expected sparsity + its target (right axis, 0..1) against the step, in SVG.
 function drawChart(box, pts) {
-  pts = pts.filter((p) => p.step !== undefined);
+  // The evaluation's and export's records repeat the search's last step: one point per search step.
+  pts = pts.filter((p) => p.step !== undefined && phaseOf(p).phase === "search");
   if (!pts.length) return;
   const W = 560, H = 260, L = 52, R = 44, T = 12, B = 30;
   const maxStep = Math.max(...pts.map((p) => p.total_steps || p.step), 1);
