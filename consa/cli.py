@@ -290,6 +290,9 @@ def _add_service_parsers(sub):
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create an API key; the key is the last line printed")
     create.add_argument("name")
+    keys_sub.add_parser("list", help="list the keys: name, prefix, created, revoked")
+    revoke = keys_sub.add_parser("revoke", help="revoke every key with this name (refused with 401 at once)")
+    revoke.add_argument("name")
 
 
 def service_command(name: str):
