@@ -290,3 +290,27 @@ def test_the_search_state_is_saved_every_n_steps_and_survives_a_requeue_but_not_
     assert not artifacts.valid_name(path.name)  # never served as an artifact
     artifacts.remove_job_files(tmp_path, "job_x")  # the job ended
     assert not path.parent.exists()
+
+
+def test_an_attempt_that_lost_its_job_to_a_requeue_can_no_longer_end_or_publish_it(settings, tmp_path):
+    """A worker frozen past its heartbeat (SIGSTOP, a hung driver) wakes after the reconciler gave its
+    job to a new process of the same worker name: it must stop without touching the new attempt."""
+    from consa.errors import Cancelled
+    from service.reconciler import settle_lost
+    from worker.runner import JobRun
+
+    job_id = new_job(settings)
+    with sessionmaker_for(settings.database_url)() as session:
+        old = JobRun(session, crud.claim_job(session, job_id=job_id, worker="gpu0@host"), settings)
+        assert not old.should_cancel()
+        age(settings, job_id, settings.stale_after_s + 5)
+        assert settle_lost(settings)["requeued"] == [job_id]
+        claim(settings, job_id, "gpu0@host")  # attempt 2, same name
+        assert old.should_cancel()
+        (tmp_path / "manifest.json").write_text("{}")
+        with pytest.raises(Cancelled):
+            old.publish("manifest.json", tmp_path / "manifest.json")
+        assert old.finish("cancelled") == "running" and old.fail(error_code="x", error_type="system",
+                                                                 error_message="x") == "running"
+    row = job_row(settings, job_id)
+    assert (row.status, row.attempts, row.finished_at) == ("running", 2, None)

@@ -193,6 +193,12 @@ class JobRun:
         return not crud.runs_on(self.session, job_pk=self.job.pk, worker=self.job.worker, attempt=self.attempt)
 
     def publish(self, name: str, path: Path) -> None:
+        from consa.errors import Cancelled
+
+        if not crud.is_attempt(self.session, job_pk=self.job.pk, attempt=self.attempt):
+            # A worker that froze past its heartbeat, lost the job to a requeue and woke up: the files
+            # in the job's folder are the new attempt's now.
+            raise Cancelled("this attempt of the job was superseded")
         size, sha256 = artifacts.publish(path, self.settings.artifact_dir, self.job.id, name)
         crud.add_artifact(self.session, job=self.job, name=name, size=size, sha256=sha256,
                           content_type=artifacts.content_type(name))
