@@ -74,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--screen-seeds", default="0,1")
     p.add_argument("--combine", type=int, default=2, help="combinations of helpful knobs tried after the screen")
     p.add_argument("--baselines", default="all", help="baseline names, 'all' or 'none'")
+    p.add_argument("--methods", default=None, help="instead of --variants/--baselines: full, learned-<variant> "
+                                                   "and baseline names, comma-separated")
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=4096, help="evaluation context length")
     p.add_argument("--eval-sequences", type=int, default=32)
@@ -82,7 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=250, help="search steps per learned allocation (and duo's steps)")
     p.add_argument("--search-seq-len", type=int, default=4096)
     p.add_argument("--search-batch", type=int, default=1)
-    p.add_argument("--retrieval-ratio", type=float, default=0.25, help="share of retrieval docs in search data")
+    p.add_argument("--retrieval-ratio", type=float, default=None,
+                   help="share of retrieval docs in search data (default: SearchConfig's, 0.25 on the testbed)")
     p.add_argument("--calibration-sequences", type=int, default=8, help="text rows scored by the training-free "
                                                                         "baselines")
     p.add_argument("--random-seeds", type=int, default=3)
@@ -93,6 +96,14 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    if args.methods is not None:
+        methods = args.methods.split(",")
+        known = {"full", *(f"learned-{v}" for v in VARIANTS), *RULES, "random", *SCORED}
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            p.error(f"unknown method(s): {', '.join(unknown)}")
+        args.variants = ",".join(m.removeprefix("learned-") for m in methods if m.startswith("learned-"))
+        args.baselines = ",".join(m for m in methods if m in (*RULES, "random", *SCORED)) or "none"
     args.granularities = args.granularities.split(",")
     args.variants = [parse_variant(v) for v in args.variants.split(",") if v]
     args.screen = [parse_variant(v) for v in args.screen.split(",") if v]
@@ -205,6 +216,16 @@ def _evaluate(allocation) -> dict:
                     batch_size=a.eval_batch)
 
 
+def _search_config(a, **settings):
+    from consa.config import SearchConfig
+
+    base = dict(model=a.model, sparsity=0.5, window=a.window, seq_len=a.search_seq_len, batch_size=a.search_batch,
+                steps=a.steps)
+    if a.retrieval_ratio is not None:
+        base["retrieval_ratio"] = a.retrieval_ratio
+    return SearchConfig(**{**base, **settings})
+
+
 def job_full() -> list[dict]:
     result = _evaluate(None)
     return [record_of("full", None, 0.0, result)]
@@ -212,16 +233,10 @@ def job_full() -> list[dict]:
 
 def job_search(name: str, overrides: dict, granularity: str, sparsity: float, seed: int, heatmap_dir) -> list[dict]:
     """One learned allocation through the pipeline's recipe, evaluated on the shared eval set."""
-    from consa.config import SearchConfig
     from consa.pipeline import run_allocation
     from consa.refine import ROWS
 
-    a = _state["args"]
-    settings = dict(model=a.model, sparsity=sparsity, granularity=granularity, window=a.window,
-                    seq_len=a.search_seq_len, batch_size=a.search_batch, steps=a.steps,
-                    retrieval_ratio=a.retrieval_ratio, seed=seed)
-    settings.update(overrides)
-    config = SearchConfig(**settings)
+    config = _search_config(_state["args"], sparsity=sparsity, granularity=granularity, seed=seed, **overrides)
     rows = config.steps * config.batch_size + ROWS  # held-out rows for a refinement, unused otherwise
     dataset = _dataset(seed, config.retrieval_ratio, config.retrieval_keys, rows)
     t = time.time()
@@ -250,7 +265,8 @@ def job_scores(seed: int, granularities: list[str], names: list[str]) -> dict:
     from consa.warm_start import calibration_of
 
     a, model = _state["args"], _state["model"]
-    rows, labels = _dataset(seed, a.retrieval_ratio, 4, a.steps * a.search_batch + 16)
+    config = _search_config(a, seed=seed)
+    rows, labels = _dataset(seed, config.retrieval_ratio, config.retrieval_keys, a.steps * a.search_batch + 16)
     calibration = calibration_of(rows, labels, a.calibration_sequences)
     out, seconds = {}, {}
     for name in names:
@@ -308,6 +324,24 @@ def _call(fn_name: str, *args):
 
 
 # -- the orchestration ----------------------------------------------------------------------------
+class InlineExecutor:
+    """One worker: jobs run in this process as they are submitted (no pickling, easy to debug)."""
+
+    def __init__(self, args):
+        _setup(args)
+
+    def submit(self, fn, *args):
+        future = cf.Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as e:
+            future.set_exception(e)
+        return future
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -322,9 +356,12 @@ class Bench:
             self.records = json.loads(Path(args.resume).read_text())
             self.done = {self.key(r) for r in self.records}
         self.screen: dict = {}
-        ctx = multiprocessing.get_context("spawn")
-        self.pool = cf.ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_setup,
-                                           initargs=(args, ctx.Value("i", 0)))
+        if args.workers > 1:
+            ctx = multiprocessing.get_context("spawn")
+            self.pool = cf.ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_setup,
+                                               initargs=(args, ctx.Value("i", 0)))
+        else:
+            self.pool = InlineExecutor(args)
         self.pending: dict = {}
 
     @staticmethod
