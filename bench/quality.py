@@ -453,7 +453,8 @@ class Bench:
                             for n in todo:
                                 self.done.add((n, g, s, seed if n in SCORED else None))
                             self.submit(f"baselines {g} s={s} seed={seed}", "job_baselines", g, s, seed, todo,
-                                        result["scores"], result["seconds"], str(self.heatmap_dir) if seed == 0 else None)
+                                        result["scores"], result["seconds"],
+                                        str(self.heatmap_dir) if seed == 0 else None)
             self.submit(f"scores seed={seed}", "job_scores", seed, a.granularities, scored, on_done=with_scores)
 
         default = a.variants[0][0] if a.variants else None
