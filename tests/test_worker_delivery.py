@@ -127,8 +127,8 @@ def test_a_job_loads_its_model_once_for_search_and_evaluation(tmp_path, tiny_mod
 
 # -- issue 11: every phase honours a cancel; disk faults fail fast, without paths or partial artifacts --
 def tiny_job(settings, tiny_model_dir, text_dir, **fields):
-    params = dict(JobCreate(model=str(tiny_model_dir), sparsity=0.5, steps=2, seq_len=64, window=16, **fields)
-                  .model_dump(exclude={"metadata"}), dataset=str(text_dir))
+    fields = dict(model=str(tiny_model_dir), sparsity=0.5, steps=2, seq_len=64, window=16) | fields
+    params = dict(JobCreate(**fields).model_dump(exclude={"metadata"}), dataset=str(text_dir))
     return new_job(settings, params=params)
 
 
@@ -314,3 +314,40 @@ def test_an_attempt_that_lost_its_job_to_a_requeue_can_no_longer_end_or_publish_
                                                                  error_message="x") == "running"
     row = job_row(settings, job_id)
     assert (row.status, row.attempts, row.finished_at) == ("running", 2, None)
+
+
+def test_a_requeued_job_resumes_from_its_saved_state_or_starts_over_when_it_is_unusable(sqlite_settings,
+                                                                                         tiny_model_dir, text_dir):
+    from service import artifacts
+    from service.reconciler import settle_lost
+
+    settings = sqlite_settings.model_copy(update={"checkpoint_every_steps": 2, "checkpoint_every_s": 0})
+    results = {}
+    for case in ("saved", "garbage"):
+        job_id = tiny_job(settings, tiny_model_dir, text_dir, steps=6)
+        state = artifacts.search_state_path(settings.artifact_dir, job_id)
+        claim(settings, job_id, "gpu0@host")  # attempt 1, whose worker dies
+        state.parent.mkdir(parents=True, exist_ok=True)
+        if case == "saved":  # what attempt 1 left when it was killed after step 4
+            from consa.search import run_search, save_gate_state
+            from worker.runner import search_config_of
+
+            saved = []
+            run_search(search_config_of(job_row(settings, job_id).params), on_checkpoint=saved.append,
+                       checkpoint_every=4)
+            save_gate_state(saved[0], state)
+        else:
+            state.write_bytes(b"not a safetensors file")
+        assert settle_lost(settings, worker="gpu0@host")["requeued"] == [job_id]
+        assert state.exists()  # the requeue keeps the resume point
+        assert run_job(job_id, settings, worker="gpu0@host") == "succeeded"
+        events = events_of(settings, job_id)
+        second = max(i for i, e in enumerate(events) if e.message.startswith("job running on"))
+        results[case] = ([e.message for e in events[second:] if e.type in ("info", "warning")],
+                         [e.data["step"] for e in events[second:] if e.type == "progress"
+                          and e.data.get("phase") == "search"])
+        assert not state.exists()  # gone with the job's end
+    messages, steps = results["saved"]
+    assert "resumed from step 4 (attempt 2)" in messages and steps == [5, 6], results
+    messages, steps = results["garbage"]
+    assert any("unusable; starting from step 0" in m for m in messages) and steps == list(range(1, 7)), results

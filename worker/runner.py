@@ -96,8 +96,9 @@ class JobRun:
             config = self.search_config()
             if config is None:
                 return crud.job_status(self.session, job_pk=self.job.pk)
-            saver = StateSaver(self.state_path, self.settings.checkpoint_every_steps, self.settings.checkpoint_every_s)
             resume_from, gpus = self.resume_point(config), self.settings.gpus_per_job
+            saver = StateSaver(self.state_path, self.settings.checkpoint_every_steps, self.settings.checkpoint_every_s,
+                               start_step=int(resume_from["step"]) if resume_from else 0)
             if gpus > 1:
                 self.event("info", f"search data-parallel over {gpus} GPUs", {"gpus": gpus})
             # This process is rank 0 (progress, cancel, outputs); helpers() runs ranks 1..N-1 beside it.
@@ -209,10 +210,10 @@ class StateSaver:
     `every_steps` steps or `every_s` seconds have passed since the last write. The write is atomic (a
     temporary file, fsync, rename), so a kill at any moment leaves the previous state or the new one."""
 
-    def __init__(self, path: Path, every_steps: int, every_s: float):
+    def __init__(self, path: Path, every_steps: int, every_s: float, start_step: int = 0):
         self.path, self.every_steps, self.every_s = Path(path), every_steps, every_s
         self.enabled = bool(every_steps or every_s)
-        self.saved_step, self.saved_at = 0, time.monotonic()
+        self.saved_step, self.saved_at = start_step, time.monotonic()  # a resumed search's state is on disk
 
     def __call__(self, state: dict) -> None:
         step = int(state["step"])
