@@ -43,6 +43,11 @@ def settle_lost(settings: Settings, *, worker: str | None = None) -> dict[str, l
     for job_id in outcome["requeued"]:
         # The lost attempt's partial artifacts go; its search state stays for the next attempt to resume from.
         artifacts.remove_job_files(settings.artifact_dir, job_id, keep_search_state=True)
+    for job_id in outcome["failed"] + outcome["cancelled"]:  # ended: no attempt will resume from it
+        try:
+            artifacts.search_state_path(settings.artifact_dir, job_id).unlink(missing_ok=True)
+        except OSError:  # a broken store must not stop the pass; the job's status is what counts
+            log.warning("could not remove the search state of %s", job_id)
     for kind, ids in outcome.items():
         if ids:
             log.warning("worker lost: %s %s", kind, ", ".join(ids))

@@ -233,7 +233,13 @@ def test_a_stale_job_is_requeued_then_failed_whatever_its_worker_name(settings):
     assert job_row(settings, live).status == "running"  # a fresh heartbeat is left alone
     claim(settings, job_id, "gpu2@host")  # attempt 2 of max_attempts = 2 dies too
     age(settings, job_id, settings.stale_after_s + 5)
+    from service import artifacts
+
+    state = artifacts.search_state_path(settings.artifact_dir, job_id)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_bytes(b"attempt 2's resume point")
     assert settle_lost(settings)["failed"] == [job_id]
+    assert not state.exists()  # nothing will resume the failed job
     row = job_row(settings, job_id)
     assert (row.status, row.error_code, row.attempts) == ("failed", "worker_lost", 2)
 
