@@ -3,8 +3,9 @@
 Every `reconcile_interval_s` (10 s) the API process:
 1. settles jobs whose worker died, whatever its name: a `running` job with no heartbeat for
    `stale_after_s` (60 s; live workers beat every 10 s, see worker/tasks.py) is queued again while it
-   has attempts left (`max_attempts`, 2), else failed as `worker_lost`; a `cancel_requested` one ends
-   `cancelled`;
+   has attempts left (`max_attempts`, 2; its partial artifacts go, its saved search state stays and
+   the next attempt resumes from it, see worker/runner.py), else failed as `worker_lost`; a
+   `cancel_requested` one ends `cancelled`;
 2. publishes the outbox: `queued` jobs never published (the broker was down when they were
    submitted), and `queued` jobs published more than `requeue_after_s` (60 s) ago while a live worker
    has sat idle for as long (their message was lost, e.g. by a Redis without AOF). A duplicate message
