@@ -184,8 +184,9 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
             history.append(record)
             if progress is not None:
                 progress(record)
-        if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 \
-                and step + 1 < config.steps and parallel.is_main:
+        # The last step's state too: a job killed later (evaluation, export) resumes past the search.
+        if on_checkpoint is not None and checkpoint_every and parallel.is_main \
+                and ((step + 1) % checkpoint_every == 0 or step + 1 == config.steps):
             on_checkpoint(search_state(step + 1))
     hybrid.set_gates(None)
 

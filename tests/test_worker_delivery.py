@@ -290,6 +290,11 @@ def test_the_search_state_is_saved_every_n_steps_and_survives_a_requeue_but_not_
     state = load_gate_state(path)
     assert state["step"] == 10 and torch.equal(state["log_alpha"], torch.full((4,), 10.0))
     assert not list(path.parent.glob("*.next"))  # the temporary file was renamed into place
+    # The search's last state is always written: a kill during the evaluation or export resumes past it.
+    finishing = StateSaver(path, every_steps=5, every_s=0, last_step=12)
+    for step in range(1, 13):
+        finishing({"log_alpha": torch.full((4,), float(step)), "step": step, "lambda1": 0.1 * step})
+    assert load_gate_state(path)["step"] == 12
     (path.parent / "manifest.json").write_text("{}")
     artifacts.remove_job_files(tmp_path, "job_x", keep_search_state=True)  # a requeue
     assert [p.name for p in path.parent.iterdir()] == [path.name]

@@ -98,7 +98,7 @@ class JobRun:
                 return crud.job_status(self.session, job_pk=self.job.pk)
             resume_from, gpus = self.resume_point(config), self.settings.gpus_per_job
             saver = StateSaver(self.state_path, self.settings.checkpoint_every_steps, self.settings.checkpoint_every_s,
-                               start_step=int(resume_from["step"]) if resume_from else 0)
+                               start_step=int(resume_from["step"]) if resume_from else 0, last_step=config.steps)
             if gpus > 1:
                 self.event("info", f"search data-parallel over {gpus} GPUs", {"gpus": gpus})
             # This process is rank 0 (progress, cancel, outputs); helpers() runs ranks 1..N-1 beside it.
@@ -210,8 +210,8 @@ class StateSaver:
     `every_steps` steps or `every_s` seconds have passed since the last write. The write is atomic (a
     temporary file, fsync, rename), so a kill at any moment leaves the previous state or the new one."""
 
-    def __init__(self, path: Path, every_steps: int, every_s: float, start_step: int = 0):
-        self.path, self.every_steps, self.every_s = Path(path), every_steps, every_s
+    def __init__(self, path: Path, every_steps: int, every_s: float, start_step: int = 0, last_step: int | None = None):
+        self.path, self.every_steps, self.every_s, self.last_step = Path(path), every_steps, every_s, last_step
         self.enabled = bool(every_steps or every_s)
         self.saved_step, self.saved_at = start_step, time.monotonic()  # a resumed search's state is on disk
 
@@ -219,7 +219,8 @@ class StateSaver:
         step = int(state["step"])
         due_steps = self.every_steps and step - self.saved_step >= self.every_steps
         due_time = self.every_s and time.monotonic() - self.saved_at >= self.every_s
-        if due_steps or due_time:
+        finished = self.enabled and step == self.last_step  # the evaluation and export come after it
+        if due_steps or due_time or finished:
             self.save(state)
             self.saved_step, self.saved_at = step, time.monotonic()
 
