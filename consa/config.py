@@ -66,6 +66,9 @@ class SearchConfig:
                                         ge=1, le=1 << 24)
     lr: float = setting(0.1, "AdamW learning rate of the gate logits (they start far from the boundary, so it "
                              "is large)", gt=0.0, le=100.0)
+    gate_momentum: float = setting(0.5, "AdamW beta1 of the gate logits: little momentum, because with 0.9 the "
+                                        "gates overshoot the ramped target and oscillate (tests/test_gates.py)",
+                                   ge=0.0, le=0.999)
     lambda_lr: float = setting(20.0, "ascent step on the Lagrange multipliers", ge=0.0, le=1e6)
     penalty_init: float = setting(1000.0, "initial lambda2: a strong quadratic term damps the oscillation a pure "
                                           "integrator (lambda1) causes under Adam (tests/test_gates.py toy)",

@@ -129,9 +129,8 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
         gate.log_alpha.data.copy_(state["log_alpha"].to(device))
         lagrangian.load_state_dict(state)
         start_step = int(state.get("step", 0))
-    # Little first-moment momentum: with beta1=0.9 the gates overshoot the ramped target and
-    # oscillate (toy problem in tests/test_gates.py: max gap 0.2-0.7 vs <0.05 with these settings).
-    optimizer = torch.optim.AdamW(gate.parameters(), lr=config.lr, betas=(0.5, 0.99), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(gate.parameters(), lr=config.lr, betas=(config.gate_momentum, 0.99),
+                                  weight_decay=0.0)
     if resume_from is not None and "exp_avg" in state:  # older gate files hold no moments: Adam restarts
         optimizer.state[gate.log_alpha] = {"step": torch.tensor(float(state["adam_step"])),
                                            "exp_avg": state["exp_avg"].to(device),

@@ -37,6 +37,14 @@ def test_search_reaches_the_exact_sparsity(tiny_model_dir, text_dir, granularity
         assert all(len(set(row)) == 1 for row in alloc.assignment)
 
 
+def test_gate_momentum_reaches_the_optimizer(tiny_model_dir, text_dir):
+    """A setting end to end: the same run with more momentum moves the gates differently."""
+    calm = run_search(_config(tiny_model_dir, text_dir, steps=6))
+    eager = run_search(_config(tiny_model_dir, text_dir, steps=6, gate_momentum=0.9))
+    assert eager.allocation.training["gate_momentum"] == 0.9
+    assert not torch.allclose(calm.gate_state["log_alpha"], eager.gate_state["log_alpha"])
+
+
 def test_search_is_seedable(tiny_model_dir, text_dir):
     a = run_search(_config(tiny_model_dir, text_dir, seed=3))
     b = run_search(_config(tiny_model_dir, text_dir, seed=3))
