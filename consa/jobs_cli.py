@@ -52,17 +52,12 @@ def add_jobs_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--after", default=None, help="job id: list the jobs older than it (the next page)")
     p.set_defaults(jobs_func=cmd_list)
 
-    p = sub.add_parser("get", parents=[conn], help="show one job")
-    p.add_argument("job")
-    p.set_defaults(jobs_func=cmd_get)
-
-    p = sub.add_parser("cancel", parents=[conn], help="cancel a job (a running one stops at its next step)")
-    p.add_argument("job")
-    p.set_defaults(jobs_func=cmd_cancel)
-
-    p = sub.add_parser("delete", parents=[conn], help="delete a finished job and its artifacts")
-    p.add_argument("job")
-    p.set_defaults(jobs_func=cmd_delete)
+    for name, func, help in (("get", cmd_get, "show one job"),
+                             ("cancel", cmd_cancel, "cancel a job (a running one stops at its next step)"),
+                             ("delete", cmd_delete, "delete a finished job and its artifacts")):
+        p = sub.add_parser(name, parents=[conn], help=help)
+        p.add_argument("job")
+        p.set_defaults(jobs_func=func)
 
     p = sub.add_parser("logs", parents=[conn], help="print a job's events")
     p.add_argument("job")
@@ -262,22 +257,19 @@ def cmd_list(client: Client, args) -> int:
     return 0
 
 
-def cmd_get(client: Client, args) -> int:
-    job = client.get(args.job)
-    _print_json(job) if args.json else print(_job_line(job))
-    return 0
+def _one_job_command(call, summary=_job_line):
+    """`consa jobs get|cancel|delete JOB`: one call on one job, then its JSON or a one-line summary."""
+    def command(client: Client, args) -> int:
+        answer = call(client, args.job)
+        _print_json(answer) if args.json else print(summary(answer))
+        return 0
+
+    return command
 
 
-def cmd_delete(client: Client, args) -> int:
-    result = client.delete(args.job)
-    _print_json(result) if args.json else print(f"{result['id']}  deleted")
-    return 0
-
-
-def cmd_cancel(client: Client, args) -> int:
-    job = client.cancel(args.job)
-    _print_json(job) if args.json else print(_job_line(job))
-    return 0
+cmd_get = _one_job_command(Client.get)
+cmd_cancel = _one_job_command(Client.cancel)
+cmd_delete = _one_job_command(Client.delete, summary=lambda result: f"{result['id']}  deleted")
 
 
 def cmd_logs(client: Client, args) -> int:

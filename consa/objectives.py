@@ -24,7 +24,7 @@ LOGIT_CHUNK_ELEMENTS = 1 << 27
 
 
 def objective(cls):
-    """Class decorator: register an objective under its `name`."""
+    """Class decorator: register an objective under its `name`; its docstring is its help."""
     OBJECTIVES[cls.name] = cls
     return cls
 
@@ -104,6 +104,13 @@ def token_kl(model, student: torch.Tensor, teacher: torch.Tensor, chunk: int | N
     return chunked_over_tokens(kl, student, teacher, chunk=chunk)
 
 
+def student_and_teacher(model, hybrid, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states (B, T-1, D) of the gated model and of the unmodified one, at the positions
+    that predict a next token."""
+    teacher = teacher_hidden(model, hybrid, batch)[:, :-1]
+    return final_hidden(model, batch)[:, :-1], teacher
+
+
 def teacher_hidden(model, hybrid, batch: torch.Tensor) -> torch.Tensor:
     """Final hidden states of the unmodified model (every unit full attention), without gradient."""
     gates = hybrid.z
@@ -117,7 +124,6 @@ def teacher_hidden(model, hybrid, batch: torch.Tensor) -> torch.Tensor:
 
 class Objective:
     name = ""
-    help = ""
 
     def loss(self, model, hybrid, batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """batch, labels (B, T); labels are IGNORE where a token is not scored."""
@@ -126,8 +132,9 @@ class Objective:
 
 @objective
 class NextTokenLoss(Objective):
+    """Next-token loss of the gated model on the data."""
+
     name = "lm"
-    help = "next-token loss of the gated model on the data"
 
     def loss(self, model, hybrid, batch, labels):
         hidden = final_hidden(model, batch)[:, :-1]  # (B, T-1, D): position i predicts token i+1
@@ -136,24 +143,24 @@ class NextTokenLoss(Objective):
 
 @objective
 class LogitDistillation(Objective):
+    """KL divergence from the unmodified model's next-token distribution."""
+
     name = "distill"
-    help = "KL divergence from the unmodified model's next-token distribution"
 
     def loss(self, model, hybrid, batch, labels):
-        teacher = teacher_hidden(model, hybrid, batch)[:, :-1]  # (B, T-1, D)
-        student = final_hidden(model, batch)[:, :-1]
+        student, teacher = student_and_teacher(model, hybrid, batch)  # (B, T-1, D) each
         return per_row_mean(token_kl(model, student, teacher), labels)
 
 
 @objective
 class HiddenDistillation(Objective):
+    """Squared distance of the final hidden states from the unmodified model's, relative to their
+    norm (DuoAttention's objective; no LM head)."""
+
     name = "distill-hidden"
-    help = ("squared distance of the final hidden states from the unmodified model's, relative to their norm "
-            "(DuoAttention's objective; no LM head)")
 
     def loss(self, model, hybrid, batch, labels):
-        teacher = teacher_hidden(model, hybrid, batch)[:, :-1].float()  # (B, T-1, D)
-        student = final_hidden(model, batch)[:, :-1].float()
+        student, teacher = (h.float() for h in student_and_teacher(model, hybrid, batch))  # (B, T-1, D)
         # Relative to the teacher's norm so the loss scale (and so the multipliers' balance) does not
         # depend on the model's hidden size or the final norm's weights.
         err = (student - teacher).pow(2).sum(-1) / teacher.pow(2).sum(-1).clamp(min=1e-6)  # (B, T-1)
@@ -162,12 +169,12 @@ class HiddenDistillation(Objective):
 
 @objective
 class NextTokenPlusDistillation(Objective):
+    """Next-token loss plus the KL divergence from the unmodified model (lm + distill: one student and
+    one teacher forward)."""
+
     name = "lm+distill"
-    help = ("next-token loss plus the KL divergence from the unmodified model (lm + distill, one student and "
-            "one teacher forward)")
 
     def loss(self, model, hybrid, batch, labels):
-        teacher = teacher_hidden(model, hybrid, batch)[:, :-1]  # (B, T-1, D)
-        student = final_hidden(model, batch)[:, :-1]
+        student, teacher = student_and_teacher(model, hybrid, batch)  # (B, T-1, D) each
         nll = token_nll(model, student, labels[:, 1:].clamp(min=0))  # (B, T-1)
         return per_row_mean(nll + token_kl(model, student, teacher), labels)

@@ -5,9 +5,10 @@ typed (kept in the browser's localStorage), so the dashboard sees exactly what t
 """
 
 from pathlib import Path
+from string import Template
 
 from fastapi import APIRouter, HTTPException
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 STATIC = Path(__file__).parent / "static"
 # Served by name from this list only: no path from the URL ever reaches the filesystem.
@@ -24,9 +25,12 @@ SECURITY_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'sel
 router = APIRouter(include_in_schema=False)
 
 
-def _page(name: str) -> FileResponse:
-    # no-cache: after an upgrade the browser revalidates instead of running an old script.
-    return FileResponse(STATIC / name, media_type="text/html", headers=SECURITY_HEADERS)
+def _page(page: str, title: str) -> HTMLResponse:
+    """page.html (the head, the key form, the script) around the page's own <main> from <page>.main.html."""
+    shell = Template((STATIC / "page.html").read_text())
+    body = shell.substitute(title=title, page=page, main=(STATIC / f"{page}.main.html").read_text().rstrip())
+    # no-cache (in SECURITY_HEADERS): after an upgrade the browser revalidates instead of running an old script.
+    return HTMLResponse(body, headers=SECURITY_HEADERS)
 
 
 @router.get("/")
@@ -35,13 +39,13 @@ def root() -> RedirectResponse:
 
 
 @router.get("/dashboard")
-def jobs_page() -> FileResponse:
-    return _page("index.html")
+def jobs_page() -> HTMLResponse:
+    return _page("jobs", "jobs")
 
 
 @router.get("/dashboard/jobs/{job_id}")
-def job_page(job_id: str) -> FileResponse:
-    return _page("job.html")
+def job_page(job_id: str) -> HTMLResponse:
+    return _page("job", "job")
 
 
 @router.get("/dashboard/static/{name}")

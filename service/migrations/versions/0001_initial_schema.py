@@ -56,13 +56,11 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_jobs_status'), ['status'], unique=False)
 
     op.create_table('artifacts',
-    sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('job_pk', sa.Integer(), nullable=False),
-    sa.Column('name', sa.String(length=255), nullable=False),
-    sa.Column('size', sa.BigInteger(), nullable=False),
-    sa.Column('sha256', sa.String(length=64), nullable=False),
-    sa.Column('content_type', sa.String(length=100), nullable=False),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    # every column of an artifact is required
+    *(sa.Column(name, type_, nullable=False) for name, type_ in (
+        ('id', sa.Integer()), ('job_pk', sa.Integer()), ('name', sa.String(length=255)), ('size', sa.BigInteger()),
+        ('sha256', sa.String(length=64)), ('content_type', sa.String(length=100)),
+        ('created_at', sa.DateTime(timezone=True)))),
     sa.ForeignKeyConstraint(['job_pk'], ['jobs.pk'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('job_pk', 'name', name='uq_artifacts_job_name')
