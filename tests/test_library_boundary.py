@@ -26,8 +26,11 @@ def _run(code: str):
 
 
 def test_every_library_module_imports_without_the_service():
-    modules = ["gates", "constraint", "hybrid_attention", "data", "search", "baselines", "evaluation", "compare",
-               "heatmap", "manifest", "export", "runtime", "client", "jobs_cli", "cli", "errors"]
+    # Every module of the library, found on disk (a new one is covered without editing this test);
+    # __main__ runs the CLI on import, and remote_modeling is the file a checkpoint ships, never imported.
+    modules = sorted(p.stem for p in (ROOT / "consa").glob("*.py") if p.stem not in ("__init__", "__main__",
+                                                                                      "remote_modeling"))
+    assert {"config", "pipeline", "search", "cache", "units", "objectives"} <= set(modules)
     proc = _run("import importlib\n" + "\n".join(f"importlib.import_module('consa.{m}')" for m in modules)
                 + "\nimport consa; print(consa.__version__)")
     assert proc.returncode == 0, proc.stderr
