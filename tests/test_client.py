@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from consa import jobs_cli
 from consa.client import ApiError, Client
-from service_fixtures import ROOT, Server
+from service_fixtures import ROOT, Server, wait_until
 
 SMALL = {"sparsity": 0.5, "granularity": "kv_head", "window": 16, "seq_len": 64, "steps": 6, "lr": 0.2}
 _shared = {}
@@ -72,16 +71,6 @@ def submit_args(server, **fields):
     for name, value in (SMALL | fields).items():
         args += [f"--{name.replace('_', '-')}", value]
     return args
-
-
-def wait_until(predicate, timeout=120, poll_s=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError("timed out")
 
 
 def test_submit_wait_list_get_logs_download(cli, jobs_server, tmp_path):
@@ -155,7 +144,7 @@ def test_cancel_and_follow_logs_until_the_end(cli, jobs_server):
     code, out, _ = cli("submit", *submit_args(jobs_server, steps=5000))
     job_id = out.split()[0]
     client = Client(jobs_server.url, jobs_server.alice)
-    wait_until(lambda: (client.get(job_id)["progress"] or {}).get("step", 0) >= 1)
+    wait_until(lambda: (client.get(job_id)["progress"] or {}).get("step", 0) >= 1, 120, "the job's first step")
     code, out, _ = cli("cancel", job_id)
     assert code == 0 and ("cancel_requested" in out or "cancelled" in out)
     # --follow returns by itself once the job has ended, and the last line says how.
