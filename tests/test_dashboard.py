@@ -2,7 +2,6 @@
 its JavaScript fetches the v1 API with the key, and we read the DOM it built and the pixels it drew."""
 
 import io
-import os
 import re
 import shutil
 import signal
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from consa.client import Client
-from service_fixtures import ROOT, Server, free_port
+from service_fixtures import ROOT, free_port
 from test_client import SMALL, shared_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

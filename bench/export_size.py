@@ -1,5 +1,8 @@
 """Export size, dtype and pack time on the testbed model (CPU): consa export now vs the old fp32 + gzip."""
-import json, subprocess, sys, tarfile, time, os
+import json
+import sys
+import tarfile
+import time
 from pathlib import Path
 import torch
 from consa.export import export_hybrid, pack_checkpoint
