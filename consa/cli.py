@@ -87,6 +87,9 @@ def cmd_search(args) -> int:
     bar = tqdm(total=config.steps, desc="search", unit="step", file=sys.stderr)
 
     def progress(rec):
+        if rec.get("phase", "search") != "search":
+            bar.close()  # the search is over (its time stays on the bar); the later phases print events
+            return
         bar.n = rec["step"]
         bar.set_postfix(loss=f"{rec['loss']:.4f}", s=f"{rec['sparsity']:.3f}", t=f"{rec['target']:.3f}")
 
