@@ -51,8 +51,9 @@ class SearchConfig:
                                choices=_granularities)
     window: int = setting(256, "sliding-window length W in tokens", gt=0, le=1 << 20)
     sink_tokens: int = setting(0, "leading tokens every SWA unit still attends to (0 = plain SWA)", ge=0, le=1 << 16)
-    dataset: str | None = setting(None, "training text: a text file, a directory of text files, or a .jsonl with "
-                                        "a `text` field", max_length=4000)
+    dataset: str | None = setting(None, "training text: a text file, a directory of text files, a .jsonl with a "
+                                        "`text` field, or (extra `data`) parquet / arrow / .jsonl.zst files or a "
+                                        "saved `datasets` directory", max_length=4000)
     text_field: str | None = setting(None, "the text column of a jsonl / parquet / arrow / `datasets` source "
                                            "(default: text, else content)", max_length=200)
     retrieval_ratio: float | None = setting(
