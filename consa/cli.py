@@ -53,6 +53,10 @@ def _add_search_parser(sub):
     _add_setting_args(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--resume", default=None, help="gates.safetensors of an earlier run to continue from")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="run one search data-parallel over N GPUs (N processes, one per GPU, under "
+                        "torch.distributed.run: the same as `torchrun --nproc-per-node N -m consa search ...`; "
+                        "with --device cpu, N CPU processes)")
     p.add_argument("--out", required=True, help="output directory: manifest.json, gates.safetensors, heatmap.png, ...")
     p.add_argument("--evaluate", action="store_true", help="score it against full attention and every baseline "
                                                            "(evaluation.md / evaluation.json)")
@@ -75,10 +79,14 @@ def _add_eval_parser(sub):
 def cmd_search(args) -> int:
     from tqdm import tqdm
 
-    from consa.distributed import is_main_process
+    from consa.distributed import env_world_size, is_main_process
     from consa.pipeline import run_allocation
 
     config = SearchConfig.from_dict({name: getattr(args, name) for name in setting_names()})
+    if args.gpus < 1:
+        raise ValueError(f"--gpus must be at least 1, got {args.gpus}")
+    if args.gpus > 1 and env_world_size() == 1:
+        return _relaunch_data_parallel(args)
     if not is_main_process():  # torchrun: ranks 1..N-1 only search; rank 0 reports and writes the outputs
         from consa.search import run_search
 
@@ -104,6 +112,27 @@ def cmd_search(args) -> int:
                       "granularity": a.granularity, "sparsity_target": a.sparsity_target,
                       "sparsity_achieved": a.sparsity_achieved}, indent=1))
     return 0
+
+
+def _relaunch_data_parallel(args) -> int:
+    """`consa search --gpus N`: the same command, once per GPU, under torch.distributed.run (torchrun)."""
+    import subprocess
+
+    import torch
+
+    if args.device != "cpu" and torch.cuda.device_count() < args.gpus:
+        raise ConsaError(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} GPU(s)")
+    rest, skip = [], False
+    for token in args.argv:  # the command line as given, without --gpus (each rank runs one share)
+        if skip or token.startswith("--gpus="):
+            skip = False
+            continue
+        skip = token == "--gpus"
+        if not skip:
+            rest.append(token)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
+           "-m", "consa", *rest]
+    return subprocess.run(cmd).returncode
 
 
 def cmd_eval(args) -> int:
@@ -352,6 +381,7 @@ COMMANDS = {"search": cmd_search, "eval": cmd_eval, "compare": cmd_compare, "exp
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `search --gpus` relaunches it
     try:
         return COMMANDS[args.command](args)
     except (ConsaError, ValueError, FileNotFoundError) as e:

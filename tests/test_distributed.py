@@ -77,17 +77,31 @@ def test_a_worker_runs_rank_zero_itself_with_helper_processes(tiny_model_dir, te
     assert "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] == "1"
 
 
-def test_torchrun_search_writes_one_exact_manifest(tiny_model_dir, text_dir, tmp_path):
+@pytest.mark.parametrize("launch", ["torchrun", "--gpus"])
+def test_torchrun_search_writes_one_exact_manifest(tiny_model_dir, text_dir, tmp_path, launch):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "consa", "search", "--model", str(tiny_model_dir), "--sparsity", "0.5", "--data", str(text_dir),
-           "--seq-len", "48", "--steps", "3", "--window", "8", "--device", "cpu", "--out", str(out)]
+    search = ["search", "--model", str(tiny_model_dir), "--sparsity", "0.5", "--data", str(text_dir),
+              "--seq-len", "48", "--steps", "3", "--window", "8", "--device", "cpu", "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "consa",
+           *search] if launch == "torchrun" else [sys.executable, "-m", "consa", *search, "--gpus", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sparsity_achieved"] == 0.5 and manifest["training"]["gpus"] == 2
     assert proc.stdout.count('"manifest"') == 1  # only rank 0 reports the outputs
+
+
+@pytest.mark.parametrize("gpus,message", [("0", "--gpus must be at least 1"), ("2", "this machine has 0 GPU(s)")])
+def test_search_gpus_refuses_what_the_machine_cannot_do(tiny_model_dir, text_dir, tmp_path, capsys, gpus, message):
+    from consa.cli import main
+
+    if gpus == "2" and __import__("torch").cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    args = ["search", "--model", str(tiny_model_dir), "--sparsity", "0.5", "--data", str(text_dir),
+            "--out", str(tmp_path), "--gpus", gpus]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_a_service_worker_owning_two_devices_runs_the_job_over_both(tmp_path, tiny_model_dir, text_dir):
