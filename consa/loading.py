@@ -50,3 +50,12 @@ def load_for_search(config, device="auto"):
     that keep using the model afterwards (the pipeline evaluates on the same copy)."""
     device = pick_device(str(device))
     return load_model(config.model, config.revision, device, weight_dtype(config, device))
+
+
+def free_accelerator_memory() -> None:
+    """Give a released model's GPU memory back to the device (the next model or job on it needs it)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -42,7 +42,7 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
     checkpoint_every: the search's state every N steps; resume_from: such a state (or its file) to
     continue from.
     """
-    from consa.loading import load_for_search
+    from consa.loading import free_accelerator_memory, load_for_search
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
     if checkpoint:
         if owned:
             del model  # the export loads its own CPU copy; give the accelerator's memory back first
-            _free_accelerator_memory()
+            free_accelerator_memory()
         check_cancel("the export")
         say("info", "exporting the hybrid checkpoint")
         phase_progress("export", 0, 2)
@@ -163,13 +163,3 @@ def evaluate_allocation(model, tokenizer, allocation, config: SearchConfig, *, e
             on_scored(len(scored), len(allocations))
 
     return compare(model, tokenizer, allocations, data=eval_set, window=allocation.window, progress=scored_one)
-
-
-def _free_accelerator_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

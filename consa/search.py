@@ -6,6 +6,7 @@ train (gates by AdamW, multipliers by ascent) -> finalize (rank gates, exactly r
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ class SearchResult:
 
 # -- the search's state: what a resumed search needs to continue exactly -----------------------------
 def save_gate_state(state: dict, path) -> Path:
-    """Tensors as safetensors tensors, numbers in its metadata (written to a temporary file, then renamed)."""
+    """Tensors as safetensors tensors, numbers in its metadata. Atomic and durable (a temporary file,
+    fsync, rename): a process killed at any moment leaves the previous file or the new one."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -53,6 +55,8 @@ def save_gate_state(state: dict, path) -> Path:
     meta = {k: json.dumps(v) for k, v in state.items() if not isinstance(v, torch.Tensor)}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     tmp.replace(path)
     return path
 

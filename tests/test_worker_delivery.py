@@ -289,7 +289,7 @@ def test_the_search_state_is_saved_every_n_steps_and_survives_a_requeue_but_not_
         saver({"log_alpha": torch.full((4,), float(step)), "step": step, "lambda1": 0.1 * step})
     state = load_gate_state(path)
     assert state["step"] == 10 and torch.equal(state["log_alpha"], torch.full((4,), 10.0))
-    assert not list(path.parent.glob("*.next"))  # the temporary file was renamed into place
+    assert not list(path.parent.glob("*.tmp"))  # the temporary file was renamed into place
     # The search's last state is always written: a kill during the evaluation or export resumes past it.
     finishing = StateSaver(path, every_steps=5, every_s=0, last_step=12)
     for step in range(1, 13):

@@ -86,8 +86,9 @@ class JobRun:
         return crud.job_status(self.session, job_pk=self.job.pk)
 
     def run(self) -> str:
-        from consa.errors import Cancelled, ConsaError
         from consa.distributed import helpers
+        from consa.errors import Cancelled, ConsaError
+        from consa.loading import free_accelerator_memory
         from consa.pipeline import run_allocation
 
         try:
@@ -125,7 +126,7 @@ class JobRun:
         finally:
             if self.staging is not None:
                 shutil.rmtree(self.staging, ignore_errors=True)
-            _free_accelerator_memory()
+            free_accelerator_memory()
 
     def writable_staging(self) -> Path:
         """A staging folder in the store (same filesystem, so publishing is a copy + rename without
@@ -228,11 +229,7 @@ class StateSaver:
         from consa.search import save_gate_state
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".next")
-        save_gate_state(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        save_gate_state(state, self.path)  # atomic and fsynced
         log.info("search state saved at step %d", state["step"])
 
 
@@ -246,10 +243,3 @@ def search_config_of(params: dict):
     from consa.config import SearchConfig, setting_names
 
     return SearchConfig.from_dict({name: params[name] for name in setting_names() if name in params})
-
-
-def _free_accelerator_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the next job on this GPU gets the memory back
