@@ -106,8 +106,8 @@ class SearchConfig:
             self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError("model must be a local path or a hub id")
-        for f in fields(self):
-            setattr(self, f.name, check_setting(f.name, getattr(self, f.name)))
+        for name, _, _, meta, _ in setting_fields():  # one pass: the registries' choices are resolved once
+            setattr(self, name, check_setting(name, getattr(self, name), meta))
         if self.retrieval_ratio is None:
             self.retrieval_ratio = 0.25 if self.seq_len >= max(4 * self.window, 512) else 0.0
 
@@ -145,9 +145,9 @@ def setting_fields():
         yield f.name, kind, f.default, meta, optional
 
 
-def check_setting(name: str, value):
-    """Validate one setting's value against its metadata; return it (ints/floats normalised)."""
-    meta = next(m for n, _, _, m, _ in setting_fields() if n == name)
+def check_setting(name: str, value, meta: dict | None = None):
+    """Validate one setting's value against its metadata (looked up when not given); return it."""
+    meta = meta if meta is not None else next(m for n, _, _, m, _ in setting_fields() if n == name)
     if value is None:
         return value
     if "choices" in meta and value not in meta["choices"]:
