@@ -83,7 +83,8 @@ def _alarm(signum, frame):
     raise Deadline("record time limit reached")
 
 
-def timed_search(model, context: int, batch: int, world: int, device, budget_s: float) -> tuple[float, dict]:
+def timed_search(model, context: int, batch: int, world: int, device, budget_s: float,
+                 checkpointing: str = "auto") -> tuple[float, dict]:
     """Run search steps: the first warms up (compiles, allocates) unless it is long enough (> 20 s) to be
     its own timing; then up to two timed ones. Returns (best timed step s, facts about the run)."""
     starts, times = [], []
@@ -96,12 +97,11 @@ def timed_search(model, context: int, batch: int, world: int, device, budget_s: 
         times.append(time.perf_counter() - starts[-1])
 
     config = SearchConfig(model="random", sparsity=0.5, granularity="kv_head", window=1024, seq_len=context,
-                          batch_size=batch, steps=4, retrieval_ratio=0.0)
+                          batch_size=batch, steps=4, retrieval_ratio=0.0, gradient_checkpointing=checkpointing)
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(1, model.config.vocab_size, (config.steps * batch * world, context), generator=g)
-    result = None
     try:
-        result = run_search(config, model=model, dataset=rows, progress=progress, should_cancel=should_cancel,
+        run_search(config, model=model, dataset=rows, progress=progress, should_cancel=should_cancel,
                             device=device)
     except Cancelled:
         pass
@@ -109,9 +109,11 @@ def timed_search(model, context: int, batch: int, world: int, device, budget_s: 
         box = [times]
         torch.distributed.broadcast_object_list(box, src=0)
         times = box[0]
-    training = result.allocation.training if result is not None else {}
-    return best(times), {"timed_steps": max(1, len(times) - 1), "activation_checkpointing": bool(getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False))),
-                        **{k: training[k] for k in ("weights_dtype",) if k in training}}
+    from consa.memory import decoder_layers
+
+    checkpointed = sum(bool(getattr(b, "gradient_checkpointing", False)) for b in decoder_layers(model))
+    return best(times), {"timed_steps": max(1, len(times) - 1), "checkpointed_layers": checkpointed,
+                         "weights_dtype": str(next(model.parameters()).dtype)}
 
 
 def plain_step(model, batch_rows: torch.Tensor) -> None:
@@ -164,15 +166,23 @@ def prewarm_flex(model, context: int, batch: int, device) -> None:
     flex_sliding_window(q, k, v, 1024, 0, cfg.head_dim ** -0.5).sum().backward()
 
 
-def scale_record(model, shape: str, context: int, batch: int, world: int, device, budget_s: float) -> dict:
-    rec = {"shape": shape, "context": context, "batch": batch, "gpus": world, "ok": False, "error": None}
+def scale_record(model, shape: str, context: int, batch: int, world: int, device, budget_s: float,
+                 checkpointing: str = "auto") -> dict:
+    """checkpointing: the search's setting (auto/on/off), "+keep" = selective checkpointing that keeps the
+    attention outputs (consa.memory.KEEP_ATTENTION)."""
+    from consa import memory
+
+    setting, _, keep = checkpointing.partition("+")
+    memory.KEEP_ATTENTION = keep == "keep"
+    rec = {"shape": shape, "context": context, "batch": batch, "gpus": world, "checkpointing": checkpointing,
+           "ok": False, "error": None}
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(int(budget_s * 2.5) + 30)
     try:
         prewarm_flex(model, context, batch, device)
-        rec["step_s"], extra = timed_search(model, context, batch, world, device, budget_s)
+        rec["step_s"], extra = timed_search(model, context, batch, world, device, budget_s, setting)
         rec.update(extra)
         rec["plain_step_s"] = timed_plain(model, context, batch, device, budget_s)
         rec["ratio"] = round(rec["step_s"] / rec["plain_step_s"], 3)
@@ -185,12 +195,33 @@ def scale_record(model, shape: str, context: int, batch: int, world: int, device
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     finally:
         signal.alarm(0)
+        memory.KEEP_ATTENTION = False
     if torch.device(device).type == "cuda":
         rec["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     return rec
+
+
+def profile_step(model, context: int, batch: int, world: int, device, checkpointing: str, path: Path) -> None:
+    """Where a search step's time goes: the kernels with the most CUDA time over two steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from consa import memory
+
+    setting, _, keep = checkpointing.partition("+")
+    memory.KEEP_ATTENTION = keep == "keep"
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            timed_search(model, context, batch, world, device, 0.0, setting)
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
+        if int(os.environ.get("RANK", "0")) == 0:
+            path.write_text(f"{checkpointing}\n{table}")
+    except Exception as e:  # a profile is a diagnosis, never a reason to lose the records
+        log(f"profile failed: {type(e).__name__}: {e}")
+    finally:
+        memory.KEEP_ATTENTION = False
 
 
 def run_scale(args) -> list[dict]:
@@ -207,11 +238,15 @@ def run_scale(args) -> list[dict]:
             records.append({"shape": shape, "gpus": world, "ok": False, "error": f"build: {e}"[:300]})
             continue
         for context in map(int, args.contexts.split(",")):
-            rec = scale_record(model, shape, context, args.batch, world, device, args.budget)
-            log(json.dumps(rec))
-            records.append(rec)
-            if int(os.environ.get("RANK", "0")) == 0:
-                out.write_text(json.dumps(records, indent=1))  # after every record: a later OOM keeps these
+            for checkpointing in args.checkpointing.split(","):
+                rec = scale_record(model, shape, context, args.batch, world, device, args.budget, checkpointing)
+                log(json.dumps(rec))
+                records.append(rec)
+                if int(os.environ.get("RANK", "0")) == 0:
+                    out.write_text(json.dumps(records, indent=1))  # after every record: a later OOM keeps these
+            if args.profile and rec["ok"] and torch.device(device).type == "cuda":
+                profile_step(model, context, args.batch, world, device, args.checkpointing.split(",")[-1],
+                             Path(args.out) / f"profile_{shape}_{context}_{world}gpu.txt")
         del model
         gc.collect()
         if torch.device(device).type == "cuda":
@@ -327,6 +362,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1, help="rows per GPU per step")
     p.add_argument("--budget", type=float, default=60.0, help="seconds of timed steps per record before it stops")
     p.add_argument("--device", default="auto")
+    p.add_argument("--checkpointing", default="auto", help="comma-separated search settings per record: auto, on, "
+                   "off, each optionally +keep (checkpointed layers keep their attention outputs)")
+    p.add_argument("--profile", action="store_true", help="after each context, profile two steps (CUDA kernels)")
     p.add_argument("--testbed", default=".models/qwen3-code-26m")
     p.add_argument("--testbed-steps", type=int, default=250)
     p.add_argument("--testbed-seq-len", type=int, default=4096)

@@ -97,8 +97,9 @@ class SearchConfig:
                                  "loss reductions stay float32 either way), float32 (with bf16 autocast on GPU) or "
                                  "bfloat16", choices=("auto", "float32", "bfloat16"))
     gradient_checkpointing: str = setting(
-        "auto", "recompute each layer's activations in the backward pass: auto = only when the memory estimate "
-                "(consa.memory) says the step would not fit the GPU, on, or off", choices=("auto", "on", "off"))
+        "auto", "recompute layers' activations in the backward pass: auto = as few layers as the memory estimate "
+                "(consa.memory) needs for the step to fit the GPU (none when it fits), on = every layer, off = none",
+        choices=("auto", "on", "off"))
     backend: str = setting("auto", "attention kernel for the SWA side", choices=_backends)
 
     def __post_init__(self):

@@ -4,7 +4,8 @@ The weights are frozen, so a step holds: the weights (already resident when this
 activations that the backward to the gates needs, and the loss's chunked logits (consa.objectives).
 The activations dominate at long context and grow with batch x context x layers; per-layer
 activation checkpointing keeps only each layer's input and rebuilds one layer at a time in the
-backward (about one extra forward: ~30% more time), which is why it is chosen only when needed.
+backward (about one extra forward of that layer: ~30% more time when every layer is checkpointed),
+which is why `auto` checkpoints only as many layers as the memory needs.
 
 The per-token figures below count what autograd saves in one decoder layer with soft gates (both
 the full and the sliding-window path run on every head); they overestimate a measured Llama-3-8B
@@ -19,6 +20,8 @@ import torch
 GIB = 1 << 30
 # Leave this share of the free memory for the allocator's fragmentation and the kernels' workspaces.
 HEADROOM = 0.85
+# Checkpointed layers keep their attention outputs (selective checkpointing, `_keep_attention_outputs`).
+KEEP_ATTENTION = False
 
 
 def _text_config(config):
@@ -41,20 +44,35 @@ def layer_activation_elements(config) -> int:
 @dataclass
 class StepEstimate:
     """Bytes one search step needs on top of the resident weights."""
-    activations: int  # everything the backward needs, no checkpointing
-    checkpointed: int  # per-layer checkpointing: the layer inputs plus one layer rebuilt at a time
+    per_layer: int  # what the backward needs from one decoder layer, not checkpointed
+    layer_input: int  # what a checkpointed layer keeps: its input
+    attention_outputs: int  # what it keeps besides with KEEP_ATTENTION: the FA and the SWA output
+    layers: int
     loss: int  # hidden states (student, teacher) and one chunk of logits with its gradient
     free: int | None  # bytes free on the device (None: unknown, e.g. CPU)
 
-    def peak(self, checkpointing: bool) -> int:
-        return (self.checkpointed if checkpointing else self.activations) + self.loss
+    @property
+    def activations(self) -> int:
+        return self.layers * self.per_layer
 
-    def fits(self, checkpointing: bool) -> bool:
-        return self.free is None or self.peak(checkpointing) <= HEADROOM * self.free
+    def peak(self, checkpointed) -> int:
+        """checkpointed: how many layers recompute their activations (True = all, False = none)."""
+        k = self.layers if checkpointed is True else int(checkpointed)
+        kept = self.layer_input + (self.attention_outputs if KEEP_ATTENTION else 0)
+        rebuilt = self.per_layer if k else 0  # the backward rebuilds one checkpointed layer at a time
+        return (self.layers - k) * self.per_layer + k * kept + rebuilt + self.loss
+
+    def fits(self, checkpointed) -> bool:
+        return self.free is None or self.peak(checkpointed) <= HEADROOM * self.free
+
+    def layers_to_checkpoint(self) -> int:
+        """The fewest layers whose checkpointing makes the step fit (all of them when nothing fits):
+        every layer not checkpointed saves its share of the recomputation."""
+        return next((k for k in range(self.layers + 1) if self.fits(k)), self.layers)
 
     def describe(self) -> str:
         free = "unknown" if self.free is None else f"{self.free / GIB:.1f} GiB"
-        return (f"step needs ~{self.peak(False) / GIB:.1f} GiB (checkpointed ~{self.peak(True) / GIB:.1f} GiB), "
+        return (f"step needs ~{self.peak(False) / GIB:.1f} GiB (all layers checkpointed ~{self.peak(True) / GIB:.1f} GiB), "
                 f"free {free}")
 
 
@@ -64,12 +82,12 @@ def estimate_step(config, seq_len: int, batch_size: int, act_bytes: int = 2, fre
 
     cfg = _text_config(config)
     tokens = seq_len * batch_size
-    layers = cfg.num_hidden_layers
-    per_layer = layer_activation_elements(cfg) * tokens * act_bytes
     hidden = cfg.hidden_size * tokens
     loss = 2 * hidden * 4 + 3 * LOGIT_CHUNK_ELEMENTS * 4  # fp32 hidden x2; logits, softmax, gradient
-    return StepEstimate(activations=layers * per_layer, checkpointed=layers * hidden * act_bytes + per_layer,
-                        loss=loss, free=free)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attention_outputs = 2 * cfg.num_attention_heads * head_dim * tokens * act_bytes
+    return StepEstimate(per_layer=layer_activation_elements(cfg) * tokens * act_bytes, layer_input=hidden * act_bytes,
+                        attention_outputs=attention_outputs, layers=cfg.num_hidden_layers, loss=loss, free=free)
 
 
 def free_bytes(device) -> int | None:
@@ -80,12 +98,56 @@ def free_bytes(device) -> int | None:
     return int(free)
 
 
-def use_checkpointing(setting: str, model, seq_len: int, batch_size: int, device) -> tuple[bool, StepEstimate]:
-    """The search's choice for SearchConfig.gradient_checkpointing: "on"/"off" as asked; "auto" checkpoints
-    exactly when the step would not fit the device's free memory without it."""
+def checkpoint_plan(setting: str, model, seq_len: int, batch_size: int, device) -> tuple[int, StepEstimate]:
+    """How many decoder layers the search checkpoints, for SearchConfig.gradient_checkpointing: "on" all,
+    "off" none, "auto" the fewest that make the step fit the device's free memory (none when it fits)."""
     act_bytes = 2 if next(model.parameters()).dtype in (torch.bfloat16, torch.float16) or \
         torch.device(device).type == "cuda" else 4  # bf16 autocast on a GPU either way
     estimate = estimate_step(model.config, seq_len, batch_size, act_bytes, free_bytes(device))
-    if setting == "auto":
-        return not estimate.fits(False), estimate
-    return setting == "on", estimate
+    layers = {"on": estimate.layers, "off": 0}.get(setting)
+    return (estimate.layers_to_checkpoint() if layers is None else layers), estimate
+
+
+def decoder_layers(model) -> list:
+    """The repeated blocks transformers checkpoints (GradientCheckpointingLayer), bottom first."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _keep_attention_outputs(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy: keep what the attention kernels return, recompute the rest. At long
+    context the attention forward is the most expensive op of a layer to redo, and its output the
+    cheapest to keep (one value per query, the size of the layer's input)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    name = str(op)
+    keep = "scaled_dot_product" in name or "flex_attention" in name
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def enable_checkpointing(model, layers: int, keep_attention: bool | None = None) -> None:
+    """Checkpoint the bottom `layers` decoder layers (0 turns checkpointing off); the others keep their
+    activations. transformers' own switch is all-or-nothing (or every n-th layer) in the versions consa
+    supports, so the per-layer flags are set here after it. keep_attention: selective checkpointing that
+    saves the attention outputs of checkpointed layers (`_keep_attention_outputs`; default KEEP_ATTENTION)."""
+    blocks = decoder_layers(model)
+    if layers <= 0 or not blocks:
+        new_names = hasattr(model, "activation_checkpointing_disable")  # transformers 5.2x renamed them
+        active = model.is_activation_checkpointing if new_names else model.is_gradient_checkpointing
+        if active:
+            (model.activation_checkpointing_disable if new_names else model.gradient_checkpointing_disable)()
+        return
+    kwargs = {"use_reentrant": False}
+    if KEEP_ATTENTION if keep_attention is None else keep_attention:
+        from functools import partial
+
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_attention_outputs)
+    if hasattr(model, "activation_checkpointing_enable"):  # the new name from transformers 5.2x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = i < layers

@@ -23,7 +23,7 @@ from consa import refine
 from consa.gates import HardConcreteGate, annealed_beta, exact_swa_mask
 from consa.hybrid_attention import install, model_shape
 from consa.loading import load_for_search
-from consa.memory import use_checkpointing
+from consa.memory import checkpoint_plan, enable_checkpointing
 from consa.manifest import Allocation
 from consa.objectives import get_objective
 from consa.units import unit_grid
@@ -99,11 +99,9 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     autocast = device.type == "cuda" and config.dtype in ("auto", "bfloat16")
     for p in model.parameters():
         p.requires_grad_(False)
-    checkpointing, _ = use_checkpointing(config.gradient_checkpointing, model, config.seq_len,
-                                              config.batch_size, device)
-    if checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()  # the new name from transformers 5.2x on, the old one before
+    checkpointed, _ = checkpoint_plan(config.gradient_checkpointing, model, config.seq_len, config.batch_size, device)
+    enable_checkpointing(model, checkpointed)
+    if checkpointed:
         model.train()  # checkpointing is only active in train mode; dropout is 0 in these models
     grid = unit_grid(config.granularity, *model_shape(model))
     hybrid = install(model, config.window, config.sink_tokens, config.backend)
@@ -211,7 +209,8 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     training = {k: v for k, v in config.to_dict().items() if k not in placement}
     training.update(seconds=round(time.time() - started, 2), final_expected_sparsity=round(gate.expected_sparsity().item(), 6),
                     lambda1=lagrangian.lambda1, lambda2=lagrangian.lambda2, gpus=parallel.world_size,
-                    activation_checkpointing=checkpointing, weights_dtype=str(next(model.parameters()).dtype),
+                    activation_checkpointing=checkpointed > 0,
+                    checkpointed_layers=checkpointed, weights_dtype=str(next(model.parameters()).dtype),
                     **refined)
     allocation = Allocation.from_full_mask(
         full, model=config.model, revision=config.revision, granularity=config.granularity, window=config.window,

@@ -1,10 +1,14 @@
-"""The memory estimate: checkpointing is chosen exactly when a step would not fit."""
+"""The memory estimate: as many layers are checkpointed as a step needs to fit, and checkpointing, whole
+or partial, selective or not, leaves the gates' gradient unchanged."""
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig
 
 import tiny
 from consa import memory
+from consa.hybrid_attention import install
 
 GIB = 1 << 30
 
@@ -16,8 +20,8 @@ def llama3_8b():
 
 def test_8b_at_128k_needs_checkpointing_on_one_h200_and_fits_with_it():
     est = memory.estimate_step(llama3_8b(), seq_len=131072, batch_size=1, act_bytes=2, free=123 * GIB)
-    assert not est.fits(checkpointing=False)  # ~800 GiB of saved activations
-    assert est.fits(checkpointing=True)
+    assert not est.fits(False)  # ~800 GiB of saved activations
+    assert est.fits(True)
     assert est.peak(True) < est.peak(False) / 5
 
 
@@ -27,21 +31,83 @@ def test_estimate_errs_above_the_measured_8b_step():
     assert 36 * GIB < est.activations < 72 * GIB
 
 
-@pytest.mark.parametrize("free_gib,expected", [(0.001, True), (1000, False)])
-def test_auto_checkpoints_exactly_when_the_step_would_not_fit(monkeypatch, free_gib, expected):
+@pytest.mark.parametrize("free_gib,expected", [(0.001, 4), (1000, 0)])
+def test_auto_checkpoints_every_layer_only_when_nothing_else_fits(monkeypatch, free_gib, expected):
     model = tiny.build_model()
     monkeypatch.setattr(memory, "free_bytes", lambda device: int(free_gib * GIB))
-    chosen, est = memory.use_checkpointing("auto", model, seq_len=4096, batch_size=4, device="cpu")
-    assert chosen is expected
-    assert est.fits(False) is not expected
+    chosen, est = memory.checkpoint_plan("auto", model, seq_len=4096, batch_size=4, device="cpu")
+    assert chosen == expected
+    assert est.fits(False) is (expected == 0)
+
+
+def test_auto_checkpoints_the_fewest_layers_that_fit():
+    """8B at 32k on one H200: checkpointing every layer would leave most of the GPU idle."""
+    est = memory.estimate_step(llama3_8b(), seq_len=32768, batch_size=1, act_bytes=2, free=120 * GIB)
+    k = est.layers_to_checkpoint()
+    assert 0 < k < 32
+    assert est.fits(k) and not est.fits(k - 1)
+    assert est.peak(k) > est.peak(True)  # the memory it leaves unused buys back recomputation
 
 
 def test_on_and_off_are_obeyed_whatever_the_estimate(monkeypatch):
     model = tiny.build_model()
     monkeypatch.setattr(memory, "free_bytes", lambda device: 1)
-    assert memory.use_checkpointing("off", model, 4096, 4, "cpu")[0] is False
+    assert memory.checkpoint_plan("off", model, 4096, 4, "cpu")[0] == 0
     monkeypatch.setattr(memory, "free_bytes", lambda device: 1 << 50)
-    assert memory.use_checkpointing("on", model, 4096, 4, "cpu")[0] is True
+    assert memory.checkpoint_plan("on", model, 4096, 4, "cpu")[0] == 4
+
+
+def test_keeping_attention_outputs_costs_memory_in_the_estimate(monkeypatch):
+    monkeypatch.setattr(memory, "KEEP_ATTENTION", False)
+    plain = memory.estimate_step(llama3_8b(), seq_len=32768, batch_size=1).peak(True)
+    monkeypatch.setattr(memory, "KEEP_ATTENTION", True)
+    assert memory.estimate_step(llama3_8b(), seq_len=32768, batch_size=1).peak(True) > plain
+
+
+class CountAttention(TorchDispatchMode):
+    """Counts the attention kernels that actually run (not those SAC answers from its cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in str(func) and "backward" not in str(func):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _gate_grad(model, layers: int, keep_attention: bool):
+    memory.enable_checkpointing(model, layers, keep_attention=keep_attention)
+    model.train()
+    hybrid = model.consa_hybrid
+    z = torch.full((4, 2), 0.6, requires_grad=True)
+    hybrid.set_gates(z)
+    rows = torch.randint(1, 300, (2, 48), generator=torch.Generator().manual_seed(0))
+    counter = CountAttention()
+    with counter:
+        loss = model(rows, labels=rows).loss
+        loss.backward()
+    hybrid.set_gates(None)
+    return z.grad, counter.calls
+
+
+def test_partial_and_selective_checkpointing_give_the_same_gradient_and_skip_recomputation():
+    model = tiny.build_model(layers=4)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    install(model, window=8)
+    reference, calls_plain = _gate_grad(model, 0, False)
+    assert [b.gradient_checkpointing for b in memory.decoder_layers(model)] == [False] * 4
+    grad_all, calls_all = _gate_grad(model, 4, False)
+    grad_two, calls_two = _gate_grad(model, 2, False)
+    assert [b.gradient_checkpointing for b in memory.decoder_layers(model)] == [True, True, False, False]
+    grad_kept, calls_kept = _gate_grad(model, 4, True)
+    for grad in (grad_all, grad_two, grad_kept):
+        torch.testing.assert_close(grad, reference)
+    # Each layer runs its attention twice per step (the FA and the SWA side on CPU's SDPA); a checkpointed
+    # layer runs them again in the backward, unless its outputs are kept.
+    assert (calls_plain, calls_all, calls_two, calls_kept) == (8, 16, 12, 8)
 
 
 def test_unknown_free_memory_never_forces_checkpointing():
