@@ -7,11 +7,19 @@ records), quality.md (the table), screen.json (the screening, when asked) and he
 
     python bench/quality.py --model .models/qwen3-code-26m --out $OUT --pack --workers 6 \\
         --screen lm,distill,lm+distill,lm-warm,lm-anneal,lm-ret50,lm-keys8,lm-refine
+    python bench/quality.py ... --variants lm,distill --seeds 0,1,2 --pick-default  # every cell, 3 seeds
 
 With --screen, the variants are first compared at --screen-sparsity (both granularities, every
 --screen-seeds seed); the best one, and combinations of the knobs that helped, are kept by one
 rule fixed up front (`screen_score`), and the winner then runs every cell: its records carry
-"default": true. Without it, --variants run every cell and the first one is the default.
+"default": true. Without it, --variants run every cell and the first one is the default; with
+--pick-default, the default is instead the variant with the best `screen_score` over all its cells.
+
+Every learned variant and every scored baseline runs once per --seeds seed in every cell (the rules
+and random do not depend on it). quality_summary.json (and the end of quality.md) holds, per cell,
+each method's mean ± sample std over its runs and the default's verdict against every other method
+on loss and on retrieval: win, loss, or tie when the difference of the means is within two standard
+errors of it.
 
 Searches and evaluations run in --workers processes that share the one GPU: a 26M model leaves
 most of an H200 idle, so several searches at once finish sooner than one after another.
@@ -23,6 +31,7 @@ standard library, training text = this machine's site-packages (a different dire
 import argparse
 import concurrent.futures as cf
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -46,6 +55,9 @@ VARIANTS = {
     "lm-keys8": {"objective": "lm", "retrieval_keys": 8},
     "lm-refine": {"objective": "lm", "refine_swaps": 4},
     "lm-steps2x": {"objective": "lm", "steps": 500},
+    "distill-steps2x": {"objective": "distill", "steps": 500},
+    "lm-batch2": {"objective": "lm", "batch_size": 2},
+    "lm-wu50": {"objective": "lm", "warmup_frac": 0.5},
 }
 RULES = ("interleave-1:1", "interleave-3:1", "interleave-5:1", "bottom", "top", "even")
 SCORED = ("heuristic-loss", "retrieval-heads", "duo", "retrieval-heads-answers")
@@ -56,6 +68,7 @@ ALIASES = {"retrieval-heads-answers": "retrieval-heads"}
 RECORD_KEYS = ("loss", "loss_pos_lt_window", "loss_pos_ge_window", "loss_pos_ge_1024", "retrieval_acc",
                "needle_grid", "kv_bytes", "kv_bytes_ratio")
 LOSS_WEIGHT = 20.0  # screen_score: 1% more loss costs as much as 20% of full attention's retrieval
+METRICS = {"loss": -1, "retrieval_acc": 1}  # the summary's metrics: -1 = lower is better
 
 
 def parse_args(argv=None):
@@ -72,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--screen", default="", help="variants to screen first (the winner joins --variants as default)")
     p.add_argument("--screen-sparsity", type=float, default=0.5)
     p.add_argument("--screen-seeds", default="0,1")
+    p.add_argument("--seeds", default="0", help="seeds of every learned variant and scored baseline in every cell")
+    p.add_argument("--pick-default", action="store_true", help="after every cell ran, the default is the variant "
+                                                               "with the best screen_score over all its records")
     p.add_argument("--combine", type=int, default=2, help="combinations of helpful knobs tried after the screen")
     p.add_argument("--baselines", default="all", help="baseline names, 'all' or 'none'")
     p.add_argument("--methods", default=None, help="instead of --variants/--baselines: full, learned-<variant> "
@@ -108,6 +124,7 @@ def parse_args(argv=None):
     args.variants = [parse_variant(v) for v in args.variants.split(",") if v]
     args.screen = [parse_variant(v) for v in args.screen.split(",") if v]
     args.screen_seeds = [int(s) for s in args.screen_seeds.split(",")]
+    args.seeds = [int(s) for s in args.seeds.split(",")]
     return args
 
 
@@ -166,6 +183,76 @@ def screen_score(records: list[dict], full: dict) -> float:
     retrieval_full = full["retrieval_acc"] or 1.0  # a model that retrieves nothing (tiny test models)
     return statistics.fmean(r["retrieval_acc"] / retrieval_full - LOSS_WEIGHT * (r["loss"] / full["loss"] - 1)
                             for r in records)
+
+
+def summarize(records: list[dict], default: str | None, grid: list[tuple]) -> dict:
+    """Per (method, granularity, sparsity): n, mean and sample std of each metric over its runs (random:
+    its seeds' runs); then the default against every other method of each cell, per metric. A difference
+    within 2 standard errors of it, sqrt(sd_a^2/n_a + sd_b^2/n_b), is a tie; a method with one run (the
+    rules) borrows the other's sd, so two single runs have no noise and any difference decides."""
+    runs: dict = {}
+    for r in records:
+        if r.get("granularity") is not None:  # not full attention
+            runs.setdefault((r["granularity"], r["sparsity"], r["method"]), []).extend(r.get("runs") or [r])
+    cells = []
+    for (g, s, method), rs in sorted(runs.items()):
+        cell = {"method": method, "granularity": g, "sparsity": s, "n": len(rs)}
+        for key in METRICS:
+            values = [r[key] for r in rs if r.get(key) is not None]
+            cell[key] = statistics.fmean(values) if values else None
+            cell[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        cells.append(cell)
+    verdicts = []
+    mine = {(c["granularity"], c["sparsity"]): c for c in cells if c["method"] == f"learned-{default}"}
+    for c in cells:
+        d = mine.get((c["granularity"], c["sparsity"]))
+        if d is None or c is d:
+            continue
+        for key, sign in METRICS.items():
+            if d[key] is None or c[key] is None:
+                continue
+            sd_d = d[f"{key}_std"] if d["n"] > 1 else c[f"{key}_std"]
+            sd_c = c[f"{key}_std"] if c["n"] > 1 else sd_d
+            margin = 2 * math.sqrt(sd_d ** 2 / d["n"] + sd_c ** 2 / c["n"])
+            better = sign * (d[key] - c[key])  # > 0: the default is better
+            verdict = "tie" if abs(better) <= margin else "win" if better > 0 else "loss"
+            verdicts.append({"granularity": c["granularity"], "sparsity": c["sparsity"], "method": c["method"],
+                             "metric": key, "verdict": verdict, "default": d[key], "other": c[key],
+                             "margin": margin})
+    met = default is not None and all(cell in mine for cell in grid) and all(v["verdict"] != "loss" for v in verdicts)
+    return {"default": f"learned-{default}" if default else None, "cells": cells, "verdicts": verdicts,
+            "all_cells_met": met}
+
+
+def verdict_counts(summary: dict) -> str:
+    out = []
+    for key in METRICS:
+        verdicts = [v["verdict"] for v in summary["verdicts"] if v["metric"] == key]
+        out.append(f"{key} " + " / ".join(f"{verdicts.count(x)} {x}" for x in ("win", "tie", "loss")))
+    return ", ".join(out) + f"; all cells met: {'yes' if summary['all_cells_met'] else 'no'}"
+
+
+def summary_markdown(summary: dict) -> str:
+    def num(cell, key, digits):
+        if cell[key] is None:
+            return "–"
+        return f"{cell[key]:.{digits}f}" + (f" ± {cell[key + '_std']:.{digits}f}" if cell["n"] > 1 else "")
+
+    lines = [f"\n\n## Per cell: mean ± sample std over runs (default {summary['default']})\n",
+             "| granularity | s | method | n | loss | retrieval |", "|---|---|---|---|---|---|"]
+    for c in summary["cells"]:
+        name = f"**{c['method']}**" if c["method"] == summary["default"] else c["method"]
+        lines.append(f"| {c['granularity']} | {c['sparsity']:.2f} | {name} | {c['n']} | {num(c, 'loss', 4)} | "
+                     f"{num(c, 'retrieval_acc', 3)} |")
+    lines.append(f"\nVerdicts of the default (tie: within 2 standard errors): {verdict_counts(summary)}. "
+                 "Every method it does not beat on both (default vs other; a tie is within the margin):\n")
+    rows: dict = {}
+    for v in summary["verdicts"]:
+        if v["verdict"] != "win":
+            rows.setdefault((v["granularity"], v["sparsity"], v["method"]), []).append(
+                f"{v['metric']} {v['verdict']} ({v['default']:.4f} vs {v['other']:.4f}, margin {v['margin']:.4f})")
+    lines += [f"- {g} {s:.2f} vs {method}: " + ", ".join(parts) for (g, s, method), parts in rows.items()]
+    return "\n".join(lines) + "\n"
 
 
 # -- worker processes: each holds the model, the eval set and the search data ---------------------
@@ -440,21 +527,21 @@ class Bench:
         names = [] if a.baselines == "none" else \
             [n for n in (RULES + ("random",) + SCORED) if a.baselines == "all" or n in a.baselines.split(",")]
         scored = [n for n in names if n in SCORED]
-        baseline_seeds = sorted({0, *(a.screen_seeds if a.screen else [])})
+        first = a.seeds[0]  # the rules and random run once, with the first seed's job (and heatmaps)
+        baseline_seeds = sorted({*a.seeds, *(a.screen_seeds if a.screen else [])})
         for seed in baseline_seeds:
             def with_scores(result, seed=seed):
                 for g in a.granularities:
                     for s in a.sparsities:
                         todo = [n for n in names if ALIASES.get(n, n) in baseline_names(g)
                                 and (n, g, s, seed if n in SCORED else None) not in self.done
-                                and (seed == 0 or (n in SCORED and s == a.screen_sparsity))]
-                        todo = [n for n in todo if n != "random" or (("random", g, s, None) not in self.done)]
+                                and ((seed in a.seeds or s == a.screen_sparsity) if n in SCORED else seed == first)]
                         if todo:
                             for n in todo:
                                 self.done.add((n, g, s, seed if n in SCORED else None))
                             self.submit(f"baselines {g} s={s} seed={seed}", "job_baselines", g, s, seed, todo,
                                         result["scores"], result["seconds"],
-                                        str(self.heatmap_dir) if seed == 0 else None)
+                                        str(self.heatmap_dir) if seed == first else None)
             self.submit(f"scores seed={seed}", "job_scores", seed, a.granularities, scored, on_done=with_scores)
 
         default = a.variants[0][0] if a.variants else None
@@ -465,15 +552,34 @@ class Bench:
             settings = variants.pop(default, None) or self.screen["variants"][default]["settings"]
             variants = {default: settings, **variants}
         for name, overrides in variants.items():
-            for g in a.granularities:
-                for s in a.sparsities:
-                    self.search(name, overrides, g, s, 0, heatmaps=True)
+            for seed in a.seeds:
+                for g in a.granularities:
+                    for s in a.sparsities:
+                        self.search(name, overrides, g, s, seed, heatmaps=seed == first)
         self.wait()
+        if a.pick_default:
+            default = self.pick_default(variants) or default
         for r in self.records:
+            r.pop("default", None)  # a resumed run may have marked another variant
             if default is not None and r["method"] == f"learned-{default}":
                 r["default"] = True
         self.save()
         self.finish(default)
+
+    def pick_default(self, variants: dict) -> str | None:
+        """The variant with the best screen_score over all its records (every cell and seed)."""
+        full = next((r for r in self.records if r["method"] == "full"), None)
+        scores = {name: {"score": round(screen_score(runs, full), 4), "settings": overrides, "runs": len(runs)}
+                  for name, overrides in variants.items() if full and (runs := self.learned(name))}
+        if not scores:
+            log("pick-default: no learned records, the default stays")
+            return None
+        winner = max(scores, key=lambda name: scores[name]["score"])
+        self.screen.update(all_cells=scores, default=winner)
+        for name, v in sorted(scores.items(), key=lambda kv: -kv[1]["score"]):
+            log(f"all cells {name}: {v['score']:+.4f} ({v['runs']} runs)")
+        log(f"default (best over all cells): {winner}")
+        return winner
 
     def run_screen(self) -> str:
         """Screen the variants at one sparsity; then combinations of the knobs that beat `lm`. Returns the winner."""
@@ -542,7 +648,10 @@ class Bench:
                   f"{a.retrieval_ratio}, default learned-{default}, {time.time() - self.started:.0f}s in total\n\n")
         table = markdown_table([{**r, "name": f"{r['method']}" + (f" seed {r['seed']}" if r.get("seed") else "")}
                                 for r in records])
-        (self.results_dir / "quality.md").write_text(header + table)
+        summary = summarize(self.records, default, [(g, s) for g in a.granularities for s in a.sparsities])
+        (self.results_dir / "quality_summary.json").write_text(json.dumps(summary, indent=1))
+        (self.results_dir / "quality.md").write_text(header + table + summary_markdown(summary))
+        log(f"verdicts of learned-{default}: {verdict_counts(summary)}")
         if a.pack and self.heatmap_dir.exists():
             with tarfile.open(self.results_dir / "heatmaps.tar.gz", "w:gz") as tar:
                 for png in sorted(self.heatmap_dir.glob("*.png")):

@@ -1,0 +1,71 @@
+"""bench/quality.py: seeds in every cell, the default picked over all cells, the per-cell summary."""
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_variant_is_a_valid_search_config(quality):
+    from consa.config import SearchConfig
+
+    for overrides in quality.VARIANTS.values():
+        SearchConfig(model="m", sparsity=0.5, **overrides)
+
+
+def test_summary_verdicts(quality):
+    def rec(method, loss, retrieval, seed=None):
+        return {"method": method, "granularity": "layer", "sparsity": 0.5, "loss": loss, "retrieval_acc": retrieval,
+                "seed": seed}
+
+    records = [rec("full", 1.0, 0.5) | {"granularity": None, "sparsity": 0.0},
+               rec("learned-lm", 1.00, 0.40, 0), rec("learned-lm", 1.02, 0.44, 1),
+               rec("duo", 1.10, 0.30, 0), rec("duo", 1.12, 0.46, 1),  # worse loss; retrieval within the noise
+               rec("top", 1.01, 0.60)]  # one run: borrows learned-lm's sd
+    summary = quality.summarize(records, "lm", [("layer", 0.5), ("kv_head", 0.5)])
+    lm = next(c for c in summary["cells"] if c["method"] == "learned-lm")
+    assert lm["n"] == 2 and lm["loss"] == pytest.approx(1.01) and lm["loss_std"] == pytest.approx(0.02 ** 0.5 / 10)
+    verdicts = {(v["method"], v["metric"]): v["verdict"] for v in summary["verdicts"]}
+    assert verdicts == {("duo", "loss"): "win", ("duo", "retrieval_acc"): "tie",
+                        ("top", "loss"): "tie", ("top", "retrieval_acc"): "loss"}
+    assert summary["all_cells_met"] is False  # a loss, and no kv_head cell
+    assert "layer 0.50 vs top: loss tie (1.0100 vs 1.0100, margin" in quality.summary_markdown(summary)
+
+
+def test_seeds_and_pick_default_end_to_end(quality, tmp_path, tiny_model_dir, text_dir):
+    records = quality.main(["--model", str(tiny_model_dir), "--eval-data", str(text_dir), "--train-data", str(text_dir),
+                            "--out", str(tmp_path), "--sparsities", "0.5", "--granularities", "kv_head",
+                            "--window", "16", "--seq-len", "160", "--eval-sequences", "2", "--retrieval-docs", "2",
+                            "--steps", "2", "--search-seq-len", "64", "--calibration-sequences", "2",
+                            "--device", "cpu", "--seeds", "0,1", "--pick-default",
+                            "--methods", "full,learned-lm,learned-distill,top,heuristic-loss"])
+    seeds = {(r["method"], r.get("seed")) for r in records}
+    assert seeds == {("full", None), ("top", None), *((m, s) for m in ("learned-lm", "learned-distill",
+                                                                        "heuristic-loss") for s in (0, 1))}
+    screen = json.loads((tmp_path / "screen.json").read_text())
+    assert set(screen["all_cells"]) == {"lm", "distill"} and screen["all_cells"]["lm"]["runs"] == 2
+    winner = max(screen["all_cells"], key=lambda n: screen["all_cells"][n]["score"])
+    assert screen["default"] == winner
+    assert {r["method"] for r in records if r.get("default")} == {f"learned-{winner}"}
+
+    summary = json.loads((tmp_path / "quality_summary.json").read_text())
+    cells = {c["method"]: c for c in summary["cells"]}
+    assert set(cells) == {"learned-lm", "learned-distill", "top", "heuristic-loss"}
+    assert cells["heuristic-loss"]["n"] == 2 and cells["top"]["n"] == 1
+    losses = [r["loss"] for r in records if r["method"] == "heuristic-loss"]
+    assert cells["heuristic-loss"]["loss"] == pytest.approx(statistics.fmean(losses))
+    assert cells["heuristic-loss"]["loss_std"] == pytest.approx(statistics.stdev(losses))
+    assert summary["default"] == f"learned-{winner}" and len(summary["verdicts"]) == 3 * 2
+    assert {v["verdict"] for v in summary["verdicts"]} <= {"win", "tie", "loss"}
+    assert summary["all_cells_met"] == all(v["verdict"] != "loss" for v in summary["verdicts"])
+    assert "## Per cell" in (tmp_path / "quality.md").read_text()
