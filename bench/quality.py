@@ -58,6 +58,9 @@ VARIANTS = {
     "distill-steps2x": {"objective": "distill", "steps": 500},
     "lm-batch2": {"objective": "lm", "batch_size": 2},
     "lm-wu50": {"objective": "lm", "warmup_frac": 0.5},
+    "distill-hidden": {"objective": "distill-hidden"},
+    "distill-ret10": {"objective": "distill", "retrieval_ratio": 0.1},
+    "distill-batch2": {"objective": "distill", "batch_size": 2},
 }
 RULES = ("interleave-1:1", "interleave-3:1", "interleave-5:1", "bottom", "top", "even")
 SCORED = ("heuristic-loss", "retrieval-heads", "duo", "retrieval-heads-answers")
@@ -567,10 +570,15 @@ class Bench:
         self.finish(default)
 
     def pick_default(self, variants: dict) -> str | None:
-        """The variant with the best screen_score over all its records (every cell and seed)."""
+        """The variant with the best screen_score over its records (every cell and seed that every variant
+        finished: a deadline that cut one variant short must not compare it on other cells)."""
         full = next((r for r in self.records if r["method"] == "full"), None)
+        key = lambda r: (r["granularity"], r["sparsity"], r.get("seed"))  # noqa: E731
+        done = [{key(r) for r in self.learned(name)} for name in variants]
+        common = set.intersection(*done) if done else set()
         scores = {name: {"score": round(screen_score(runs, full), 4), "settings": overrides, "runs": len(runs)}
-                  for name, overrides in variants.items() if full and (runs := self.learned(name))}
+                  for name, overrides in variants.items()
+                  if full and (runs := [r for r in self.learned(name) if key(r) in common])}
         if not scores:
             log("pick-default: no learned records, the default stays")
             return None
