@@ -91,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0", help="seeds of every learned variant and scored baseline in every cell")
     p.add_argument("--pick-default", action="store_true", help="after every cell ran, the default is the variant "
                                                                "with the best screen_score over all its records")
+    p.add_argument("--report-only", action="store_true", help="run nothing: rewrite the reports (and pick the "
+                   "default, with --pick-default) from the --resume records")
     p.add_argument("--combine", type=int, default=2, help="combinations of helpful knobs tried after the screen")
     p.add_argument("--baselines", default="all", help="baseline names, 'all' or 'none'")
     p.add_argument("--methods", default=None, help="instead of --variants/--baselines: full, learned-<variant> "
@@ -128,6 +130,8 @@ def parse_args(argv=None):
     args.screen = [parse_variant(v) for v in args.screen.split(",") if v]
     args.screen_seeds = [int(s) for s in args.screen_seeds.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.report_only and not args.resume:
+        raise SystemExit("--report-only rewrites the reports of a finished run: name its quality.json with --resume")
     return args
 
 
@@ -225,6 +229,35 @@ def summarize(records: list[dict], default: str | None, grid: list[tuple]) -> di
     met = default is not None and all(cell in mine for cell in grid) and all(v["verdict"] != "loss" for v in verdicts)
     return {"default": f"learned-{default}" if default else None, "cells": cells, "verdicts": verdicts,
             "all_cells_met": met}
+
+
+def pick_default(records: list[dict], variants: dict) -> tuple[str | None, dict]:
+    """The default among `variants` ({name: settings}, the incumbent first): the best screen_score,
+    compared on the cells and seeds that every variant with records finished (a deadline that cut one
+    short must not compare it on other cells; one that finished none is left out). It replaces the
+    incumbent only when its advantage, paired by (cell, seed), exceeds two standard errors: ties
+    within the noise are ties (the issue's own rule), and the incumbent is what users already run."""
+    full = next((r for r in records if r["method"] == "full"), None)
+    key = lambda r: (r["granularity"], r["sparsity"], r.get("seed"))  # noqa: E731
+    finished = {name: {key(r): r for r in records if r["method"] == f"learned-{name}"} for name in variants}
+    left_out = [name for name, runs in finished.items() if not runs]
+    finished = {name: runs for name, runs in finished.items() if runs}
+    if full is None or not finished:
+        return None, {}
+    common = sorted(set.intersection(*(set(runs) for runs in finished.values())))
+    scores = {name: {"score": round(screen_score([runs[k] for k in common], full), 4), "settings": variants[name],
+                     "runs": len(common)} for name, runs in finished.items()}
+    incumbent = next(iter(variants))
+    best = max(scores, key=lambda name: scores[name]["score"])
+    winner = best if incumbent not in finished else incumbent
+    if incumbent in finished and best != incumbent and len(common) > 1:
+        gains = [screen_score([finished[best][k]], full) - screen_score([finished[incumbent][k]], full)
+                 for k in common]
+        margin = 2 * statistics.stdev(gains) / math.sqrt(len(gains))
+        scores[best].update(paired_gain=round(statistics.fmean(gains), 4), paired_margin=round(margin, 4))
+        if statistics.fmean(gains) > margin:
+            winner = best
+    return winner, {"scores": scores, "left_out": left_out, "incumbent": incumbent}
 
 
 def verdict_counts(summary: dict) -> str:
@@ -570,23 +603,17 @@ class Bench:
         self.finish(default)
 
     def pick_default(self, variants: dict) -> str | None:
-        """The variant with the best screen_score over its records (every cell and seed that every variant
-        finished: a deadline that cut one variant short must not compare it on other cells)."""
-        full = next((r for r in self.records if r["method"] == "full"), None)
-        key = lambda r: (r["granularity"], r["sparsity"], r.get("seed"))  # noqa: E731
-        done = [{key(r) for r in self.learned(name)} for name in variants]
-        common = set.intersection(*done) if done else set()
-        scores = {name: {"score": round(screen_score(runs, full), 4), "settings": overrides, "runs": len(runs)}
-                  for name, overrides in variants.items()
-                  if full and (runs := [r for r in self.learned(name) if key(r) in common])}
-        if not scores:
+        winner, info = pick_default(self.records, variants)
+        if winner is None:
             log("pick-default: no learned records, the default stays")
             return None
-        winner = max(scores, key=lambda name: scores[name]["score"])
-        self.screen.update(all_cells=scores, default=winner)
-        for name, v in sorted(scores.items(), key=lambda kv: -kv[1]["score"]):
+        self.screen.update(all_cells=info["scores"], default=winner, left_out=info["left_out"],
+                           incumbent=info["incumbent"])
+        for name, v in sorted(info["scores"].items(), key=lambda kv: -kv[1]["score"]):
             log(f"all cells {name}: {v['score']:+.4f} ({v['runs']} runs)")
-        log(f"default (best over all cells): {winner}")
+        if info["left_out"]:
+            log(f"pick-default: no records of {', '.join(info['left_out'])} (left out)")
+        log(f"default: {winner} (incumbent: {info['incumbent']})")
         return winner
 
     def run_screen(self) -> str:
@@ -642,36 +669,65 @@ class Bench:
         return winner
 
     def finish(self, default) -> None:
-        from consa.compare import markdown_table
-
-        a = self.args
         workers = list(getattr(self.pool, "_processes", {}).values())
         self.pool.shutdown(wait=False, cancel_futures=True)
         for process in workers:  # past the deadline some may still be computing: they hold the device
             process.terminate()
-        records = sorted(self.records, key=lambda r: (str(r.get("granularity")), r.get("sparsity", 0),
-                                                      r["method"], r.get("seed") or 0))
-        header = (f"model `{a.model}`, window {a.window}, context {a.seq_len}, {a.eval_sequences} held-out "
-                  f"sequences, {a.retrieval_docs} retrieval docs, search {a.steps} steps, retrieval ratio "
-                  f"{a.retrieval_ratio}, default learned-{default}, {time.time() - self.started:.0f}s in total\n\n")
-        table = markdown_table([{**r, "name": f"{r['method']}" + (f" seed {r['seed']}" if r.get("seed") else "")}
-                                for r in records])
-        summary = summarize(self.records, default, [(g, s) for g in a.granularities for s in a.sparsities])
-        (self.results_dir / "quality_summary.json").write_text(json.dumps(summary, indent=1))
-        (self.results_dir / "quality.md").write_text(header + table + summary_markdown(summary))
-        log(f"verdicts of learned-{default}: {verdict_counts(summary)}")
-        if a.pack and self.heatmap_dir.exists():
+        write_reports(self.records, default, self.args, self.results_dir, f"{time.time() - self.started:.0f}s in total")
+        if self.args.pack and self.heatmap_dir.exists():
             with tarfile.open(self.results_dir / "heatmaps.tar.gz", "w:gz") as tar:
                 for png in sorted(self.heatmap_dir.glob("*.png")):
                     tar.add(png, arcname=f"heatmaps/{png.name}")
                     png.unlink()
             self.heatmap_dir.rmdir()
-        print(table, flush=True)
         log(f"done in {time.time() - self.started:.0f}s: {self.results_dir / 'quality.json'}")
+
+
+def write_reports(records: list[dict], default: str | None, a, results_dir: Path, note: str) -> None:
+    """quality.md (every record, then the per-cell summary) and quality_summary.json."""
+    from consa.compare import markdown_table
+
+    ordered = sorted(records, key=lambda r: (str(r.get("granularity")), r.get("sparsity", 0), r["method"],
+                                             r.get("seed") or 0))
+    header = (f"model `{a.model}`, window {a.window}, context {a.seq_len}, {a.eval_sequences} held-out "
+              f"sequences, {a.retrieval_docs} retrieval docs, search {a.steps} steps, retrieval ratio "
+              f"{a.retrieval_ratio}, default learned-{default}, {note}\n\n")
+    table = markdown_table([{**r, "name": f"{r['method']}" + (f" seed {r['seed']}" if r.get("seed") else "")}
+                            for r in ordered])
+    summary = summarize(records, default, [(g, s) for g in a.granularities for s in a.sparsities])
+    (results_dir / "quality_summary.json").write_text(json.dumps(summary, indent=1))
+    (results_dir / "quality.md").write_text(header + table + summary_markdown(summary))
+    print(table, flush=True)
+    log(f"verdicts of learned-{default}: {verdict_counts(summary)}")
+
+
+def report_only(args) -> list[dict]:
+    """--report-only: the reports (and, with --pick-default, the default) from the --resume records alone."""
+    records = json.loads(Path(args.resume).read_text())
+    variants = dict(args.variants)
+    default = next(iter(variants), None)
+    screen = {}
+    if args.pick_default:
+        default, info = pick_default(records, variants)
+        screen = {"all_cells": info.get("scores"), "default": default, "left_out": info.get("left_out"),
+                  "incumbent": info.get("incumbent")}
+    for r in records:
+        r.pop("default", None)
+        if default is not None and r["method"] == f"learned-{default}":
+            r["default"] = True
+    out = Path(args.out) if args.out else Path(__file__).parent / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(records, indent=1, default=str))
+    if screen:
+        (out / "screen.json").write_text(json.dumps(screen, indent=1, default=str))
+    write_reports(records, default, args, out, f"reports rewritten from {Path(args.resume).name}")
+    return records
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.report_only:
+        return report_only(args)
     bench = Bench(args)
     bench.run()
     return bench.records

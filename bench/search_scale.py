@@ -109,10 +109,9 @@ def timed_search(model, context: int, batch: int, world: int, device, budget_s: 
         box = [times]
         torch.distributed.broadcast_object_list(box, src=0)
         times = box[0]
-    from consa.memory import decoder_layers
-
-    checkpointed = sum(bool(getattr(b, "gradient_checkpointing", False)) for b in decoder_layers(model))
+    checkpointed, keeps_attention = getattr(model, "consa_checkpointing", (0, False))
     return best(times), {"timed_steps": max(1, len(times) - 1), "checkpointed_layers": checkpointed,
+                         "keeps_attention": keeps_attention,
                          "weights_dtype": str(next(model.parameters()).dtype)}
 
 
@@ -169,12 +168,12 @@ def prewarm_flex(model, context: int, batch: int, device) -> None:
 
 def scale_record(model, shape: str, context: int, batch: int, world: int, device, budget_s: float,
                  checkpointing: str = "auto") -> dict:
-    """checkpointing: the search's setting (auto/on/off), "+keep" = selective checkpointing that keeps the
-    attention outputs (consa.memory.KEEP_ATTENTION)."""
+    """checkpointing: the search's setting (auto/on/off); "+nokeep": checkpointed layers never keep their
+    attention outputs (consa.memory.KEEP_ATTENTION off)."""
     from consa import memory
 
-    setting, _, keep = checkpointing.partition("+")
-    memory.KEEP_ATTENTION = keep == "keep"
+    setting, _, option = checkpointing.partition("+")
+    allowed, memory.KEEP_ATTENTION = memory.KEEP_ATTENTION, memory.KEEP_ATTENTION and option != "nokeep"
     rec = {"shape": shape, "context": context, "batch": batch, "gpus": world, "checkpointing": checkpointing,
            "ok": False, "error": None}
     if torch.device(device).type == "cuda":
@@ -196,7 +195,7 @@ def scale_record(model, shape: str, context: int, batch: int, world: int, device
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     finally:
         signal.alarm(0)
-        memory.KEEP_ATTENTION = False
+        memory.KEEP_ATTENTION = allowed
     if torch.device(device).type == "cuda":
         rec["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     gc.collect()
@@ -211,8 +210,8 @@ def profile_step(model, context: int, batch: int, world: int, device, checkpoint
 
     from consa import memory
 
-    setting, _, keep = checkpointing.partition("+")
-    memory.KEEP_ATTENTION = keep == "keep"
+    setting, _, option = checkpointing.partition("+")
+    allowed, memory.KEEP_ATTENTION = memory.KEEP_ATTENTION, memory.KEEP_ATTENTION and option != "nokeep"
     try:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             timed_search(model, context, batch, world, device, 0.0, setting)
@@ -222,7 +221,7 @@ def profile_step(model, context: int, batch: int, world: int, device, checkpoint
     except Exception as e:  # a profile is a diagnosis, never a reason to lose the records
         log(f"profile failed: {type(e).__name__}: {e}")
     finally:
-        memory.KEEP_ATTENTION = False
+        memory.KEEP_ATTENTION = allowed
 
 
 def run_scale(args) -> list[dict]:
@@ -364,7 +363,7 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=60.0, help="seconds of timed steps per record before it stops")
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpointing", default="auto", help="comma-separated search settings per record: auto, on, "
-                   "off, each optionally +keep (checkpointed layers keep their attention outputs)")
+                   "off, each optionally +nokeep (checkpointed layers never keep their attention outputs)")
     p.add_argument("--profile", action="store_true", help="after each context, profile two steps (CUDA kernels)")
     p.add_argument("--testbed", default=".models/qwen3-code-26m")
     p.add_argument("--testbed-steps", type=int, default=250)

@@ -20,8 +20,9 @@ import torch
 GIB = 1 << 30
 # Leave this share of the free memory for the allocator's fragmentation and the kernels' workspaces.
 HEADROOM = 0.85
-# Checkpointed layers keep their attention outputs (selective checkpointing, `_keep_attention_outputs`).
-KEEP_ATTENTION = False
+# Checkpointed layers may keep their attention outputs (selective checkpointing, `_keep_attention_outputs`)
+# where that fits: Llama-3-8B at 32k, 4.75 s vs 4.98 s a step (bench/RESULTS.md). False: never.
+KEEP_ATTENTION = True
 
 
 def _text_config(config):
@@ -46,7 +47,7 @@ class StepEstimate:
     """Bytes one search step needs on top of the resident weights."""
     per_layer: int  # what the backward needs from one decoder layer, not checkpointed
     layer_input: int  # what a checkpointed layer keeps: its input
-    attention_outputs: int  # what it keeps besides with KEEP_ATTENTION: the FA and the SWA output
+    attention_outputs: int  # what it keeps besides when it keeps its attention: the FA and the SWA output
     layers: int
     loss: int  # hidden states (student, teacher) and one chunk of logits with its gradient
     free: int | None  # bytes free on the device (None: unknown, e.g. CPU)
@@ -55,25 +56,27 @@ class StepEstimate:
     def activations(self) -> int:
         return self.layers * self.per_layer
 
-    def peak(self, checkpointed) -> int:
+    def peak(self, checkpointed, keep_attention: bool = False) -> int:
         """checkpointed: how many layers recompute their activations (True = all, False = none)."""
         k = self.layers if checkpointed is True else int(checkpointed)
-        kept = self.layer_input + (self.attention_outputs if KEEP_ATTENTION else 0)
+        kept = self.layer_input + (self.attention_outputs if keep_attention else 0)
         rebuilt = self.per_layer if k else 0  # the backward rebuilds one checkpointed layer at a time
         return (self.layers - k) * self.per_layer + k * kept + rebuilt + self.loss
 
-    def fits(self, checkpointed) -> bool:
-        return self.free is None or self.peak(checkpointed) <= HEADROOM * self.free
+    def fits(self, checkpointed, keep_attention: bool = False) -> bool:
+        return self.free is None or self.peak(checkpointed, keep_attention) <= HEADROOM * self.free
 
-    def layers_to_checkpoint(self) -> int:
-        """The fewest layers whose checkpointing makes the step fit (all of them when nothing fits):
-        every layer not checkpointed saves its share of the recomputation."""
-        return next((k for k in range(self.layers + 1) if self.fits(k)), self.layers)
-
-    def describe(self) -> str:
-        free = "unknown" if self.free is None else f"{self.free / GIB:.1f} GiB"
-        return (f"step needs ~{self.peak(False) / GIB:.1f} GiB (all layers checkpointed ~{self.peak(True) / GIB:.1f} GiB), "
-                f"free {free}")
+    def plan(self, layers: int | None = None) -> tuple[int, bool]:
+        """(layers to checkpoint, whether they keep their attention outputs). layers=None: the fewest that
+        make the step fit (every layer not checkpointed saves its share of the recomputation; all of
+        them when nothing fits). Keeping the attention outputs is preferred wherever it fits: it saves
+        the most expensive part of what is left to recompute."""
+        for keep in (True, False) if KEEP_ATTENTION else (False,):
+            candidates = range(self.layers + 1) if layers is None else (layers,)
+            k = next((k for k in candidates if self.fits(k, keep)), None)
+            if k is not None:
+                return k, keep and k > 0
+        return (self.layers if layers is None else layers), False
 
 
 def estimate_step(config, seq_len: int, batch_size: int, act_bytes: int = 2, free: int | None = None) -> StepEstimate:
@@ -98,14 +101,15 @@ def free_bytes(device) -> int | None:
     return int(free)
 
 
-def checkpoint_plan(setting: str, model, seq_len: int, batch_size: int, device) -> tuple[int, StepEstimate]:
-    """How many decoder layers the search checkpoints, for SearchConfig.gradient_checkpointing: "on" all,
-    "off" none, "auto" the fewest that make the step fit the device's free memory (none when it fits)."""
+def checkpoint_plan(setting: str, model, seq_len: int, batch_size: int, device) -> tuple[int, bool, StepEstimate]:
+    """(layers the search checkpoints, whether they keep their attention outputs, the estimate), for
+    SearchConfig.gradient_checkpointing: "on" all, "off" none, "auto" the fewest that make the step fit
+    the device's free memory (none when it fits)."""
     act_bytes = 2 if next(model.parameters()).dtype in (torch.bfloat16, torch.float16) or \
         torch.device(device).type == "cuda" else 4  # bf16 autocast on a GPU either way
     estimate = estimate_step(model.config, seq_len, batch_size, act_bytes, free_bytes(device))
-    layers = {"on": estimate.layers, "off": 0}.get(setting)
-    return (estimate.layers_to_checkpoint() if layers is None else layers), estimate
+    layers, keep = estimate.plan({"on": estimate.layers, "off": 0}.get(setting))
+    return layers, keep, estimate
 
 
 def decoder_layers(model) -> list:
@@ -126,12 +130,13 @@ def _keep_attention_outputs(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def enable_checkpointing(model, layers: int, keep_attention: bool | None = None) -> None:
+def enable_checkpointing(model, layers: int, keep_attention: bool = False) -> None:
     """Checkpoint the bottom `layers` decoder layers (0 turns checkpointing off); the others keep their
     activations. transformers' own switch is all-or-nothing (or every n-th layer) in the versions consa
     supports, so the per-layer flags are set here after it. keep_attention: selective checkpointing that
-    saves the attention outputs of checkpointed layers (`_keep_attention_outputs`; default KEEP_ATTENTION)."""
+    saves the attention outputs of checkpointed layers (`_keep_attention_outputs`)."""
     blocks = decoder_layers(model)
+    model.consa_checkpointing = (min(max(layers, 0), len(blocks)), bool(keep_attention and layers > 0 and blocks))
     if layers <= 0 or not blocks:
         new_names = hasattr(model, "activation_checkpointing_disable")  # transformers 5.2x renamed them
         active = model.is_activation_checkpointing if new_names else model.is_gradient_checkpointing
@@ -139,7 +144,7 @@ def enable_checkpointing(model, layers: int, keep_attention: bool | None = None)
             (model.activation_checkpointing_disable if new_names else model.gradient_checkpointing_disable)()
         return
     kwargs = {"use_reentrant": False}
-    if KEEP_ATTENTION if keep_attention is None else keep_attention:
+    if keep_attention:
         from functools import partial
 
         from torch.utils.checkpoint import create_selective_checkpoint_contexts

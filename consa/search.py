@@ -99,8 +99,9 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     autocast = device.type == "cuda" and config.dtype in ("auto", "bfloat16")
     for p in model.parameters():
         p.requires_grad_(False)
-    checkpointed, _ = checkpoint_plan(config.gradient_checkpointing, model, config.seq_len, config.batch_size, device)
-    enable_checkpointing(model, checkpointed)
+    checkpointed, keep_attention, _ = checkpoint_plan(config.gradient_checkpointing, model, config.seq_len,
+                                                      config.batch_size, device)
+    enable_checkpointing(model, checkpointed, keep_attention)
     if checkpointed:
         model.train()  # checkpointing is only active in train mode; dropout is 0 in these models
     grid = unit_grid(config.granularity, *model_shape(model))
@@ -210,7 +211,7 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     training.update(seconds=round(time.time() - started, 2), final_expected_sparsity=round(gate.expected_sparsity().item(), 6),
                     lambda1=lagrangian.lambda1, lambda2=lagrangian.lambda2, gpus=parallel.world_size,
                     activation_checkpointing=checkpointed > 0,
-                    checkpointed_layers=checkpointed, weights_dtype=str(next(model.parameters()).dtype),
+                    checkpointed_layers=checkpointed, checkpoint_keeps_attention=keep_attention, weights_dtype=str(next(model.parameters()).dtype),
                     **refined)
     allocation = Allocation.from_full_mask(
         full, model=config.model, revision=config.revision, granularity=config.granularity, window=config.window,

@@ -35,33 +35,37 @@ def test_estimate_errs_above_the_measured_8b_step():
 def test_auto_checkpoints_every_layer_only_when_nothing_else_fits(monkeypatch, free_gib, expected):
     model = tiny.build_model()
     monkeypatch.setattr(memory, "free_bytes", lambda device: int(free_gib * GIB))
-    chosen, est = memory.checkpoint_plan("auto", model, seq_len=4096, batch_size=4, device="cpu")
+    chosen, keep, est = memory.checkpoint_plan("auto", model, seq_len=4096, batch_size=4, device="cpu")
     assert chosen == expected
     assert est.fits(False) is (expected == 0)
+    assert keep is False  # nothing fits, or nothing is checkpointed
 
 
-def test_auto_checkpoints_the_fewest_layers_that_fit():
+def test_auto_checkpoints_the_fewest_layers_that_fit_and_keeps_their_attention_where_it_fits():
     """8B at 32k on one H200: checkpointing every layer would leave most of the GPU idle."""
     est = memory.estimate_step(llama3_8b(), seq_len=32768, batch_size=1, act_bytes=2, free=120 * GIB)
-    k = est.layers_to_checkpoint()
-    assert 0 < k < 32
-    assert est.fits(k) and not est.fits(k - 1)
-    assert est.peak(k) > est.peak(True)  # the memory it leaves unused buys back recomputation
+    k, keep = est.plan()
+    assert 0 < k < 32 and keep
+    assert est.fits(k, True) and not est.fits(k - 1, True)
+    assert est.peak(k, True) > est.peak(True, True)  # the memory it leaves unused buys back recomputation
+    assert est.peak(True, True) > est.peak(True)  # the kept outputs are counted
+
+
+def test_attention_is_not_kept_where_keeping_it_would_not_fit(monkeypatch):
+    """8B at 128k: 2 GiB of attention outputs per layer do not fit next to the layer inputs."""
+    est = memory.estimate_step(llama3_8b(), seq_len=131072, batch_size=1, act_bytes=2, free=123 * GIB)
+    k, keep = est.plan()
+    assert not keep and est.fits(k) and not est.fits(32, True)
+    monkeypatch.setattr(memory, "KEEP_ATTENTION", False)
+    assert memory.estimate_step(llama3_8b(), seq_len=32768, batch_size=1, free=120 * GIB).plan()[1] is False
 
 
 def test_on_and_off_are_obeyed_whatever_the_estimate(monkeypatch):
     model = tiny.build_model()
     monkeypatch.setattr(memory, "free_bytes", lambda device: 1)
-    assert memory.checkpoint_plan("off", model, 4096, 4, "cpu")[0] == 0
+    assert memory.checkpoint_plan("off", model, 4096, 4, "cpu")[:2] == (0, False)
     monkeypatch.setattr(memory, "free_bytes", lambda device: 1 << 50)
-    assert memory.checkpoint_plan("on", model, 4096, 4, "cpu")[0] == 4
-
-
-def test_keeping_attention_outputs_costs_memory_in_the_estimate(monkeypatch):
-    monkeypatch.setattr(memory, "KEEP_ATTENTION", False)
-    plain = memory.estimate_step(llama3_8b(), seq_len=32768, batch_size=1).peak(True)
-    monkeypatch.setattr(memory, "KEEP_ATTENTION", True)
-    assert memory.estimate_step(llama3_8b(), seq_len=32768, batch_size=1).peak(True) > plain
+    assert memory.checkpoint_plan("on", model, 4096, 4, "cpu")[:2] == (4, True)
 
 
 class CountAttention(TorchDispatchMode):

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,9 +211,13 @@ def test_checkpointing_setting_auto_follows_the_memory_estimate(tiny_model_dir, 
     monkeypatch.setattr(memory, "free_bytes", lambda device: 1024)  # nothing fits: must checkpoint
     tight = run_search(_config(tiny_model_dir, text_dir, steps=2))
     assert tight.allocation.training["activation_checkpointing"] is True
+    layers = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]
+    assert tight.allocation.training["checkpointed_layers"] == layers  # nothing fits: every layer
+    assert tight.allocation.training["checkpoint_keeps_attention"] is False
     assert tight.allocation.training["gradient_checkpointing"] == "auto"
     off = run_search(_config(tiny_model_dir, text_dir, steps=2, gradient_checkpointing="off"))
     assert off.allocation.training["activation_checkpointing"] is False
+    assert off.allocation.training["checkpointed_layers"] == 0
     assert SearchConfig(model="m", sparsity=0.5, gradient_checkpointing=True).gradient_checkpointing == "on"
 
 
