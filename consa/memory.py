@@ -7,10 +7,13 @@ activation checkpointing keeps only each layer's input and rebuilds one layer at
 backward (about one extra forward of that layer: ~30% more time when every layer is checkpointed),
 which is why `auto` checkpoints only as many layers as the memory needs.
 
+Checkpointed layers can also keep their attention outputs (selective checkpointing), so that their
+backward does not run the attention forward again; the plan does so wherever that still fits.
+
 The per-token figures below count what autograd saves in one decoder layer with soft gates (both
-the full and the sliding-window path run on every head); they overestimate a measured Llama-3-8B
-step (8k tokens, fp32 weights + autocast: 94 GiB peak, about 150 KB per token and layer where this
-says 200 KB), which errs on the side of checkpointing.
+the full and the sliding-window path run on every head); they overestimate measured Llama-3-8B steps
+(bf16 weights at 32k: ~134 KB per token and layer where this says 205 KB; bench/RESULTS.md), which
+errs on the side of checkpointing.
 """
 
 from dataclasses import dataclass
