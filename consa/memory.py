@@ -153,6 +153,8 @@ def enable_checkpointing(model, layers: int, keep_attention: bool = False) -> No
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_attention_outputs)
+    if getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()  # enabling adds its embedding hook again: one per search otherwise
     if hasattr(model, "activation_checkpointing_enable"):  # the new name from transformers 5.2x on
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

@@ -112,8 +112,40 @@ def test_partial_and_selective_checkpointing_give_the_same_gradient_and_skip_rec
     # Each layer runs its attention twice per step (the FA and the SWA side on CPU's SDPA); a checkpointed
     # layer runs them again in the backward, unless its outputs are kept.
     assert (calls_plain, calls_all, calls_two, calls_kept) == (8, 16, 12, 8)
+    assert len(model.get_input_embeddings()._forward_hooks) == 1  # one hook, however many searches enabled it
 
 
 def test_unknown_free_memory_never_forces_checkpointing():
     est = memory.estimate_step(llama3_8b(), seq_len=131072, batch_size=1, free=None)
     assert est.fits(False)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "llama"])
+def test_the_estimate_bounds_what_autograd_saves_per_layer(model_type):
+    """Sum the bytes autograd keeps for the backward of a soft-gated step (storages counted once) and
+    compare with the estimate for the same shape: above it, but not wildly (a loose estimate costs
+    recomputation)."""
+    model = tiny.build_model(model_type, layers=4, hidden_size=64, intermediate_size=192, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hybrid = install(model, window=16)
+    hybrid.set_gates(torch.full((4, 2), 0.5, requires_grad=True))
+    tokens = 256
+    rows = torch.randint(1, 300, (1, tokens), generator=torch.Generator().manual_seed(0))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(rows).last_hidden_state.sum().backward()
+    hybrid.set_gates(None)
+    # The CPU's SWA path also keeps its (T, T) boolean mask, which the GPU's FlexAttention does not.
+    per_layer = (sum(saved.values()) - 4 * tokens * tokens) / 4
+    est = memory.estimate_step(model.config, seq_len=tokens, batch_size=1, act_bytes=4)
+    assert per_layer <= est.per_layer <= 2 * per_layer, (per_layer, est.per_layer)
