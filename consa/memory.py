@@ -8,7 +8,8 @@ backward (about one extra forward of that layer: ~30% more time when every layer
 which is why `auto` checkpoints only as many layers as the memory needs.
 
 Checkpointed layers can also keep their attention outputs (selective checkpointing), so that their
-backward does not run the attention forward again; the plan does so wherever that still fits.
+backward does not run the attention forward again; the plan does so wherever that still fits. Should
+a step run out of memory anyway, the search redoes it with every layer checkpointed (consa.search).
 
 The per-token figures below count what autograd saves in one decoder layer with soft gates (both
 the full and the sliding-window path run on every head); they overestimate measured Llama-3-8B steps

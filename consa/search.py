@@ -9,6 +9,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from consa.errors import Cancelled, ConsaError, DataError
 from consa import refine
 from consa.gates import HardConcreteGate, annealed_beta, exact_swa_mask
 from consa.hybrid_attention import install, model_shape
-from consa.loading import load_for_search
-from consa.memory import checkpoint_plan, enable_checkpointing
+from consa.loading import free_accelerator_memory, load_for_search
+from consa.memory import checkpoint_plan, decoder_layers, enable_checkpointing
 from consa.manifest import Allocation
 from consa.objectives import get_objective
 from consa.units import unit_grid
@@ -148,8 +149,18 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
         return state
     order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(config.seed))
 
+    def forward_backward(step: int, batch, batch_labels):
+        """The step's loss and its gradient on the gates (and the multipliers' penalty); nothing updated."""
+        hybrid.set_gates(grid.to_grid(gate(step_noise(config.seed, step))))  # (L, K)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss_task = objective.loss(model, hybrid, batch, batch_labels)
+        s_hat = gate.expected_sparsity()
+        optimizer.zero_grad(set_to_none=True)
+        (loss_task + lagrangian.penalty(s_hat, step)).backward()
+        return loss_task, s_hat
+
     # train
-    history = []
+    history, replanned = [], {}
     gate.train()
     for step in range(start_step, config.steps):
         cancel = should_cancel is not None and should_cancel()
@@ -159,14 +170,25 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
         batch, batch_labels = rows[pick], labels[pick]  # (B, T)
 
         gate.beta = annealed_beta(step, config.steps, config.temperature_final)
-        hybrid.set_gates(grid.to_grid(gate(step_noise(config.seed, step))))  # (L, K)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss_task = objective.loss(model, hybrid, batch, batch_labels)
-        s_hat = gate.expected_sparsity()
-        loss = loss_task + lagrangian.penalty(s_hat, step)
-
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out_of_memory = False
+        try:
+            loss_task, s_hat = forward_backward(step, batch, batch_labels)
+        except torch.OutOfMemoryError:
+            if (checkpointed, keep_attention) == (len(decoder_layers(model)), False):
+                raise
+            out_of_memory = True  # recovered below, once the exception no longer holds the step's tensors
+        if out_of_memory:
+            # The memory plan comes from an estimate: rather than lose the job, redo the step (same rows,
+            # same noise, nothing updated yet) with every layer checkpointed and nothing kept.
+            optimizer.zero_grad(set_to_none=True)
+            hybrid.set_gates(None)
+            free_accelerator_memory()
+            checkpointed, keep_attention = len(decoder_layers(model)), False
+            enable_checkpointing(model, checkpointed, keep_attention)
+            model.train()
+            replanned = {"checkpointing_replanned_at_step": step}
+            warnings.warn(f"out of device memory at step {step}: checkpointing every layer from now on")
+            loss_task, s_hat = forward_backward(step, batch, batch_labels)
         # Every rank's own rows -> one averaged gradient, so log_alpha (and all that follows from it:
         # s_hat, the multipliers, the allocation) stays identical on every rank.
         grad, task_value, cancel = parallel.reduce_step(gate.log_alpha.grad, loss_task, cancel)
@@ -211,7 +233,8 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     training.update(seconds=round(time.time() - started, 2), final_expected_sparsity=round(gate.expected_sparsity().item(), 6),
                     lambda1=lagrangian.lambda1, lambda2=lagrangian.lambda2, gpus=parallel.world_size,
                     activation_checkpointing=checkpointed > 0,
-                    checkpointed_layers=checkpointed, checkpoint_keeps_attention=keep_attention, weights_dtype=str(next(model.parameters()).dtype),
+                    checkpointed_layers=checkpointed, checkpoint_keeps_attention=keep_attention, **replanned,
+                    weights_dtype=str(next(model.parameters()).dtype),
                     **refined)
     allocation = Allocation.from_full_mask(
         full, model=config.model, revision=config.revision, granularity=config.granularity, window=config.window,

@@ -221,6 +221,40 @@ def test_checkpointing_setting_auto_follows_the_memory_estimate(tiny_model_dir, 
     assert SearchConfig(model="m", sparsity=0.5, gradient_checkpointing=True).gradient_checkpointing == "on"
 
 
+def _out_of_memory_on(monkeypatch, calls: set):
+    """The LM objective runs out of device memory on the given calls (counted from 1), as a GPU would."""
+    from consa.objectives import NextTokenLoss
+
+    real, count = NextTokenLoss.loss, [0]
+
+    def loss(self, *args):
+        count[0] += 1
+        if count[0] in calls:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args)
+
+    monkeypatch.setattr(NextTokenLoss, "loss", loss)
+
+
+def test_a_step_out_of_memory_is_redone_with_every_layer_checkpointed(tiny_model_dir, text_dir, monkeypatch):
+    reference = run_search(_config(tiny_model_dir, text_dir, steps=4, gradient_checkpointing="off"))
+    _out_of_memory_on(monkeypatch, {2})  # step 1's forward
+    with pytest.warns(UserWarning, match="out of device memory at step 1"):
+        recovered = run_search(_config(tiny_model_dir, text_dir, steps=4, gradient_checkpointing="off"))
+    layers = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]
+    training = recovered.allocation.training
+    assert training["checkpointed_layers"] == layers and training["checkpointing_replanned_at_step"] == 1
+    # The same rows and noise, no step lost or taken twice: the very gates of the search that never failed.
+    torch.testing.assert_close(recovered.gate_state["log_alpha"], reference.gate_state["log_alpha"])
+    assert [r["step"] for r in recovered.history] == [1, 2, 3, 4]
+
+
+def test_out_of_memory_with_every_layer_checkpointed_is_the_jobs_error(tiny_model_dir, text_dir, monkeypatch):
+    _out_of_memory_on(monkeypatch, {1, 2})
+    with pytest.raises(torch.OutOfMemoryError), pytest.warns(UserWarning):
+        run_search(_config(tiny_model_dir, text_dir, steps=2, gradient_checkpointing="on"))
+
+
 @pytest.mark.parametrize("objective", ["distill", "distill-hidden"])
 def test_distillation_objectives_reach_the_exact_sparsity(tiny_model_dir, text_dir, objective):
     result = run_search(_config(tiny_model_dir, text_dir, objective=objective, steps=6))
