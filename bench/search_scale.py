@@ -196,6 +196,7 @@ def scale_record(model, shape: str, context: int, batch: int, world: int, device
     finally:
         signal.alarm(0)
         memory.KEEP_ATTENTION = allowed
+    rec["peak_gib"] = None  # a GPU's figure only
     if torch.device(device).type == "cuda":
         rec["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     gc.collect()
