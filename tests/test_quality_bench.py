@@ -100,3 +100,25 @@ def test_report_only_rewrites_the_reports_from_records(quality, tmp_path):
     assert summary["default"] == "learned-lm" and summary["all_cells_met"] is True
     with pytest.raises(SystemExit):
         quality.main(["--report-only"])
+
+
+def test_heldout_re_evaluates_the_recorded_allocations(tmp_path, tiny_model_dir, text_dir):
+    """bench/heldout.py rebuilds each record's allocation from its pattern and evaluates it elsewhere."""
+    spec = importlib.util.spec_from_file_location("heldout", Path(__file__).parents[1] / "bench" / "heldout.py")
+    heldout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(heldout)
+    layers = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]
+    half = ["F" * 2 if i % 2 else "." * 2 for i in range(layers)]
+    records = [{"method": "learned-lm", "granularity": "layer", "sparsity": 0.5, "seed": 0, "loss": 1.0,
+                "retrieval_acc": 0.5, "pattern": half},
+               {"method": "learned-lm", "granularity": "layer", "sparsity": 0.5, "seed": 1, "loss": 1.0,
+                "retrieval_acc": 0.5, "pattern": half}]  # not asked for: seed 0 only
+    (tmp_path / "q.json").write_text(json.dumps(records))
+    out = heldout.main(["--records", str(tmp_path / "q.json"), "--model", str(tiny_model_dir), "--eval-data",
+                        str(text_dir), "--sequences", "2", "--docs", "2", "--seq-len", "96", "--window", "16",
+                        "--keys", "2", "--cells", "layer:0.5", "--methods", "learned-lm", "--device", "cpu",
+                        "--out", str(tmp_path)])
+    assert [(r["method"], r.get("seed")) for r in out] == [("full", None), ("learned-lm", 0)]
+    assert out[1]["quality_loss"] == 1.0 and out[1]["keys"] == 2 and out[1]["loss"] != out[0]["loss"]
+    assert heldout.allocation_of(records[0], 16).sparsity_achieved == 0.5
+    assert json.loads((tmp_path / "heldout.json").read_text()) == out
