@@ -27,3 +27,21 @@ def text_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny.build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """Import a script of bench/ (a folder of scripts, not a package) by name: bench_script("quality")."""
+    import importlib.util
+
+    loaded = {}
+
+    def load(name: str):
+        if name not in loaded:
+            path = Path(__file__).parents[1] / "bench" / f"{name}.py"
+            spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+            loaded[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(loaded[name])
+        return loaded[name]
+
+    return load

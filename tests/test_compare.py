@@ -40,13 +40,8 @@ def test_markdown_table_shows_spread():
     assert "2.0000 ± 0.0100" in table and "–" in table
 
 
-def test_quality_benchmark_runs_end_to_end(tmp_path, tiny_model_dir, text_dir):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "bench" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+def test_quality_benchmark_runs_end_to_end(tmp_path, tiny_model_dir, text_dir, bench_script):
+    quality = bench_script("quality")
     records = quality.main(["--model", str(tiny_model_dir), "--eval-data", str(text_dir), "--train-data", str(text_dir),
                             "--out", str(tmp_path), "--sparsities", "0.5", "--window", "16", "--seq-len", "160",
                             "--eval-sequences", "2", "--retrieval-docs", "2", "--steps", "2", "--search-seq-len", "64",

@@ -1,6 +1,5 @@
 """bench/quality.py: seeds in every cell, the default picked over all cells, the per-cell summary."""
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
@@ -9,11 +8,8 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def quality():
-    spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "bench" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def quality(bench_script):
+    return bench_script("quality")
 
 
 def test_every_variant_is_a_valid_search_config(quality):
@@ -102,11 +98,9 @@ def test_report_only_rewrites_the_reports_from_records(quality, tmp_path):
         quality.main(["--report-only"])
 
 
-def test_heldout_re_evaluates_the_recorded_allocations(tmp_path, tiny_model_dir, text_dir):
+def test_heldout_re_evaluates_the_recorded_allocations(tmp_path, tiny_model_dir, text_dir, bench_script):
     """bench/heldout.py rebuilds each record's allocation from its pattern and evaluates it elsewhere."""
-    spec = importlib.util.spec_from_file_location("heldout", Path(__file__).parents[1] / "bench" / "heldout.py")
-    heldout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(heldout)
+    heldout = bench_script("heldout")
     layers = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]
     half = ["F" * 2 if i % 2 else "." * 2 for i in range(layers)]
     records = [{"method": "learned-lm", "granularity": "layer", "sparsity": 0.5, "seed": 0, "loss": 1.0,

@@ -136,15 +136,11 @@ def test_decode_attention_matches_sdpa():
     torch.testing.assert_close(decode_attention(q, k, v, valid), want, atol=1e-5, rtol=1e-5)
 
 
-def test_benchmark_main_runs_tiny(tmp_path):
+def test_benchmark_main_runs_tiny(tmp_path, bench_script):
     """bench/runtime.py end to end on a tiny model: records with bytes at the floor."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_runtime", Path(__file__).parents[1] / "bench" / "runtime.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("runtime")
     records = bench.main(["--tiny", "--device", "cpu", "--contexts", "96", "--sparsities", "0.5", "--decode-steps", "3",
                           "--window", "16", "--extra-batches", "--out", str(tmp_path)])
     assert {(r["granularity"], r["sparsity"]) for r in records} == {("full", 0.0), ("kv_head", 0.5), ("layer", 0.5)}

@@ -1,19 +1,14 @@
 """bench/search_scale.py on the CPU (its `tiny` shape): the records a GPU run will write, with the
 checkpointing plan each search step ran under, so a device call is not spent finding a bench bug."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 
 @pytest.fixture(scope="module")
-def search_scale():
-    spec = importlib.util.spec_from_file_location("search_scale", Path(__file__).parents[1] / "bench" / "search_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def search_scale(bench_script):
+    return bench_script("search_scale")
 
 
 def test_scale_records_name_the_plan_they_ran_under(search_scale, tmp_path):
