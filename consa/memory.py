@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-GIB = 1 << 30
 # Leave this share of the free memory for the allocator's fragmentation and the kernels' workspaces.
 HEADROOM = 0.85
 # Checkpointed layers may keep their attention outputs (selective checkpointing, `_keep_attention_outputs`)
@@ -33,12 +32,17 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _query_width(cfg) -> int:
+    """Query heads x head dim: the width of one attention output."""
+    return cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
 def layer_activation_elements(config) -> int:
     """Elements saved per token in one decoder layer for the backward, with soft gates."""
     cfg = _text_config(config)
     d = cfg.hidden_size
-    head_dim = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
-    q = cfg.num_attention_heads * head_dim
+    q = _query_width(cfg)
+    head_dim = q // cfg.num_attention_heads
     kv = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) * head_dim
     inter = getattr(cfg, "intermediate_size", None) or 4 * d
     # norms and residuals (4d); q/k/v before and after RoPE/qk-norm (2q + 4kv); the full and the SWA
@@ -91,8 +95,7 @@ def estimate_step(config, seq_len: int, batch_size: int, act_bytes: int = 2, fre
     tokens = seq_len * batch_size
     hidden = cfg.hidden_size * tokens
     loss = 2 * hidden * 4 + 3 * LOGIT_CHUNK_ELEMENTS * 4  # fp32 hidden x2; logits, softmax, gradient
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    attention_outputs = 2 * cfg.num_attention_heads * head_dim * tokens * act_bytes
+    attention_outputs = 2 * _query_width(cfg) * tokens * act_bytes
     return StepEstimate(per_layer=layer_activation_elements(cfg) * tokens * act_bytes, layer_input=hidden * act_bytes,
                         attention_outputs=attention_outputs, layers=cfg.num_hidden_layers, loss=loss, free=free)
 
