@@ -4,6 +4,7 @@
     torchrun --standalone --nproc-per-node 2 bench/search_scale.py --out $OUT  # 2 GPUs, data-parallel
     python3 bench/search_scale.py --mode testbed --out $OUT                    # objectives on the testbed
     python3 bench/search_scale.py --mode loss --out $OUT                       # chunked vs fused loss kernels
+    python3 bench/search_scale.py --mode saved --kernels off,auto --out $OUT    # saved bytes vs the estimate
 
 Scale mode: for each shape (random weights from a config built here: nothing is downloaded) and
 context, a few real search steps (consa.search.run_search: kv_head, s = 0.5, window 1024, objective
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from consa import objectives  # noqa: E402
+from consa import fused_kernels, memory, objectives  # noqa: E402
 from consa.config import SearchConfig  # noqa: E402
 from consa.errors import Cancelled  # noqa: E402
 from consa.search import run_search  # noqa: E402
@@ -84,7 +85,7 @@ def _alarm(signum, frame):
 
 
 def timed_search(model, context: int, batch: int, world: int, device, budget_s: float,
-                 checkpointing: str = "auto") -> tuple[float, dict]:
+                 checkpointing: str = "auto", kernels: str = "auto", objective: str = "lm") -> tuple[float, dict]:
     """Run search steps: the first warms up (compiles, allocates); then up to two timed ones.
     Returns (best timed step s, facts about the run)."""
     starts, times = [], []
@@ -97,12 +98,14 @@ def timed_search(model, context: int, batch: int, world: int, device, budget_s: 
         times.append(time.perf_counter() - starts[-1])
 
     config = SearchConfig(model="random", sparsity=0.5, granularity="kv_head", window=1024, seq_len=context,
-                          batch_size=batch, steps=4, retrieval_ratio=0.0, gradient_checkpointing=checkpointing)
+                          batch_size=batch, steps=4, retrieval_ratio=0.0, gradient_checkpointing=checkpointing,
+                          fused_kernels=kernels, objective=objective)
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(1, model.config.vocab_size, (config.steps * batch * world, context), generator=g)
+    fused = fused_kernels.apply(model) if kernels == "auto" else []  # what the search will install
+    fused_kernels.remove(model)
     try:
-        run_search(config, model=model, dataset=rows, progress=progress, should_cancel=should_cancel,
-                            device=device)
+        run_search(config, model=model, dataset=rows, progress=progress, should_cancel=should_cancel, device=device)
     except Cancelled:
         pass
     if torch.distributed.is_initialized():  # rank 0's times, for every rank
@@ -111,7 +114,8 @@ def timed_search(model, context: int, batch: int, world: int, device, budget_s: 
         times = box[0]
     checkpointed, keeps_attention = getattr(model, "consa_checkpointing", (0, False))
     return best(times), {"timed_steps": max(1, len(times) - 1), "checkpointed_layers": checkpointed,
-                         "keeps_attention": keeps_attention,
+                         "keeps_attention": keeps_attention, "objective": objective,
+                         "fused_kernels": fused,
                          "weights_dtype": str(next(model.parameters()).dtype)}
 
 
@@ -124,16 +128,22 @@ def plain_step(model, batch_rows: torch.Tensor) -> None:
     assert emb.grad is not None
 
 
-def timed_plain(model, context: int, batch: int, device, budget_s: float) -> float:
+def timed_plain(model, context: int, batch: int, device, budget_s: float, kernels: str = "auto") -> float:
+    """The plain pass, with the same fused kernels as the search where it used them."""
     model.consa_hybrid.set_gates(None)  # every unit full: the hybrid function runs plain SDPA
     rows = torch.randint(1, model.config.vocab_size, (batch, context), device=device)
     times = []
-    while not enough(times, budget_s):
-        sync(device)
-        t0 = time.perf_counter()
-        plain_step(model, rows)
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    if kernels == "auto":
+        fused_kernels.apply(model)
+    try:
+        while not enough(times, budget_s):
+            sync(device)
+            t0 = time.perf_counter()
+            plain_step(model, rows)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    finally:
+        fused_kernels.remove(model)
     return best(times)
 
 
@@ -167,24 +177,22 @@ def prewarm_flex(model, context: int, batch: int, device) -> None:
 
 
 def scale_record(model, shape: str, context: int, batch: int, world: int, device, budget_s: float,
-                 checkpointing: str = "auto") -> dict:
+                 checkpointing: str = "auto", kernels: str = "auto", objective: str = "lm") -> dict:
     """checkpointing: the search's setting (auto/on/off); "+nokeep": checkpointed layers never keep their
-    attention outputs (consa.memory.KEEP_ATTENTION off)."""
-    from consa import memory
-
+    attention outputs (consa.memory.KEEP_ATTENTION off). kernels: its fused_kernels setting."""
     setting, _, option = checkpointing.partition("+")
     allowed, memory.KEEP_ATTENTION = memory.KEEP_ATTENTION, memory.KEEP_ATTENTION and option != "nokeep"
     rec = {"shape": shape, "context": context, "batch": batch, "gpus": world, "checkpointing": checkpointing,
-           "ok": False, "error": None}
+           "kernels": kernels, "ok": False, "error": None}
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(int(budget_s * 2.5) + 30)
     try:
         prewarm_flex(model, context, batch, device)
-        rec["step_s"], extra = timed_search(model, context, batch, world, device, budget_s, setting)
+        rec["step_s"], extra = timed_search(model, context, batch, world, device, budget_s, setting, kernels, objective)
         rec.update(extra)
-        rec["plain_step_s"] = timed_plain(model, context, batch, device, budget_s)
+        rec["plain_step_s"] = timed_plain(model, context, batch, device, budget_s, kernels)
         rec["ratio"] = round(rec["step_s"] / rec["plain_step_s"], 3)
         rec["tokens_per_s"] = round(world * batch * context / rec["step_s"], 1)
         flops = useful_flops(model, context, batch)
@@ -205,17 +213,16 @@ def scale_record(model, shape: str, context: int, batch: int, world: int, device
     return rec
 
 
-def profile_step(model, context: int, batch: int, world: int, device, checkpointing: str, path: Path) -> None:
+def profile_step(model, context: int, batch: int, world: int, device, checkpointing: str, path: Path,
+                 kernels: str = "auto") -> None:
     """Where a search step's time goes: the kernels with the most CUDA time over two steps."""
     from torch.profiler import ProfilerActivity, profile
-
-    from consa import memory
 
     setting, _, option = checkpointing.partition("+")
     allowed, memory.KEEP_ATTENTION = memory.KEEP_ATTENTION, memory.KEEP_ATTENTION and option != "nokeep"
     try:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            timed_search(model, context, batch, world, device, 0.0, setting)
+            timed_search(model, context, batch, world, device, 0.0, setting, kernels)
         table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
         if int(os.environ.get("RANK", "0")) == 0:
             path.write_text(f"{checkpointing}\n{table}")
@@ -239,19 +246,91 @@ def run_scale(args) -> list[dict]:
             records.append({"shape": shape, "gpus": world, "ok": False, "error": f"build: {e}"[:300]})
             continue
         for context in map(int, args.contexts.split(",")):
-            for checkpointing in args.checkpointing.split(","):
-                rec = scale_record(model, shape, context, args.batch, world, device, args.budget, checkpointing)
-                log(json.dumps(rec))
-                records.append(rec)
-                if int(os.environ.get("RANK", "0")) == 0:
-                    out.write_text(json.dumps(records, indent=1))  # after every record: a later OOM keeps these
+            for kernels in args.kernels.split(","):
+                for checkpointing in args.checkpointing.split(","):
+                    rec = scale_record(model, shape, context, args.batch, world, device, args.budget, checkpointing,
+                                       kernels, args.objective)
+                    log(json.dumps(rec))
+                    records.append(rec)
+                    if int(os.environ.get("RANK", "0")) == 0:
+                        out.write_text(json.dumps(records, indent=1))  # after every record: a later OOM keeps these
             if args.profile and rec["ok"] and torch.device(device).type == "cuda":
                 profile_step(model, context, args.batch, world, device, args.checkpointing.split(",")[-1],
-                             Path(args.out) / f"profile_{shape}_{context}_{world}gpu.txt")
+                             Path(args.out) / f"profile_{shape}_{context}_{world}gpu.txt", args.kernels.split(",")[-1])
         del model
         gc.collect()
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
+    return records
+
+
+# -- what autograd keeps per layer, against consa.memory's estimate ---------------------------------------
+def saved_per_layer(model, context: int, device) -> tuple[float, torch.Tensor]:
+    """(bytes autograd keeps per decoder layer, the gate gradient) for one soft-gated forward + backward of the
+    decoder (frozen weights; the LM head is the loss's, checkpointed by consa.objectives: not counted)."""
+    from consa.hybrid_attention import install, model_shape
+
+    layers, kv_heads = model_shape(model)
+    hybrid = getattr(model, "consa_hybrid", None) or install(model, 1024)
+    z = torch.full((layers, kv_heads), 0.5, device=device, requires_grad=True)
+    hybrid.set_gates(z)
+    rows = torch.randint(1, model.config.vocab_size, (1, context), device=device,
+                         generator=torch.Generator(device).manual_seed(0))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        cpu_mask = t.dim() == 4 and t.shape[1] == 1 and t.shape[-2:] == (context, context)  # the CPU's SWA path only
+        if storage.data_ptr() not in weights and not cpu_mask:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+            hidden = model.get_decoder()(input_ids=rows, use_cache=False).last_hidden_state
+        hidden.float().pow(2).mean().backward()
+    hybrid.set_gates(None)
+    final_norm = context * model.config.hidden_size * 4  # the last norm's fp32 input (or its own input)
+    return (sum(saved.values()) - final_norm) / layers, z.grad.detach().float().cpu()
+
+
+def run_saved(args) -> list[dict]:
+    """Per shape and context: autograd's saved bytes per layer with transformers' kernels and with the fused
+    ones, each against consa.memory's estimate; and how far the fused kernels move the gate gradient."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    gpu = device.type == "cuda"
+    records = []
+    for shape in args.shapes.split(","):
+        model = build(shape, device, torch.bfloat16 if gpu else torch.float32)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        qk_norm = any(hasattr(m, "q_norm") for m in model.modules())
+        for context in map(int, args.contexts.split(",")):
+            grads = {}
+            for kernels in args.kernels.split(","):
+                fused = fused_kernels.apply(model) if kernels == "auto" else []
+                try:
+                    measured, grads[kernels] = saved_per_layer(model, context, device)
+                finally:
+                    fused_kernels.remove(model)
+                est = memory.estimate_step(model.config, context, 1, 2 if gpu else 4, fused=fused, qk_norm=qk_norm)
+                rec = {"shape": shape, "context": context, "kernels": kernels, "fused_kernels": fused,
+                       "saved_per_layer_bytes": int(measured), "estimate_per_layer_bytes": est.per_layer,
+                       "measured_over_estimate": round(measured / est.per_layer, 3),
+                       "per_token_layer_kb": round(measured / context / 1000, 1)}
+                if len(grads) > 1:
+                    first = next(iter(grads.values()))
+                    rec["gate_grad_max_rel_diff_vs_first"] = float(
+                        ((grads[kernels] - first).abs().max() / first.abs().max().clamp(min=1e-30)))
+                log(json.dumps(rec))
+                records.append(rec)
+                gc.collect()
+                if gpu:
+                    torch.cuda.empty_cache()
+        del model
+        gc.collect()
+    (Path(args.out) / (args.name or "search_scale_saved.json")).write_text(json.dumps(records, indent=1))
     return records
 
 
@@ -355,7 +434,7 @@ def run_loss(args) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", default="scale", choices=("scale", "testbed", "loss"))
+    p.add_argument("--mode", default="scale", choices=("scale", "testbed", "loss", "saved"))
     p.add_argument("--out", default="bench/results")
     p.add_argument("--name", default=None, help="output file name (default by mode and GPU count)")
     p.add_argument("--shapes", default="qwen3-0.6b,qwen3-1.7b,llama3-8b")
@@ -365,6 +444,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpointing", default="auto", help="comma-separated search settings per record: auto, on, "
                    "off, each optionally +nokeep (checkpointed layers never keep their attention outputs)")
+    p.add_argument("--kernels", default="auto", help="comma-separated fused_kernels settings per record: auto, off")
+    p.add_argument("--objective", default="lm", help="scale mode: the search objective of every record")
     p.add_argument("--profile", action="store_true", help="after each context, profile two steps (CUDA kernels)")
     p.add_argument("--testbed", default=".models/qwen3-code-26m")
     p.add_argument("--testbed-steps", type=int, default=250)
@@ -376,7 +457,7 @@ def main(argv=None):
     p.add_argument("--loss-tokens", type=int, default=32768)
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    {"scale": run_scale, "testbed": run_testbed, "loss": run_loss}[args.mode](args)
+    return {"scale": run_scale, "testbed": run_testbed, "loss": run_loss, "saved": run_saved}[args.mode](args)
 
 
 if __name__ == "__main__":

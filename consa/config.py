@@ -101,6 +101,10 @@ class SearchConfig:
                 "(consa.memory) needs for the step to fit the GPU (none when it fits), on = every layer, off = none",
         choices=("auto", "on", "off"))
     backend: str = setting("auto", "attention kernel for the SWA side", choices=_backends)
+    fused_kernels: str = setting("auto", "the frozen model's RMSNorm, SwiGLU and RoPE: auto = liger-kernel's fused "
+                                         "kernels on a GPU where it is installed (the `gpu` extra; faster, and they "
+                                         "keep less for the backward: consa.fused_kernels), off = transformers' own",
+                                 choices=("auto", "off"))
 
     def __post_init__(self):
         if isinstance(self.gradient_checkpointing, bool):  # configs written when it was an on/off flag

@@ -36,13 +36,20 @@ class HybridAttention:
             raise ValueError(f"unknown attention backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
         self.window, self.sink_tokens, self.backend = window, sink_tokens, backend
-        self.z = None  # (L, K) in [0, 1]; None means every unit is full attention
+        self.set_gates(None)  # z: (L, K) in [0, 1]; None means every unit is full attention
 
     def set_gates(self, z: torch.Tensor | None) -> None:
         """z: (num_layers, num_kv_heads), 1 = full, 0 = SWA; may carry gradient."""
         if z is not None and tuple(z.shape) != (self.num_layers, self.num_kv_heads):
             raise ValueError(f"gates must be shaped {(self.num_layers, self.num_kv_heads)}, got {tuple(z.shape)}")
         self.z = z
+        # Per layer: every unit full, every unit SWA, every unit one or the other. Read on the host once
+        # per set of gates, not in every layer's forward, where each read makes the CPU wait for the GPU.
+        self.all_full = self.all_swa = self.all_hard = None
+        if z is not None:
+            z = z.detach()
+            flags = torch.stack([(z == 1).all(1), (z == 0).all(1), ((z == 0) | (z == 1)).all(1)]).tolist()
+            self.all_full, self.all_swa, self.all_hard = flags
 
     def set_allocation(self, allocation) -> None:
         self.set_gates(allocation.full_mask().float())
@@ -173,14 +180,14 @@ def hybrid_attention_forward(module, query, key, value, attention_mask, dropout=
     full = lambda q, k, v: sdpa_attention_forward(module, q, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]  # noqa: E731
     swa = lambda q, k, v: _swa_attention(hybrid, module, q, k, v, attention_mask, scaling, dropout=dropout, **kwargs)  # noqa: E731
 
-    if z is None or bool((z == 1).all()):
+    layer = module.layer_idx
+    if z is None or hybrid.all_full[layer]:
         return full(query, key, value), None
-    if bool((z == 0).all()) and not z.requires_grad:
+    if hybrid.all_swa[layer] and not z.requires_grad:
         return swa(query, key, value), None
 
     groups = query.shape[1] // key.shape[1]
-    hard = not z.requires_grad and bool(((z == 0) | (z == 1)).all())
-    if hard:
+    if not z.requires_grad and hybrid.all_hard[layer]:
         # Split the heads into an FA part and an SWA part: each head is computed once.
         out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])  # (B, q, H, d)
         for heads_wanted, attend in ((z == 1, full), (z == 0, swa)):
@@ -189,9 +196,11 @@ def hybrid_attention_forward(module, query, key, value, attention_mask, dropout=
             out[:, :, q_heads] = attend(q_sub, k_sub, v_sub).to(out.dtype)
         return out, None
 
-    # Soft gates (the search): both paths on every head, mixed per query group.
+    # Soft gates (the search): both paths on every head, mixed per query group. Written as
+    # swa + z * (full - swa), autograd keeps one difference, not both outputs.
     z_q = z.repeat_interleave(groups).to(query.dtype)[None, None, :, None]  # (1, 1, H, 1)
-    return z_q * full(query, key, value) + (1 - z_q) * swa(query, key, value), None
+    out_swa = swa(query, key, value)
+    return out_swa + z_q * (full(query, key, value) - out_swa), None
 
 
 _registered = False

@@ -12,9 +12,8 @@ backward does not run the attention forward again; the plan does so wherever tha
 a step run out of memory anyway, the search redoes it with every layer checkpointed (consa.search).
 
 The per-token figures below count what autograd saves in one decoder layer with soft gates (both
-the full and the sliding-window path run on every head); they overestimate measured Llama-3-8B steps
-(bf16 weights at 32k: ~134 KB per token and layer where this says 205 KB; bench/RESULTS.md), which
-errs on the side of checkpointing.
+the full and the sliding-window path run on every head) and frozen weights; tests/test_memory.py holds
+them to what autograd actually saves, and bench/search_scale.py --mode saved measures it on a GPU.
 """
 
 from dataclasses import dataclass
@@ -37,17 +36,26 @@ def _query_width(cfg) -> int:
     return cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
-def layer_activation_elements(config) -> int:
-    """Elements saved per token in one decoder layer for the backward, with soft gates."""
+def layer_activation_bytes(config, act_bytes: int, fused=(), qk_norm: bool = False) -> int:
+    """Bytes autograd saves per token in one decoder layer for the backward to the gates, with soft gates and
+    frozen weights (so no linear layer keeps its input). fused: the ops consa.fused_kernels installed;
+    qk_norm: the attention normalizes q and k (Qwen3)."""
     cfg = _text_config(config)
     d = cfg.hidden_size
     q = _query_width(cfg)
-    head_dim = q // cfg.num_attention_heads
-    kv = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) * head_dim
+    heads = cfg.num_attention_heads
+    kv = (getattr(cfg, "num_key_value_heads", None) or heads) * (q // heads)
     inter = getattr(cfg, "intermediate_size", None) or 4 * d
-    # norms and residuals (4d); q/k/v before and after RoPE/qk-norm (2q + 4kv); the full and the SWA
-    # outputs, their mix and o_proj's input (4q); the MLP's gate, up, activation and product (4 inter).
-    return 4 * d + 6 * q + 4 * kv + 4 * inter
+    # RMSNorm: transformers keeps an fp32 copy of its input, liger-kernel the input itself; one fp32
+    # inverse RMS per row either way.
+    normed = 2 * d + ((q + kv) if qk_norm else 0)
+    norms = normed * (act_bytes if "rms_norm" in fused else 4) + (2 + (2 * heads if qk_norm else 0)) * 4
+    # The full-attention kernel keeps q, k, v, its output and a log-sum-exp per head; the SWA kernel (same
+    # q, k, v) its output and log-sum-exp; the mix the difference of the two outputs.
+    attention = (4 * q + 2 * kv) * act_bytes + 2 * heads * 4
+    # SwiGLU: transformers keeps gate, up and SiLU(gate); liger-kernel gate and up.
+    mlp = (2 if "swiglu" in fused else 3) * inter * act_bytes
+    return norms + attention + mlp
 
 
 @dataclass
@@ -87,8 +95,10 @@ class StepEstimate:
         return (self.layers if layers is None else layers), False
 
 
-def estimate_step(config, seq_len: int, batch_size: int, act_bytes: int = 2, free: int | None = None) -> StepEstimate:
-    """config: the model's (transformers) config; act_bytes: bytes per activation element (2 for bf16)."""
+def estimate_step(config, seq_len: int, batch_size: int, act_bytes: int = 2, free: int | None = None,
+                  fused=(), qk_norm: bool = False) -> StepEstimate:
+    """config: the model's (transformers) config; act_bytes: bytes per activation element (2 for bf16);
+    fused, qk_norm: as for layer_activation_bytes."""
     from consa.objectives import LOGIT_CHUNK_ELEMENTS
 
     cfg = _text_config(config)
@@ -96,7 +106,7 @@ def estimate_step(config, seq_len: int, batch_size: int, act_bytes: int = 2, fre
     hidden = cfg.hidden_size * tokens
     loss = 2 * hidden * 4 + 3 * LOGIT_CHUNK_ELEMENTS * 4  # fp32 hidden x2; logits, softmax, gradient
     attention_outputs = 2 * _query_width(cfg) * tokens * act_bytes
-    return StepEstimate(per_layer=layer_activation_elements(cfg) * tokens * act_bytes, layer_input=hidden * act_bytes,
+    return StepEstimate(per_layer=layer_activation_bytes(cfg, act_bytes, fused, qk_norm) * tokens, layer_input=hidden * act_bytes,
                         attention_outputs=attention_outputs, layers=cfg.num_hidden_layers, loss=loss, free=free)
 
 
@@ -114,7 +124,9 @@ def checkpoint_plan(setting: str, model, seq_len: int, batch_size: int, device) 
     the device's free memory (none when it fits)."""
     act_bytes = 2 if next(model.parameters()).dtype in (torch.bfloat16, torch.float16) or \
         torch.device(device).type == "cuda" else 4  # bf16 autocast on a GPU either way
-    estimate = estimate_step(model.config, seq_len, batch_size, act_bytes, free_bytes(device))
+    qk_norm = any(hasattr(m, "q_norm") for m in model.modules())
+    estimate = estimate_step(model.config, seq_len, batch_size, act_bytes, free_bytes(device),
+                             fused=getattr(model, "consa_fused_kernels", ()), qk_norm=qk_norm)
     layers, keep = estimate.plan({"on": estimate.layers, "off": 0}.get(setting))
     return layers, keep, estimate
 

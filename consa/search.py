@@ -20,7 +20,7 @@ from consa.config import SearchConfig
 from consa.constraint import AugmentedLagrangian
 from consa.distributed import data_parallel
 from consa.errors import Cancelled, ConsaError, DataError
-from consa import refine
+from consa import fused_kernels, refine
 from consa.gates import HardConcreteGate, annealed_beta, exact_swa_mask
 from consa.hybrid_attention import install, model_shape
 from consa.loading import free_accelerator_memory, load_for_search
@@ -100,11 +100,6 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     autocast = device.type == "cuda" and config.dtype in ("auto", "bfloat16")
     for p in model.parameters():
         p.requires_grad_(False)
-    checkpointed, keep_attention, _ = checkpoint_plan(config.gradient_checkpointing, model, config.seq_len,
-                                                      config.batch_size, device)
-    enable_checkpointing(model, checkpointed, keep_attention)
-    if checkpointed:
-        model.train()  # checkpointing is only active in train mode; dropout is 0 in these models
     grid = unit_grid(config.granularity, *model_shape(model))
     hybrid = install(model, config.window, config.sink_tokens, config.backend)
     objective = get_objective(config.objective)
@@ -159,60 +154,73 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
         (loss_task + lagrangian.penalty(s_hat, step)).backward()
         return loss_task, s_hat
 
-    # train
+    def train_steps():
+        nonlocal checkpointed, keep_attention, replanned
+        for step in range(start_step, config.steps):
+            cancel = should_cancel is not None and should_cancel()
+            if cancel and parallel.world_size == 1:
+                raise Cancelled(f"cancelled at step {step}")
+            pick = parallel.rows(order, step, config.batch_size)
+            batch, batch_labels = rows[pick], labels[pick]  # (B, T)
+
+            gate.beta = annealed_beta(step, config.steps, config.temperature_final)
+            out_of_memory = False
+            try:
+                loss_task, s_hat = forward_backward(step, batch, batch_labels)
+            except torch.OutOfMemoryError:
+                if (checkpointed, keep_attention) == (len(decoder_layers(model)), False):
+                    raise
+                out_of_memory = True  # recovered below, once the exception no longer holds the step's tensors
+            if out_of_memory:
+                # The memory plan comes from an estimate: rather than lose the job, redo the step (same rows,
+                # same noise, nothing updated yet) with every layer checkpointed and nothing kept.
+                optimizer.zero_grad(set_to_none=True)
+                hybrid.set_gates(None)
+                free_accelerator_memory()
+                checkpointed, keep_attention = len(decoder_layers(model)), False
+                enable_checkpointing(model, checkpointed, keep_attention)
+                model.train()
+                replanned = {"checkpointing_replanned_at_step": step}
+                warnings.warn(f"out of device memory at step {step}: checkpointing every layer from now on")
+                loss_task, s_hat = forward_backward(step, batch, batch_labels)
+            # Every rank's own rows -> one averaged gradient, so log_alpha (and all that follows from it:
+            # s_hat, the multipliers, the allocation) stays identical on every rank.
+            grad, task_value, cancel = parallel.reduce_step(gate.log_alpha.grad, loss_task, cancel)
+            if cancel:
+                raise Cancelled(f"cancelled at step {step}")
+            gate.log_alpha.grad = grad
+            optimizer.step()
+            lagrangian.ascend(s_hat.item(), step)
+
+            if not math.isfinite(task_value):
+                raise ConsaError(f"the loss became {task_value} at step {step}: try a lower lr")
+            if parallel.is_main and (step % log_every == 0 or step == config.steps - 1):
+                record = {"step": step + 1, "total_steps": config.steps, "loss": round(task_value, 6),
+                          "sparsity": round(s_hat.item(), 6), "target": round(lagrangian.target_at(step), 6),
+                          "lambda1": round(lagrangian.lambda1, 6), "lambda2": round(lagrangian.lambda2, 6),
+                          "elapsed_s": round(time.time() - started, 3)}
+                history.append(record)
+                if progress is not None:
+                    progress(record)
+            # The last step's state too: a job killed later (evaluation, export) resumes past the search.
+            if on_checkpoint is not None and checkpoint_every and parallel.is_main \
+                    and ((step + 1) % checkpoint_every == 0 or step + 1 == config.steps):
+                on_checkpoint(search_state(step + 1))
+
+    # train: the fused kernels first, since what they keep for the backward decides what to checkpoint
+    fused = fused_kernels.apply(model) if config.fused_kernels == "auto" else []
+    checkpointed, keep_attention, _ = checkpoint_plan(config.gradient_checkpointing, model, config.seq_len,
+                                                      config.batch_size, device)
+    enable_checkpointing(model, checkpointed, keep_attention)
+    if checkpointed:
+        model.train()  # checkpointing is only active in train mode; dropout is 0 in these models
     history, replanned = [], {}
     gate.train()
-    for step in range(start_step, config.steps):
-        cancel = should_cancel is not None and should_cancel()
-        if cancel and parallel.world_size == 1:
-            raise Cancelled(f"cancelled at step {step}")
-        pick = parallel.rows(order, step, config.batch_size)
-        batch, batch_labels = rows[pick], labels[pick]  # (B, T)
-
-        gate.beta = annealed_beta(step, config.steps, config.temperature_final)
-        out_of_memory = False
-        try:
-            loss_task, s_hat = forward_backward(step, batch, batch_labels)
-        except torch.OutOfMemoryError:
-            if (checkpointed, keep_attention) == (len(decoder_layers(model)), False):
-                raise
-            out_of_memory = True  # recovered below, once the exception no longer holds the step's tensors
-        if out_of_memory:
-            # The memory plan comes from an estimate: rather than lose the job, redo the step (same rows,
-            # same noise, nothing updated yet) with every layer checkpointed and nothing kept.
-            optimizer.zero_grad(set_to_none=True)
-            hybrid.set_gates(None)
-            free_accelerator_memory()
-            checkpointed, keep_attention = len(decoder_layers(model)), False
-            enable_checkpointing(model, checkpointed, keep_attention)
-            model.train()
-            replanned = {"checkpointing_replanned_at_step": step}
-            warnings.warn(f"out of device memory at step {step}: checkpointing every layer from now on")
-            loss_task, s_hat = forward_backward(step, batch, batch_labels)
-        # Every rank's own rows -> one averaged gradient, so log_alpha (and all that follows from it:
-        # s_hat, the multipliers, the allocation) stays identical on every rank.
-        grad, task_value, cancel = parallel.reduce_step(gate.log_alpha.grad, loss_task, cancel)
-        if cancel:
-            raise Cancelled(f"cancelled at step {step}")
-        gate.log_alpha.grad = grad
-        optimizer.step()
-        lagrangian.ascend(s_hat.item(), step)
-
-        if not math.isfinite(task_value):
-            raise ConsaError(f"the loss became {task_value} at step {step}: try a lower lr")
-        if parallel.is_main and (step % log_every == 0 or step == config.steps - 1):
-            record = {"step": step + 1, "total_steps": config.steps, "loss": round(task_value, 6),
-                      "sparsity": round(s_hat.item(), 6), "target": round(lagrangian.target_at(step), 6),
-                      "lambda1": round(lagrangian.lambda1, 6), "lambda2": round(lagrangian.lambda2, 6),
-                      "elapsed_s": round(time.time() - started, 3)}
-            history.append(record)
-            if progress is not None:
-                progress(record)
-        # The last step's state too: a job killed later (evaluation, export) resumes past the search.
-        if on_checkpoint is not None and checkpoint_every and parallel.is_main \
-                and ((step + 1) % checkpoint_every == 0 or step + 1 == config.steps):
-            on_checkpoint(search_state(step + 1))
-    hybrid.set_gates(None)
+    try:
+        train_steps()
+    finally:  # also when cancelled or failed: what runs next on this model (evaluation, export) runs transformers' code
+        hybrid.set_gates(None)
+        fused_kernels.remove(model)
 
     # finalize: exactly round(s * N) units SWA, chosen by log_alpha (refined by swaps where asked)
     log_alpha = gate.log_alpha.detach().cpu()
@@ -234,6 +242,7 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
                     lambda1=lagrangian.lambda1, lambda2=lagrangian.lambda2, gpus=parallel.world_size,
                     activation_checkpointing=checkpointed > 0,
                     checkpointed_layers=checkpointed, checkpoint_keeps_attention=keep_attention, **replanned,
+                    fused_kernels_used=fused,
                     weights_dtype=str(next(model.parameters()).dtype),
                     **refined)
     allocation = Allocation.from_full_mask(

@@ -29,3 +29,21 @@ def test_scale_records_name_the_plan_they_ran_under(search_scale, tmp_path):
     from consa import memory
 
     assert memory.KEEP_ATTENTION is True  # the bench's +nokeep did not leak into the library's default
+
+
+def test_kernel_and_objective_variants_are_recorded(search_scale, tmp_path):
+    search_scale.main(["--shapes", "tiny", "--contexts", "128", "--kernels", "off,auto", "--objective", "distill",
+                       "--budget", "5", "--device", "cpu", "--out", str(tmp_path), "--name", "scale.json"])
+    records = json.loads((tmp_path / "scale.json").read_text())
+    assert [(r["kernels"], r["objective"], r["ok"]) for r in records] == [("off", "distill", True), ("auto", "distill", True)]
+    assert all(r["fused_kernels"] == [] for r in records)  # no GPU: nothing fused, whatever was asked
+
+
+def test_saved_mode_holds_the_estimate_to_what_autograd_keeps(search_scale, tmp_path):
+    records = search_scale.main(["--mode", "saved", "--shapes", "tiny", "--contexts", "256,512", "--kernels", "off,auto",
+                                 "--out", str(tmp_path)])
+    assert [(r["context"], r["kernels"]) for r in records] == [(256, "off"), (256, "auto"), (512, "off"), (512, "auto")]
+    for r in records:
+        assert 0.8 <= r["measured_over_estimate"] <= 1.2, r
+    assert records[1]["gate_grad_max_rel_diff_vs_first"] == 0.0  # CPU: the same code both times
+    assert json.loads((tmp_path / "search_scale_saved.json").read_text()) == records
