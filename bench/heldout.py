@@ -46,6 +46,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seeds", default="0", help="the records' seeds to re-evaluate")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None)
+    p.add_argument("--name", default="heldout.json", help="output file name in --out")
     args = p.parse_args(argv)
 
     from consa.config import SearchConfig
@@ -76,7 +77,7 @@ def main(argv=None) -> list[dict]:
               f"{out['loss']:.4f} retrieval {out['retrieval_acc']:.3f} ({time.time() - t:.0f}s)", flush=True)
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "heldout.json").write_text(json.dumps(records, indent=1))
+            (Path(args.out) / args.name).write_text(json.dumps(records, indent=1))
     return records
 
 

@@ -61,6 +61,7 @@ VARIANTS = {
     "distill-hidden": {"objective": "distill-hidden"},
     "distill-ret10": {"objective": "distill", "retrieval_ratio": 0.1},
     "distill-batch2": {"objective": "distill", "batch_size": 2},
+    "distill-wu50": {"objective": "distill", "warmup_frac": 0.5},
 }
 RULES = ("interleave-1:1", "interleave-3:1", "interleave-5:1", "bottom", "top", "even")
 SCORED = ("heuristic-loss", "retrieval-heads", "duo", "retrieval-heads-answers")

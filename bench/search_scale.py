@@ -325,12 +325,12 @@ def run_saved(args) -> list[dict]:
                         ((grads[kernels] - first).abs().max() / first.abs().max().clamp(min=1e-30)))
                 log(json.dumps(rec))
                 records.append(rec)
+                (Path(args.out) / (args.name or "search_scale_saved.json")).write_text(json.dumps(records, indent=1))
                 gc.collect()
                 if gpu:
                     torch.cuda.empty_cache()
         del model
         gc.collect()
-    (Path(args.out) / (args.name or "search_scale_saved.json")).write_text(json.dumps(records, indent=1))
     return records
 
 
