@@ -45,5 +45,6 @@ def test_saved_mode_holds_the_estimate_to_what_autograd_keeps(search_scale, tmp_
     assert [(r["context"], r["kernels"]) for r in records] == [(256, "off"), (256, "auto"), (512, "off"), (512, "auto")]
     for r in records:
         assert 0.8 <= r["measured_over_estimate"] <= 1.2, r
-    assert records[1]["gate_grad_max_rel_diff_vs_first"] == 0.0  # CPU: the same code both times
+    assert records[1]["gate_grad_rel_l2_vs_first"] == 0.0  # CPU: the same code both times
+    assert records[1]["gate_grad_cosine_vs_first"] == pytest.approx(1.0)
     assert json.loads((tmp_path / "search_scale_saved.json").read_text()) == records
