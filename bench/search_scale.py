@@ -227,11 +227,15 @@ def profile_step(model, context: int, batch: int, world: int, device, checkpoint
     setting, _, option = checkpointing.partition("+")
     allowed, memory.KEEP_ATTENTION = memory.KEEP_ATTENTION, memory.KEEP_ATTENTION and option != "nokeep"
     try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            timed_search(model, context, batch, world, device, 0.0, setting, kernels)
-        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
+        tables = []
+        for name, run in (("search", lambda: timed_search(model, context, batch, world, device, 0.0, setting, kernels)),
+                          ("plain", lambda: timed_plain(model, context, batch, device, 0.0, kernels))):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                run()
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
+            tables.append(f"{name} (two steps), checkpointing {checkpointing}, kernels {kernels}\n{table}")
         if int(os.environ.get("RANK", "0")) == 0:
-            path.write_text(f"{checkpointing}\n{table}")
+            path.write_text("\n\n".join(tables))
     except Exception as e:  # a profile is a diagnosis, never a reason to lose the records
         log(f"profile failed: {type(e).__name__}: {e}")
     finally:
