@@ -5,6 +5,7 @@
     python3 bench/search_scale.py --mode testbed --out $OUT                    # objectives on the testbed
     python3 bench/search_scale.py --mode loss --out $OUT                       # chunked vs fused loss kernels
     python3 bench/search_scale.py --mode saved --kernels off,auto --out $OUT    # saved bytes vs the estimate
+    python3 bench/search_scale.py --mode rounding --shapes llama-small --contexts 2048  # fp32 vs bf16 gate gradient
 
 Scale mode: for each shape (random weights from a config built here: nothing is downloaded) and
 context, a few real search steps (consa.search.run_search: kv_head, s = 0.5, window 1024, objective
@@ -45,6 +46,10 @@ SHAPES = {
     "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                       tie_word_embeddings=False, rope_theta=5e5),
+    # a random Llama small enough for the CPU: --mode rounding
+    "llama-small": dict(model_type="llama", vocab_size=1000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
+                        rope_theta=5e5),
     # CPU check of this script only
     "tiny": dict(model_type="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
@@ -345,6 +350,31 @@ def run_saved(args) -> list[dict]:
     return records
 
 
+def run_rounding(args) -> list[dict]:
+    """How much rounding alone moves the gate gradient: float32 vs bfloat16 weights, same code and tokens. On
+    random weights the gradient is small and rounding moves it far; on trained weights it barely does. This is
+    the yardstick for the fused kernels' difference in --mode saved."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    records = []
+    for shape in args.shapes.split(","):
+        for context in map(int, args.contexts.split(",")):
+            grads = []
+            for dtype in (torch.float32, torch.bfloat16):
+                model = build(shape, device, dtype)
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                grads.append(saved_per_layer(model, context, device)[1].flatten())
+                del model
+            full, rounded = grads
+            rec = {"shape": shape, "context": context, "gate_grad_norm_fp32": float(full.norm()),
+                   "bf16_rel_l2_vs_fp32": float((rounded - full).norm() / full.norm().clamp(min=1e-30)),
+                   "bf16_cosine_vs_fp32": float(torch.nn.functional.cosine_similarity(rounded, full, dim=0))}
+            log(json.dumps(rec))
+            records.append(rec)
+    (Path(args.out) / (args.name or "search_scale_rounding.json")).write_text(json.dumps(records, indent=1))
+    return records
+
+
 # -- objectives on the testbed ------------------------------------------------------------------------
 def run_testbed(args) -> list[dict]:
     """lm vs distill vs distill-hidden (kv_head, s = 0.5, W = 256, 4k) on the testbed model; with
@@ -447,7 +477,7 @@ def run_loss(args) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", default="scale", choices=("scale", "testbed", "loss", "saved"))
+    p.add_argument("--mode", default="scale", choices=("scale", "testbed", "loss", "saved", "rounding"))
     p.add_argument("--out", default="bench/results")
     p.add_argument("--name", default=None, help="output file name (default by mode and GPU count)")
     p.add_argument("--shapes", default="qwen3-0.6b,qwen3-1.7b,llama3-8b")
@@ -470,7 +500,7 @@ def main(argv=None):
     p.add_argument("--loss-tokens", type=int, default=32768)
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    return {"scale": run_scale, "testbed": run_testbed, "loss": run_loss, "saved": run_saved}[args.mode](args)
+    return {"scale": run_scale, "testbed": run_testbed, "loss": run_loss, "saved": run_saved, "rounding": run_rounding}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -48,3 +48,12 @@ def test_saved_mode_holds_the_estimate_to_what_autograd_keeps(search_scale, tmp_
     assert records[1]["gate_grad_rel_l2_vs_first"] == 0.0  # CPU: the same code both times
     assert records[1]["gate_grad_cosine_vs_first"] == pytest.approx(1.0)
     assert json.loads((tmp_path / "search_scale_saved.json").read_text()) == records
+
+
+def test_rounding_mode_compares_float32_and_bfloat16_gradients(search_scale, tmp_path):
+    records = search_scale.main(["--mode", "rounding", "--shapes", "tiny", "--contexts", "256", "--device", "cpu",
+                                 "--out", str(tmp_path)])
+    (rec,) = records
+    assert rec["gate_grad_norm_fp32"] > 0  # the window (64) is shorter than the context: the gates matter
+    assert 0 < rec["bf16_rel_l2_vs_fp32"] < 1 and -1 <= rec["bf16_cosine_vs_fp32"] <= 1
+    assert json.loads((tmp_path / "search_scale_rounding.json").read_text()) == records
