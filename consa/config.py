@@ -102,7 +102,7 @@ class SearchConfig:
         choices=("auto", "on", "off"))
     backend: str = setting("auto", "attention kernel for the SWA side", choices=_backends)
     fused_kernels: str = setting("auto", "the frozen model's RMSNorm, SwiGLU and RoPE: auto = liger-kernel's fused "
-                                         "kernels on a GPU where it is installed (the `gpu` extra; faster, and they "
+                                         "kernels on a GPU where it is installed (the `fused` extra; faster, and they "
                                          "keep less for the backward: consa.fused_kernels), off = transformers' own",
                                  choices=("auto", "off"))
 

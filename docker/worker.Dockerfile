@@ -15,8 +15,9 @@ COPY pyproject.toml README.md ./
 COPY consa ./consa
 COPY service ./service
 COPY worker ./worker
-# torch is already in the base image and satisfies consa's "torch>=2.4", so pip keeps it.
-RUN pip install ".[service]"
+# torch is already in the base image and satisfies consa's "torch>=2.4", so pip keeps it; `fused`: the
+# search's fused RMSNorm / SwiGLU / RoPE kernels (liger-kernel, pure Python over the image's Triton).
+RUN pip install ".[service,fused]"
 RUN if [ "$FLASH_ATTN" = "1" ]; then \
         pip install packaging ninja && MAX_JOBS=4 pip install --no-build-isolation "flash-attn>=2.6"; \
     fi
