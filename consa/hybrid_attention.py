@@ -10,6 +10,7 @@ reads the row of `module.layer_idx` and mixes, per KV head and its GQA query gro
 With hard gates (every z is 0 or 1) only one of the two is computed per head.
 """
 
+import functools
 import warnings
 
 import torch
@@ -124,6 +125,14 @@ def _flash_swa(hybrid, query, key, value, scaling):
     return out
 
 
+@functools.cache
+def _has_flash_attn() -> bool:
+    """Asked once: looking a module up on sys.path takes ~60 us, and the SWA side asks in every layer."""
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def _use_kernel(hybrid, query, key, attention_mask, name) -> bool:
     """Kernel backends cover the common case only: CUDA, no padding mask, no sinks, prefill."""
     if not query.is_cuda or attention_mask is not None or hybrid.sink_tokens:
@@ -133,9 +142,7 @@ def _use_kernel(hybrid, query, key, attention_mask, name) -> bool:
     if hybrid.backend != "auto":
         return False
     if name == "flash":
-        import importlib.util
-
-        return importlib.util.find_spec("flash_attn") is not None
+        return _has_flash_attn()
     return name == "flex" and query.shape[2] == key.shape[2] and query.shape[2] >= 1024
 
 
