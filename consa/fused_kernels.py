@@ -11,8 +11,10 @@ take over only for CUDA tensors, so the same model on the CPU runs transformers'
 `remove` puts transformers' code back.
 """
 
+import functools
 import importlib.util
 import sys
+import warnings
 from functools import partial
 
 import torch
@@ -20,9 +22,21 @@ import torch
 OPS = ("rms_norm", "swiglu", "rope")
 
 
+@functools.cache
 def available() -> bool:
-    """liger-kernel is installed and a GPU is there for its Triton kernels."""
-    return importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available()
+    """A GPU is there for the Triton kernels, and liger-kernel's three imports work (an install that does not
+    match this Triton or torch fails here, with a warning, rather than in the middle of a search)."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+        return False
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction  # noqa: F401
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction  # noqa: F401
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb  # noqa: F401
+    except Exception as e:
+        warnings.warn(f"liger-kernel is installed but cannot be used ({type(e).__name__}: {e}); "
+                      "the search runs transformers' kernels")
+        return False
+    return True
 
 
 def is_rms_norm(module) -> bool:
