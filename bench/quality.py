@@ -567,19 +567,25 @@ class Bench:
         first = a.seeds[0]  # the rules and random run once, with the first seed's job (and heatmaps)
         baseline_seeds = sorted({*a.seeds, *(a.screen_seeds if a.screen else [])})
         for seed in baseline_seeds:
-            def with_scores(result, seed=seed):
-                for g in a.granularities:
-                    for s in a.sparsities:
-                        todo = [n for n in names if ALIASES.get(n, n) in baseline_names(g)
-                                and (n, g, s, seed if n in SCORED else None) not in self.done
-                                and ((seed in a.seeds or s == a.screen_sparsity) if n in SCORED else seed == first)]
-                        if todo:
-                            for n in todo:
-                                self.done.add((n, g, s, seed if n in SCORED else None))
-                            self.submit(f"baselines {g} s={s} seed={seed}", "job_baselines", g, s, seed, todo,
-                                        result["scores"], result["seconds"],
-                                        str(self.heatmap_dir) if seed == first else None)
-            self.submit(f"scores seed={seed}", "job_scores", seed, a.granularities, scored, on_done=with_scores)
+            todo = {}  # (granularity, sparsity) -> the baselines this seed still has to run there
+            for g in a.granularities:
+                for s in a.sparsities:
+                    names_left = [n for n in names if ALIASES.get(n, n) in baseline_names(g)
+                                  and (n, g, s, seed if n in SCORED else None) not in self.done
+                                  and ((seed in a.seeds or s == a.screen_sparsity) if n in SCORED else seed == first)]
+                    if names_left:
+                        todo[(g, s)] = names_left
+                        self.done.update((n, g, s, seed if n in SCORED else None) for n in names_left)
+
+            def run_baselines(result, seed=seed, todo=todo):
+                for (g, s), names_left in todo.items():
+                    self.submit(f"baselines {g} s={s} seed={seed}", "job_baselines", g, s, seed, names_left,
+                                result["scores"], result["seconds"], str(self.heatmap_dir) if seed == first else None)
+
+            if any(n in SCORED for names_left in todo.values() for n in names_left):
+                self.submit(f"scores seed={seed}", "job_scores", seed, a.granularities, scored, on_done=run_baselines)
+            elif todo:  # the rules and random need no scores: a resumed run does not compute them again
+                run_baselines({"scores": {}, "seconds": {}})
 
         default = a.variants[0][0] if a.variants else None
         if a.screen:
