@@ -101,6 +101,11 @@ class SearchConfig:
                 "(consa.memory) needs for the step to fit the GPU (none when it fits), on = every layer, off = none",
         choices=("auto", "on", "off"))
     backend: str = setting("auto", "attention kernel for the SWA side", choices=_backends)
+    shard_weights: str = setting("auto", "with several GPUs: each holds 1/N of every decoder layer's frozen weights "
+                                         "(FSDP2), for a model larger than one GPU; auto = when the weights would "
+                                         "take more than half of one GPU's memory. A sharded search does not "
+                                         "evaluate or export in the same run (consa.sharding)",
+                                 choices=("auto", "on", "off"))
     fused_kernels: str = setting("auto", "the frozen model's RMSNorm, SwiGLU and RoPE: auto = liger-kernel's fused "
                                          "kernels on a GPU where it is installed (the `fused` extra; faster, and they "
                                          "keep less for the backward: consa.fused_kernels), off = transformers' own",

@@ -17,6 +17,14 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+LOAD_ERRORS = (OSError, ValueError, KeyError)  # what transformers raises for a path, hub id or config it cannot use
+
+
+def load_error(model: str, e: Exception) -> ModelLoadError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ModelLoadError(f"cannot load model {model!r}: {first}")
+
+
 def load_model(model: str, revision: str | None = None, device="cpu", dtype=torch.float32):
     """Load a causal LM (eval mode, on `device`) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,9 +38,8 @@ def load_model(model: str, revision: str | None = None, device="cpu", dtype=torc
                 raise
             # Older architectures have no SDPA path; load them as they are and let install() say why.
             lm = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot load model {model!r}: {first}") from None
+    except LOAD_ERRORS as e:
+        raise load_error(model, e) from None
     tokenizer.model_max_length = int(1e12)  # documents are packed into seq_len rows, never fed whole
     return lm.to(device).eval(), tokenizer
 
@@ -47,8 +54,15 @@ def weight_dtype(config, device="cpu") -> torch.dtype:
 
 def load_for_search(config, device="auto"):
     """The model and tokenizer as run_search loads them (its device and weight dtype), for callers
-    that keep using the model afterwards (the pipeline evaluates on the same copy)."""
+    that keep using the model afterwards (the pipeline evaluates on the same copy). Under data parallelism
+    with sharded weights (consa.sharding) every rank loads its shards together with the others."""
+    from consa.distributed import data_parallel, env_world_size
+    from consa.sharding import load_sharded, should_shard
+
     device = pick_device(str(device))
+    if should_shard(config, env_world_size(), device):
+        data_parallel(device)  # the ranks load together: rank 0 reads the weights and broadcasts them
+        return load_sharded(config, device)
     return load_model(config.model, config.revision, device, weight_dtype(config, device))
 
 

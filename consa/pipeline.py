@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from consa.config import SearchConfig
-from consa.errors import Cancelled, DataError
+from consa.errors import Cancelled, ConsaError, DataError
 from consa.search import SearchResult, run_search
 
 # A job's evaluation: enough rows and retrieval prompts to rank allocations, small next to the search.
@@ -70,6 +70,15 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
 
     # setup + search
     owned = model is None
+    if owned and (evaluate or checkpoint):
+        from consa.distributed import env_world_size
+        from consa.loading import pick_device
+        from consa.sharding import should_shard
+
+        if should_shard(config, env_world_size(), pick_device(str(device))):
+            raise ConsaError("a search with sharded weights (shard_weights; a model larger than one GPU) cannot "
+                             "evaluate or export its allocation in the same run, which needs the whole model on one "
+                             "GPU: run it without evaluation and checkpoint, or with shard_weights=off")
     if owned:
         model, tokenizer = load_for_search(config, device)
     say("info", f"search: {config.steps} steps, sparsity {config.sparsity}, {config.granularity}, "

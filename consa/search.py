@@ -18,7 +18,7 @@ import torch
 from consa import data as data_mod
 from consa.config import SearchConfig
 from consa.constraint import AugmentedLagrangian
-from consa.distributed import data_parallel
+from consa.distributed import data_parallel, env_world_size
 from consa.errors import Cancelled, ConsaError, DataError
 from consa import fused_kernels, refine
 from consa.gates import HardConcreteGate, annealed_beta, exact_swa_mask
@@ -27,6 +27,7 @@ from consa.loading import free_accelerator_memory, load_for_search
 from consa.memory import checkpoint_plan, decoder_layers, enable_checkpointing
 from consa.manifest import Allocation
 from consa.objectives import get_objective
+from consa.sharding import should_shard
 from consa.units import unit_grid
 from consa.warm_start import warm_start_logits
 
@@ -95,6 +96,10 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     # setup: frozen model with the hybrid attention, data, gates and multipliers
     if model is None:
         model, tokenizer = load_for_search(config, device)
+    elif should_shard(config, env_world_size(), next(model.parameters()).device, model) \
+            and not getattr(model, "consa_sharded", False):
+        raise ConsaError("shard_weights: the other ranks shard this model's weights, so this rank must too: let "
+                         "run_search load the model (consa.sharding), or set shard_weights=off")
     device = next(model.parameters()).device
     parallel = data_parallel(device)
     autocast = device.type == "cuda" and config.dtype in ("auto", "bfloat16")
@@ -242,7 +247,7 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
                     lambda1=lagrangian.lambda1, lambda2=lagrangian.lambda2, gpus=parallel.world_size,
                     activation_checkpointing=checkpointed > 0,
                     checkpointed_layers=checkpointed, checkpoint_keeps_attention=keep_attention, **replanned,
-                    fused_kernels_used=fused,
+                    fused_kernels_used=fused, weights_sharded=bool(getattr(model, "consa_sharded", False)),
                     weights_dtype=str(next(model.parameters()).dtype),
                     **refined)
     allocation = Allocation.from_full_mask(
