@@ -21,12 +21,17 @@ def _config(model_dir, data_dir, **kw):
     return SearchConfig(**{**base, **kw})
 
 
-def _rank(rank, world_size, port, config_dict, out_dir):
-    from consa.search import run_search
-
+def _join(rank, world_size, port):
+    """This spawned process is rank `rank` of `world_size` (run_search joins the group from the environment)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+
+
+def _rank(rank, world_size, port, config_dict, out_dir):
+    from consa.search import run_search
+
+    _join(rank, world_size, port)
     result = run_search(SearchConfig.from_dict(config_dict), device="cpu")
     torch.save({"log_alpha": result.gate_state["log_alpha"], "lambda1": result.gate_state["lambda1"],
                 "full": result.allocation.full_mask(), "achieved": result.allocation.sparsity_achieved,

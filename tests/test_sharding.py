@@ -1,8 +1,6 @@
 """Sharded frozen weights (consa.sharding, FSDP2) on CPU with gloo: 2 processes each hold half of every decoder
 layer, and the search learns the same gates as with whole copies."""
 
-import os
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -10,23 +8,14 @@ import torch.multiprocessing as mp
 from consa.config import SearchConfig
 from consa.errors import ConsaError
 from consa.sharding import should_shard
-
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-
-
-def _config(model_dir, data_dir, **kw):
-    base = dict(model=str(model_dir), sparsity=0.375, granularity="kv_head", window=8, dataset=str(data_dir),
-                seq_len=48, steps=6, batch_size=1, num_sequences=12)
-    return SearchConfig(**{**base, **kw})
+from test_distributed import _config, _join, pytestmark  # noqa: F401  (pytestmark: skipped without distributed)
 
 
 def _rank(rank, world_size, port, config_dict, out_path):
     from consa.memory import decoder_layers
     from consa.search import run_search
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    _join(rank, world_size, port)
     seen = {}
 
     def progress(record):  # rank 0 only: what its first decoder layer holds while the search runs
