@@ -122,32 +122,15 @@ def test_unknown_free_memory_never_forces_checkpointing():
 
 @pytest.mark.parametrize("model_type", ["qwen3", "llama"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (8, 2), (6, 6)])
-def test_the_estimate_matches_what_autograd_saves_per_layer(model_type, heads, kv_heads):
-    """Sum the bytes autograd keeps for the backward of a soft-gated step (storages counted once) and
-    compare with the estimate for the same shape: within 15% either way (too high costs recomputation,
-    too low an out-of-memory step)."""
+def test_the_estimate_matches_what_autograd_saves_per_layer(model_type, heads, kv_heads, bench_script):
+    """Sum the bytes autograd keeps for the backward of a soft-gated step (storages counted once; the count
+    bench/search_scale.py --mode saved makes on a GPU) and compare with the estimate for the same shape: within
+    15% either way (too high costs recomputation, too low an out-of-memory step)."""
     model = tiny.build_model(model_type, layers=4, hidden_size=16 * heads, intermediate_size=320, num_attention_heads=heads,
                              num_key_value_heads=kv_heads, head_dim=16)
     for p in model.parameters():
         p.requires_grad_(False)
-    hybrid = install(model, window=16)
-    hybrid.set_gates(torch.full((4, kv_heads), 0.5, requires_grad=True))
     tokens = 256
-    rows = torch.randint(1, 300, (1, tokens), generator=torch.Generator().manual_seed(0))
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        # The CPU's SWA path also keeps its (1, 1, T, T) mask, which the GPU's FlexAttention does not.
-        cpu_mask = t.dim() == 4 and t.shape[1] == 1 and t.shape[-2:] == (tokens, tokens)
-        if storage.data_ptr() not in weights and not cpu_mask:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.model(rows).last_hidden_state.sum().backward()
-    hybrid.set_gates(None)
-    per_layer = sum(saved.values()) / 4
+    per_layer, _ = bench_script("search_scale").saved_per_layer(model, tokens, "cpu")
     est = memory.estimate_step(model.config, seq_len=tokens, batch_size=1, act_bytes=4, qk_norm=model_type == "qwen3")
     assert 0.85 * est.per_layer <= per_layer <= 1.15 * est.per_layer, (per_layer, est.per_layer)
