@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from consa import fused_kernels, memory, objectives  # noqa: E402
 from consa.config import SearchConfig  # noqa: E402
 from consa.errors import Cancelled  # noqa: E402
+from consa.loading import pick_device  # noqa: E402
 from consa.search import run_search  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H200 SXM dense bf16
@@ -313,7 +314,7 @@ def saved_per_layer(model, context: int, device) -> tuple[float, torch.Tensor]:
 def run_saved(args) -> list[dict]:
     """Per shape and context: autograd's saved bytes per layer with transformers' kernels and with the fused
     ones, each against consa.memory's estimate; and how far the fused kernels move the gate gradient."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    device = pick_device(args.device)
     gpu = device.type == "cuda"
     records = []
     for shape in args.shapes.split(","):
@@ -354,7 +355,7 @@ def run_rounding(args) -> list[dict]:
     """How much rounding alone moves the gate gradient: float32 vs bfloat16 weights, same code and tokens. On
     random weights the gradient is small and rounding moves it far; on trained weights it barely does. This is
     the yardstick for the fused kernels' difference in --mode saved."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    device = pick_device(args.device)
     records = []
     for shape in args.shapes.split(","):
         for context in map(int, args.contexts.split(",")):

@@ -11,18 +11,17 @@ take over only for CUDA tensors, so the same model on the CPU runs transformers'
 `remove` puts transformers' code back.
 """
 
-import functools
 import importlib.util
 import sys
 import warnings
-from functools import partial
+from functools import cache, partial
 
 import torch
 
 OPS = ("rms_norm", "swiglu", "rope")
 
 
-@functools.cache
+@cache
 def available() -> bool:
     """A GPU is there for the Triton kernels, and liger-kernel's three imports work (an install that does not
     match this Triton or torch fails here, with a warning, rather than in the middle of a search)."""
