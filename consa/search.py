@@ -96,8 +96,8 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     # setup: frozen model with the hybrid attention, data, gates and multipliers
     if model is None:
         model, tokenizer = load_for_search(config, device)
-    elif should_shard(config, env_world_size(), next(model.parameters()).device, model) \
-            and not getattr(model, "consa_sharded", False):
+    elif not getattr(model, "consa_sharded", False) \
+            and should_shard(config, env_world_size(), next(model.parameters()).device, model):
         raise ConsaError("shard_weights: the other ranks shard this model's weights, so this rank must too: let "
                          "run_search load the model (consa.sharding), or set shard_weights=off")
     device = next(model.parameters()).device

@@ -14,6 +14,8 @@ What runs after the search in the same process (evaluation, export) needs the wh
 sharded search does neither (consa.pipeline refuses them up front).
 """
 
+import functools
+
 import torch
 
 # auto shards when the frozen weights alone would take more than this share of one GPU's memory.
@@ -22,18 +24,25 @@ SHARE_OF_DEVICE = 0.5
 
 def weight_bytes(config) -> int:
     """What the frozen weights of config.model take on the device, from its config alone (nothing loaded)."""
+    from consa.loading import weight_dtype
+
+    return _parameter_count(config.model, config.revision) * \
+        weight_dtype(config, "cuda" if torch.cuda.is_available() else "cpu").itemsize
+
+
+@functools.cache
+def _parameter_count(model: str, revision: str | None) -> int:
+    """Counted once per model: a job asks before it refuses evaluation and again when it loads."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from consa.loading import LOAD_ERRORS, load_error, weight_dtype
+    from consa.loading import LOAD_ERRORS, load_error
 
     try:
-        cfg = AutoConfig.from_pretrained(config.model, revision=config.revision)
+        cfg = AutoConfig.from_pretrained(model, revision=revision)
     except LOAD_ERRORS as e:
-        raise load_error(config.model, e) from None
+        raise load_error(model, e) from None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    dtype = weight_dtype(config, "cuda" if torch.cuda.is_available() else "cpu")
-    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
 
 
 def should_shard(config, world_size: int, device, model=None) -> bool:
