@@ -62,9 +62,9 @@ VARIANTS = {
     "distill-ret10": {"objective": "distill", "retrieval_ratio": 0.1},
     "distill-batch2": {"objective": "distill", "batch_size": 2},
     "distill-wu50": {"objective": "distill", "warmup_frac": 0.5},
-    "lm-avg20": {"objective": "lm", "average_last": 0.2},
-    "lm-avg50": {"objective": "lm", "average_last": 0.5},
     "lm-rerun": {"objective": "lm"},  # the default again: does it reproduce the records of another session?
+    "lm-ret0": {"objective": "lm", "retrieval_ratio": 0.0},  # text only: the search on the heuristic's own data
+    "distill-ret0": {"objective": "distill", "retrieval_ratio": 0.0},
 }
 RULES = ("interleave-1:1", "interleave-3:1", "interleave-5:1", "bottom", "top", "even")
 SCORED = ("heuristic-loss", "retrieval-heads", "duo", "retrieval-heads-answers")

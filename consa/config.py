@@ -91,9 +91,6 @@ class SearchConfig:
     refine_swaps: int = setting(0, "after the search, at most this many greedy swaps of an FA and an SWA unit at "
                                    "the ranking's boundary, each kept only if it lowers the objective on held-out "
                                    "rows of the training data", ge=0, le=1000)
-    average_last: float = setting(0.0, "rank the units by their gate logits averaged over this last share of the "
-                                       "steps (0 = the final logits): the logits at one step carry that step's "
-                                       "noise", ge=0.0, le=1.0)
     seed: int = setting(0, "seed of the data order, the gate noise and the retrieval documents", ge=0, le=2**31 - 1)
     revision: str | None = setting(None, "hub revision (branch, tag or commit)", max_length=200)
     dtype: str = setting("auto", "frozen weights: auto (bfloat16 on a GPU, float32 on CPU; gates, multipliers and "

@@ -128,16 +128,11 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     lagrangian = AugmentedLagrangian(config.sparsity, config.steps, config.warmup_frac, config.lambda_lr,
                                      lambda2=config.penalty_init)
     start_step = 0
-    # log_alpha summed over the steps from average_from on: the ranking's estimate, less noisy than one step's
-    average_from = config.steps - round(config.average_last * config.steps)
-    log_alpha_sum, averaged = torch.zeros_like(gate.log_alpha.data), 0
     if resume_from is not None:
         state = load_gate_state(resume_from) if not isinstance(resume_from, dict) else resume_from
         gate.log_alpha.data.copy_(state["log_alpha"].to(device))
         lagrangian.load_state_dict(state)
         start_step = int(state.get("step", 0))
-        if "log_alpha_sum" in state:
-            log_alpha_sum, averaged = state["log_alpha_sum"].to(device), int(state["averaged_steps"])
     optimizer = torch.optim.AdamW(gate.parameters(), lr=config.lr, betas=(config.gate_momentum, 0.99),
                                   weight_decay=0.0)
     if resume_from is not None and "exp_avg" in state:  # older gate files hold no moments: Adam restarts
@@ -148,8 +143,6 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
     def search_state(step: int) -> dict:
         moments = optimizer.state.get(gate.log_alpha, {})
         state = {"log_alpha": gate.log_alpha.detach().cpu().clone(), "step": step, **lagrangian.state_dict()}
-        if averaged:
-            state |= {"log_alpha_sum": log_alpha_sum.cpu().clone(), "averaged_steps": averaged}
         if moments:
             state |= {"exp_avg": moments["exp_avg"].cpu().clone(), "exp_avg_sq": moments["exp_avg_sq"].cpu().clone(),
                       "adam_step": float(moments["step"])}
@@ -167,7 +160,7 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
         return loss_task, s_hat
 
     def train_steps():
-        nonlocal checkpointed, keep_attention, replanned, averaged
+        nonlocal checkpointed, keep_attention, replanned
         for step in range(start_step, config.steps):
             cancel = should_cancel is not None and should_cancel()
             if cancel and parallel.world_size == 1:
@@ -203,9 +196,6 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
             gate.log_alpha.grad = grad
             optimizer.step()
             lagrangian.ascend(s_hat.item(), step)
-            if step >= average_from:
-                log_alpha_sum.add_(gate.log_alpha.detach())
-                averaged += 1
 
             if not math.isfinite(task_value):
                 raise ConsaError(f"the loss became {task_value} at step {step}: try a lower lr")
@@ -237,8 +227,8 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
         hybrid.set_gates(None)
         fused_kernels.remove(model)
 
-    # finalize: exactly round(s * N) units SWA, chosen by log_alpha (or its average; refined by swaps where asked)
-    log_alpha = (log_alpha_sum / averaged if averaged else gate.log_alpha.detach()).cpu()
+    # finalize: exactly round(s * N) units SWA, chosen by log_alpha (refined by swaps where asked)
+    log_alpha = gate.log_alpha.detach().cpu()
     refined = {}
     if config.refine_swaps:
         used = min(len(order), config.steps * config.batch_size * parallel.world_size)

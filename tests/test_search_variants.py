@@ -113,18 +113,3 @@ def test_retrieval_keys_reach_the_search_data(tiny_model_dir, text_dir, monkeypa
     run_search(SearchConfig(model=str(tiny_model_dir), sparsity=0.5, window=4, dataset=str(text_dir), seq_len=400,
                             steps=2, retrieval_ratio=0.5, retrieval_keys=6))
     assert seen["num_keys"] == 6 and seen["retrieval_ratio"] == 0.5
-
-
-def test_averaged_ranking_follows_the_mean_of_the_last_steps_logits(tiny_model_dir, text_dir, tmp_path):
-    cfg = dict(model=str(tiny_model_dir), sparsity=0.5, granularity="kv_head", window=4, dataset=str(text_dir),
-               seq_len=32, steps=8, lr=0.5, average_last=0.5)
-    states = []
-    result = run_search(SearchConfig(**cfg), on_checkpoint=states.append, checkpoint_every=1)
-    mean = torch.stack([s["log_alpha"] for s in states[4:]]).mean(0)  # after steps 5..8
-    assert torch.allclose(result.gate_state["log_alpha"], mean, atol=1e-6)
-    assert not torch.allclose(mean, states[-1]["log_alpha"])  # the average is not the last logits
-    assert torch.equal(exact_swa_mask(mean, 0.5).view(4, 2), ~result.allocation.full_mask())
-    # stopped half-way through the averaged steps and resumed: the same average, the same allocation
-    resumed = run_search(SearchConfig(**cfg), resume_from=states[5])
-    assert torch.allclose(resumed.gate_state["log_alpha"], mean, atol=1e-6)
-    assert resumed.allocation.assignment == result.allocation.assignment
