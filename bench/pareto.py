@@ -14,6 +14,8 @@ the evaluation's own sampling noise.
 
     python bench/pareto.py --cells layer:0.25,layer:0.75 --records bench/results/quality.json \\
         --train-data /tmp/sp --workers 8 --out $OUT
+    python bench/pareto.py --summarize-only bench/results/pareto.json --records bench/results/quality.json \\
+        --out bench/results  # place newer records on the same allocations, evaluating nothing
 """
 
 import argparse
@@ -50,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--name", default="pareto.json")
+    p.add_argument("--summarize-only", default=None, metavar="PARETO_JSON",
+                   help="evaluate nothing: place the --records methods on the allocations of this earlier output")
     args = p.parse_args(argv)
     args.cells = [(g, float(s)) for g, s in (c.split(":") for c in args.cells.split(","))]
     if any(g != "layer" for g, _ in args.cells):
@@ -178,6 +182,10 @@ def summarize(entries: list[dict], records: list[dict], granularity: str, sparsi
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.summarize_only:
+        earlier = json.loads(Path(args.summarize_only).read_text())
+        done = {(c["granularity"], c["sparsity"]): c["entries"] for c in earlier["cells"]}
+        return save(args, done, Path(args.out), earlier["setting"])
     from consa.hybrid_attention import model_shape  # noqa: F401  (fail early on a broken install)
 
     num_layers = json.loads((Path(args.model) / "config.json").read_text())["num_hidden_layers"]
@@ -208,10 +216,11 @@ def _job(item):
     return g, s, evaluate_layers(combo)
 
 
-def save(args, done: dict, out: Path) -> dict:
+def save(args, done: dict, out: Path, setting: dict | None = None) -> dict:
     records = json.loads(Path(args.records).read_text()) if args.records else []
-    report = {"setting": {k: getattr(args, k) for k in ("eval_sequences", "retrieval_docs", "seq_len", "window",
-                                                        "objective_rows", "objective_seed")},
+    setting = setting or {k: getattr(args, k) for k in ("eval_sequences", "retrieval_docs", "seq_len", "window",
+                                                        "objective_rows", "objective_seed")}
+    report = {"setting": setting,
               "cells": [{**summarize(entries, records, g, s), "entries": entries}
                         for (g, s), entries in sorted(done.items())]}
     (out / args.name).write_text(json.dumps(report))

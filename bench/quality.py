@@ -65,6 +65,8 @@ VARIANTS = {
     "lm-rerun": {"objective": "lm"},  # the default again: does it reproduce the records of another session?
     "lm-ret0": {"objective": "lm", "retrieval_ratio": 0.0},  # text only: the search on the heuristic's own data
     "distill-ret0": {"objective": "distill", "retrieval_ratio": 0.0},
+    "lm-q4": {"objective": "lm", "retrieval_queries": 4},  # every key of a retrieval row asked: 4x the answers
+    "distill-q4": {"objective": "distill", "retrieval_queries": 4},
 }
 RULES = ("interleave-1:1", "interleave-3:1", "interleave-5:1", "bottom", "top", "even")
 SCORED = ("heuristic-loss", "retrieval-heads", "duo", "retrieval-heads-answers")
@@ -321,16 +323,16 @@ def _setup(args, counter=None) -> None:
                   data={}, tmp=Path(tempfile.mkdtemp(prefix="quality-")))
 
 
-def _dataset(seed: int, ratio: float, keys: int, rows: int):
+def _dataset(seed: int, ratio: float, keys: int, rows: int, queries: int = 1):
     """The search data of one seed (cached per worker): text rows + retrieval rows, labelled."""
     from consa import data as data_mod
 
-    key = (seed, ratio, keys, rows)
+    key = (seed, ratio, keys, rows, queries)
     if key not in _state["data"]:
         a = _state["args"]
         _state["data"][key] = data_mod.build_dataset(_state["tokenizer"], a.train_data, a.search_seq_len, rows,
                                                      retrieval_ratio=ratio, seed=seed, num_keys=keys,
-                                                     with_labels=True)
+                                                     with_labels=True, queries=queries)
     return _state["data"][key]
 
 
@@ -365,7 +367,7 @@ def job_search(name: str, overrides: dict, granularity: str, sparsity: float, se
 
     config = _search_config(_state["args"], sparsity=sparsity, granularity=granularity, seed=seed, **overrides)
     rows = config.steps * config.batch_size + ROWS  # held-out rows for a refinement, unused otherwise
-    dataset = _dataset(seed, config.retrieval_ratio, config.retrieval_keys, rows)
+    dataset = _dataset(seed, config.retrieval_ratio, config.retrieval_keys, rows, config.retrieval_queries)
     t = time.time()
     run = run_allocation(config, _state["tmp"] / f"{name}-{granularity}-{sparsity}-{seed}", evaluate=False,
                          heatmap=heatmap_dir is not None, model=_state["model"], tokenizer=_state["tokenizer"],

@@ -167,6 +167,7 @@ class RetrievalDoc:
     input_ids: list  # prompt tokens, ending right before the value
     answer: str  # the value the model should produce
     depths: list  # relative depth (0..1) of each key line in the document
+    keys: list = None  # (name, value) of every key line, the queried one first
 
 
 
@@ -215,7 +216,8 @@ def retrieval_document(tokenizer, filler_ids: list, seq_len: int, rng: random.Ra
         prev = cut
     ids += filler[prev:] + query_ids
     depth_of = {k: d for d, k in zip(depths, order)}
-    return RetrievalDoc(input_ids=ids, answer=values[q], depths=[depth_of[k] for k in range(num_keys)])
+    return RetrievalDoc(input_ids=ids, answer=values[q], depths=[depth_of[k] for k in range(num_keys)],
+                        keys=[(names[q], values[q])] + [kv for k, kv in enumerate(zip(names, values)) if k != q])
 
 
 def filler_token_ids(tokenizer, texts, max_tokens: int) -> list:
@@ -230,29 +232,45 @@ def filler_token_ids(tokenizer, texts, max_tokens: int) -> list:
 IGNORE = -100  # label of tokens that carry no loss
 
 
+QUERY_TOKENS = 32  # room kept for each further query line (`assert KEY_abcd == "12345"`) of a row
+
+
 def retrieval_sequences(tokenizer, filler_ids: list, seq_len: int, count: int, seed: int,
-                        num_keys: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                        num_keys: int = 4, queries: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(count, seq_len) rows of retrieval prompts followed by their answer, and their labels.
 
     Only the answer tokens are labelled: they are the tokens that need a unit which sees far back,
-    and in a row of thousands of filler tokens their signal would otherwise be lost.
+    and in a row of thousands of filler tokens their signal would otherwise be lost. With `queries`
+    > 1 the row goes on to ask for further keys of the document, each answer labelled: more answers
+    per row for the same compute, so the retrieval part of the loss is less noisy.
     """
     rng = random.Random(seed)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    extra = min(queries, num_keys) - 1
     rows, labels = [], []
     for _ in range(count):
-        doc = retrieval_document(tokenizer, filler_ids, seq_len, rng, num_keys=num_keys)
+        doc = retrieval_document(tokenizer, filler_ids, seq_len - extra * QUERY_TOKENS, rng, num_keys=num_keys)
         answer = tokenizer(doc.answer + '"', add_special_tokens=False)["input_ids"]
-        row = (doc.input_ids + answer + [eos] * seq_len)[:seq_len]
-        n_prompt = len(doc.input_ids)
-        labels.append([t if n_prompt <= i < n_prompt + len(answer) else IGNORE for i, t in enumerate(row)])
+        row, spans = doc.input_ids + answer, [(len(doc.input_ids), len(answer))]
+        others = doc.keys[1:]
+        if extra:
+            rng.shuffle(others)
+        for name, value in others[:extra]:
+            row += tokenizer(f'\nassert {name} == "', add_special_tokens=False)["input_ids"]
+            answer = tokenizer(value + '"', add_special_tokens=False)["input_ids"]
+            spans.append((len(row), len(answer)))
+            row += answer
+        row = (row + [eos] * seq_len)[:seq_len]
+        scored = {i for start, n in spans for i in range(start, start + n)}
+        labels.append([t if i in scored else IGNORE for i, t in enumerate(row)])
         rows.append(row)
     return torch.tensor(rows, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
 # -- the training mix -----------------------------------------------------------------------------
 def build_dataset(tokenizer, path, seq_len: int, num_sequences: int, retrieval_ratio: float = 0.0,
-                  seed: int = 0, num_keys: int = 4, with_labels: bool = False, text_field: str | None = None):
+                  seed: int = 0, num_keys: int = 4, with_labels: bool = False, text_field: str | None = None,
+                  queries: int = 1):
     """(num_sequences, seq_len) token rows: packed text mixed with retrieval documents at a ratio.
 
     With `with_labels`, returns (rows, labels): text rows are labelled everywhere, retrieval rows on
@@ -271,7 +289,8 @@ def build_dataset(tokenizer, path, seq_len: int, num_sequences: int, retrieval_r
     if n_retrieval:
         filler = filler_token_ids(tokenizer, iter_texts(path, seed=seed + 1, text_field=text_field),
                                   max_tokens=max(seq_len * 8, 65536))
-        r_rows, r_labels = retrieval_sequences(tokenizer, filler, seq_len, n_retrieval, seed=seed, num_keys=num_keys)
+        r_rows, r_labels = retrieval_sequences(tokenizer, filler, seq_len, n_retrieval, seed=seed, num_keys=num_keys,
+                                               queries=queries)
         rows.append(r_rows)
         labels.append(r_labels)
     rows, labels = torch.cat(rows), torch.cat(labels)

@@ -116,7 +116,8 @@ def run_search(config: SearchConfig, progress=None, should_cancel=None, resume_f
                                          config.num_sequences or config.steps * config.batch_size * parallel.world_size
                                          + (refine.ROWS if config.refine_swaps else 0),
                                          retrieval_ratio=config.retrieval_ratio, seed=config.seed,
-                                         num_keys=config.retrieval_keys, with_labels=True)
+                                         num_keys=config.retrieval_keys, queries=config.retrieval_queries,
+                                         with_labels=True)
     rows, labels = dataset if isinstance(dataset, tuple) else (dataset, dataset)  # plain rows: every token
     rows, labels = rows.to(device), labels.to(device)
 

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -61,6 +62,26 @@ def test_build_dataset_mixes_at_the_ratio_and_labels_retrieval_answers_only(text
     assert torch.equal(rows[~is_retrieval], labels[~is_retrieval])
     again = data.build_dataset(tokenizer, text_dir, 200, 8, retrieval_ratio=0.25, seed=0)
     assert torch.equal(again, rows)  # seeded
+
+
+def test_retrieval_rows_can_ask_for_every_key_each_answer_scored(tokenizer):
+    filler = data.filler_token_ids(tokenizer, tiny.corpus_texts(), 20000)
+    one, one_labels = data.retrieval_sequences(tokenizer, filler, 400, 3, seed=5, num_keys=4)
+    rows, labels = data.retrieval_sequences(tokenizer, filler, 400, 3, seed=5, num_keys=4, queries=9)  # capped at 4
+    assert rows.shape == labels.shape == (3, 400)
+    for row, lab in zip(rows, labels):
+        text = tokenizer.decode(row)
+        defined = dict(re.findall(r'(KEY_[a-z]{4}) = "(\d{5})"', text))
+        asked = re.findall(r'assert (KEY_[a-z]{4}) == "(\d{5})"', text)
+        assert len(defined) == 4 and sorted(name for name, _ in asked) == sorted(defined)  # each key asked once
+        assert all(defined[name] == value for name, value in asked)  # ... with its own value
+        scored = tokenizer.decode(row[lab != data.IGNORE])
+        assert scored == "".join(f'{value}"' for _, value in asked)  # exactly the answers are labelled
+    # one query (the default): one answer per row; the first document is the same, asked the same key first
+    assert re.findall(r'assert (KEY_[a-z]{4})', tokenizer.decode(rows[0]))[0] == \
+        re.findall(r'assert (KEY_[a-z]{4})', tokenizer.decode(one[0]))[0]
+    assert [len(re.findall("assert", tokenizer.decode(r))) for r in one] == [1, 1, 1]
+    assert ((one_labels != data.IGNORE).sum(1) < (labels != data.IGNORE).sum(1)).all()
 
 
 def test_per_row_mean_weighs_rows_equally():
