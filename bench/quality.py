@@ -348,8 +348,10 @@ def _evaluate(allocation) -> dict:
 def _search_config(a, **settings):
     from consa.config import SearchConfig
 
+    # The variants were defined, and recorded, with one query per retrieval row (the default until session 6);
+    # lm-q4, today's default, asks for every key.
     base = dict(model=a.model, sparsity=0.5, window=a.window, seq_len=a.search_seq_len, batch_size=a.search_batch,
-                steps=a.steps)
+                steps=a.steps, retrieval_queries=1)
     if a.retrieval_ratio is not None:
         base["retrieval_ratio"] = a.retrieval_ratio
     return SearchConfig(**{**base, **settings})

@@ -246,7 +246,7 @@ def retrieval_sequences(tokenizer, filler_ids: list, seq_len: int, count: int, s
     """
     rng = random.Random(seed)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    extra = min(queries, num_keys) - 1
+    extra = min(queries, num_keys, 1 + seq_len // 4 // QUERY_TOKENS) - 1  # further queries take at most 1/4 of a row
     rows, labels = [], []
     for _ in range(count):
         doc = retrieval_document(tokenizer, filler_ids, seq_len - extra * QUERY_TOKENS, rng, num_keys=num_keys)

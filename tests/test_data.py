@@ -82,6 +82,9 @@ def test_retrieval_rows_can_ask_for_every_key_each_answer_scored(tokenizer):
         re.findall(r'assert (KEY_[a-z]{4})', tokenizer.decode(one[0]))[0]
     assert [len(re.findall("assert", tokenizer.decode(r))) for r in one] == [1, 1, 1]
     assert ((one_labels != data.IGNORE).sum(1) < (labels != data.IGNORE).sum(1)).all()
+    # a short row keeps room for its document: further queries take at most a quarter of it
+    short, _ = data.retrieval_sequences(tokenizer, filler, 160, 2, seed=5, num_keys=4, queries=4)
+    assert [len(re.findall("assert", tokenizer.decode(r))) for r in short] == [2, 2]
 
 
 def test_per_row_mean_weighs_rows_equally():
