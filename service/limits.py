@@ -17,6 +17,11 @@ from service.problems import ProblemError, field_error
 from service.settings import Settings
 
 
+# What reject_nul enforces, as the API's schema states it for a query string (json_schema_extra: the
+# check itself stays reject_nul's, so the error keeps its code).
+NO_NUL_SCHEMA = {"pattern": "^[^\\x00]*$"}
+
+
 def reject_nul(value, loc: list) -> None:
     """A NUL byte is in no valid path, id or label, and PostgreSQL cannot store one in text: 422."""
     if isinstance(value, str):

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from service import artifacts, crud, schemas
 from service.deps import ApiKeyDep, JobDep, SessionDep, SettingsDep
-from service.limits import check_limits, reject_nul
+from service.limits import NO_NUL_SCHEMA, check_limits, reject_nul
 from service.locations import resolve_dataset, resolve_model
 from service.problems import PROBLEM_RESPONSES, ProblemError, responses
 from service.queue import enqueue
@@ -82,9 +82,10 @@ def _replay(job, request_hash: str, response: Response) -> schemas.Job:
 @router.get("", response_model=schemas.JobList, responses=PROBLEM_RESPONSES, summary="List your jobs, newest first")
 def list_jobs(session: SessionDep, key: ApiKeyDep, settings: SettingsDep,
               status: Annotated[schemas.Status | None, Query()] = None,
-              model: Annotated[str | None, Query(max_length=1000)] = None,
+              model: Annotated[str | None, Query(max_length=1000, json_schema_extra=NO_NUL_SCHEMA)] = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              after: Annotated[str | None, Query(max_length=40, description="Last job id of the previous page.")] = None):
+              after: Annotated[str | None, Query(max_length=40, description="Last job id of the previous page.",
+                                                 json_schema_extra=NO_NUL_SCHEMA)] = None):
     reject_nul({"model": model, "after": after}, ["query"])
     try:
         jobs, has_more = crud.list_jobs(session, api_key_id=key.id, limit=min(limit, settings.max_page_size),
