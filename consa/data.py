@@ -11,7 +11,7 @@ import json
 import random
 import string
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -167,7 +167,7 @@ class RetrievalDoc:
     input_ids: list  # prompt tokens, ending right before the value
     answer: str  # the value the model should produce
     depths: list  # relative depth (0..1) of each key line in the document
-    keys: list = None  # (name, value) of every key line, the queried one first
+    keys: list = field(default_factory=list)  # (name, value) of every key line, the queried one first
 
 
 
@@ -274,7 +274,7 @@ def build_dataset(tokenizer, path, seq_len: int, num_sequences: int, retrieval_r
     """(num_sequences, seq_len) token rows: packed text mixed with retrieval documents at a ratio.
 
     With `with_labels`, returns (rows, labels): text rows are labelled everywhere, retrieval rows on
-    their answer only (see retrieval_sequences).
+    their answers only (`queries` of them per row: see retrieval_sequences).
     """
     if not 0.0 <= retrieval_ratio <= 1.0:
         raise DataError(f"retrieval_ratio must be in [0, 1], got {retrieval_ratio}")
