@@ -62,22 +62,11 @@ def parse_args(argv=None):
 
 
 def _setup(args, counter) -> None:
-    import torch
-
+    from bench.quality import load_worker
     from consa import data as data_mod
-    from consa.config import SearchConfig
-    from consa.evaluation import build_eval_set
-    from consa.loading import load_for_search
 
-    device = args.device
-    if device == "auto" and torch.cuda.device_count() > 1:
-        with counter.get_lock():  # workers spread round-robin over the GPUs
-            device, counter.value = f"cuda:{counter.value % torch.cuda.device_count()}", counter.value + 1
-        torch.cuda.set_device(device)
-    model, tokenizer = load_for_search(SearchConfig(model=args.model, sparsity=0.5), device)
+    model, tokenizer, eval_set = load_worker(args, counter)  # the quality benchmark's own eval set
     model.eval()
-    eval_set = build_eval_set(tokenizer, args.eval_data, seq_len=args.seq_len, num_sequences=args.eval_sequences,
-                              retrieval_docs=args.retrieval_docs, seed=0)
     rows, labels = data_mod.build_dataset(tokenizer, args.train_data, args.seq_len, args.objective_rows,
                                           retrieval_ratio=0.25, seed=args.objective_seed, num_keys=4,
                                           with_labels=True)
@@ -93,6 +82,7 @@ def evaluate_layers(swa_layers: tuple) -> dict:
     from consa.evaluation import retrieval_correct, token_losses
     from consa.hybrid_attention import apply_allocation, model_shape
     from consa.manifest import Allocation
+    from consa.objectives import row_means
 
     a, model = _state["args"], _state["model"]
     num_layers, num_kv_heads = model_shape(model)
@@ -107,8 +97,7 @@ def evaluate_layers(swa_layers: tuple) -> dict:
         nll = token_losses(model, _state["rows"], a.batch)  # (R, T-1)
     finally:
         hybrid.set_gates(None)
-    mask = (_state["labels"][:, 1:] != data_mod.IGNORE).float()
-    per_row = (nll * mask).sum(1) / mask.sum(1).clamp(min=1)  # the objective's per-row mean
+    per_row = row_means(nll, _state["labels"])  # what the lm objective averages
     retrieval_row = (_state["labels"] == data_mod.IGNORE).any(1)
     return {"swa": list(swa_layers), "loss": row_loss.mean().item(), "retrieval_acc": sum(hits) / len(hits),
             "row_loss": [round(x, 5) for x in row_loss.tolist()], "hits": "".join("1" if h else "0" for h in hits),
@@ -186,8 +175,6 @@ def main(argv=None) -> dict:
         earlier = json.loads(Path(args.summarize_only).read_text())
         done = {(c["granularity"], c["sparsity"]): c["entries"] for c in earlier["cells"]}
         return save(args, done, Path(args.out), earlier["setting"])
-    from consa.hybrid_attention import model_shape  # noqa: F401  (fail early on a broken install)
-
     num_layers = json.loads((Path(args.model) / "config.json").read_text())["num_hidden_layers"]
     todo = [(g, s, combo) for g, s in args.cells
             for combo in itertools.combinations(range(num_layers), int(round(s * num_layers)))]

@@ -301,38 +301,45 @@ def summary_markdown(summary: dict) -> str:
 _state: dict = {}
 
 
-def _setup(args, counter=None) -> None:
+def load_worker(args, counter=None):
+    """A worker's model (on its GPU: workers spread round-robin over them), tokenizer and the benchmark's
+    eval set. bench/pareto.py evaluates on exactly this set."""
     import torch
 
     from consa.config import SearchConfig
     from consa.evaluation import build_eval_set
-    from consa.hybrid_attention import model_shape
     from consa.loading import load_for_search
 
     torch.manual_seed(0)
     device = args.device
     if device == "auto" and torch.cuda.device_count() > 1 and counter is not None:
-        with counter.get_lock():  # workers spread round-robin over the GPUs
+        with counter.get_lock():
             device, counter.value = f"cuda:{counter.value % torch.cuda.device_count()}", counter.value + 1
         torch.cuda.set_device(device)  # compiled kernels launch on the current device
-    config = SearchConfig(model=args.model, sparsity=0.5)
-    model, tokenizer = load_for_search(config, device)  # the dtype a search uses
+    model, tokenizer = load_for_search(SearchConfig(model=args.model, sparsity=0.5), device)  # a search's dtype
     eval_set = build_eval_set(tokenizer, args.eval_data, seq_len=args.seq_len, num_sequences=args.eval_sequences,
                               retrieval_docs=args.retrieval_docs, seed=0)
+    return model, tokenizer, eval_set
+
+
+def _setup(args, counter=None) -> None:
+    from consa.hybrid_attention import model_shape
+
+    model, tokenizer, eval_set = load_worker(args, counter)
     _state.update(args=args, model=model, tokenizer=tokenizer, eval_set=eval_set, shape=model_shape(model),
                   data={}, tmp=Path(tempfile.mkdtemp(prefix="quality-")))
 
 
-def _dataset(seed: int, ratio: float, keys: int, rows: int, queries: int = 1):
+def _dataset(config, rows: int):
     """The search data of one seed (cached per worker): text rows + retrieval rows, labelled."""
     from consa import data as data_mod
 
-    key = (seed, ratio, keys, rows, queries)
+    key = (config.seed, config.retrieval_ratio, config.retrieval_keys, config.retrieval_queries, rows)
     if key not in _state["data"]:
         a = _state["args"]
-        _state["data"][key] = data_mod.build_dataset(_state["tokenizer"], a.train_data, a.search_seq_len, rows,
-                                                     retrieval_ratio=ratio, seed=seed, num_keys=keys,
-                                                     with_labels=True, queries=queries)
+        _state["data"][key] = data_mod.build_dataset(
+            _state["tokenizer"], a.train_data, a.search_seq_len, rows, retrieval_ratio=config.retrieval_ratio,
+            seed=config.seed, num_keys=config.retrieval_keys, queries=config.retrieval_queries, with_labels=True)
     return _state["data"][key]
 
 
@@ -369,7 +376,7 @@ def job_search(name: str, overrides: dict, granularity: str, sparsity: float, se
 
     config = _search_config(_state["args"], sparsity=sparsity, granularity=granularity, seed=seed, **overrides)
     rows = config.steps * config.batch_size + ROWS  # held-out rows for a refinement, unused otherwise
-    dataset = _dataset(seed, config.retrieval_ratio, config.retrieval_keys, rows, config.retrieval_queries)
+    dataset = _dataset(config, rows)
     t = time.time()
     run = run_allocation(config, _state["tmp"] / f"{name}-{granularity}-{sparsity}-{seed}", evaluate=False,
                          heatmap=heatmap_dir is not None, model=_state["model"], tokenizer=_state["tokenizer"],
@@ -397,7 +404,7 @@ def job_scores(seed: int, granularities: list[str], names: list[str]) -> dict:
 
     a, model = _state["args"], _state["model"]
     config = _search_config(a, seed=seed)
-    rows, labels = _dataset(seed, config.retrieval_ratio, config.retrieval_keys, a.steps * a.search_batch + 16)
+    rows, labels = _dataset(config, a.steps * a.search_batch + 16)
     calibration = calibration_of(rows, labels, a.calibration_sequences)
     out, seconds = {}, {}
     for name in names:

@@ -253,7 +253,7 @@ def retrieval_sequences(tokenizer, filler_ids: list, seq_len: int, count: int, s
         answer = tokenizer(doc.answer + '"', add_special_tokens=False)["input_ids"]
         row, spans = doc.input_ids + answer, [(len(doc.input_ids), len(answer))]
         others = doc.keys[1:]
-        if extra:
+        if extra:  # only then: rows with one query draw exactly what they drew before the option existed
             rng.shuffle(others)
         for name, value in others[:extra]:
             row += tokenizer(f'\nassert {name} == "', add_special_tokens=False)["input_ids"]

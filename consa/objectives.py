@@ -35,14 +35,19 @@ def get_objective(name: str) -> "Objective":
     return OBJECTIVES[name]()
 
 
+def row_means(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """values (B, T-1) per predicted token -> (B,) mean over the labelled tokens of each row."""
+    mask = (labels[:, 1:] != data_mod.IGNORE).float()  # (B, T-1)
+    return (values.float() * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
 def per_row_mean(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """values (B, T-1) per predicted token -> mean over labelled tokens of each row, then over rows.
 
     Averaging per row first gives a retrieval row (a handful of labelled answer tokens) the same
     weight as a text row, so the units that retrieval needs get a signal of their own.
     """
-    mask = (labels[:, 1:] != data_mod.IGNORE).float()  # (B, T-1)
-    return ((values.float() * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return row_means(values, labels).mean()
 
 
 # -- the model's pieces: final hidden states, and the head that turns them into logits -----------------
