@@ -1,7 +1,7 @@
 """Micro-benchmark of one layer's decode attention: consa's fused Triton kernel (over a sweep of tile
 sizes, warps, pipeline stages and chunk lengths) against PyTorch's SDPA and the plain-matmul path.
 
-    python bench/decode_kernel.py --out bench/results
+    python bench/decode_kernel.py --out bench/results/current
 
 Shapes of Qwen3-0.6B (8 KV heads, 16 query heads, head_dim 128, bf16), context 32k, batch 1 and 16,
 all heads FA and half of them SWA (W = 1024). Each call is timed from a CUDA graph of 8 calls over 8
@@ -93,7 +93,7 @@ def flash_probe(batch, context, n_fa, q_all, add, layers=8):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default="bench/results/current")
     p.add_argument("--context", type=int, default=32768)
     args = p.parse_args(argv)
     rows = []

@@ -5,9 +5,9 @@ documents); this takes the allocations it recorded (each record's `pattern`) and
 on another corpus and another retrieval setting, so a ranking that holds only on that one table shows.
 It runs on the CPU (float32 weights) as well as on a GPU.
 
-    python bench/heldout.py --records bench/results/quality.json --model .models/qwen3-code-26m \\
+    python bench/heldout.py --records bench/results/current/quality.json --model .models/qwen3-code-26m \\
         --eval-data /usr/lib/python3/dist-packages --keys 8 --seed 7 --cells kv_head:0.5,kv_head:0.75 \\
-        --methods learned-lm,learned-distill,heuristic-loss,duo,retrieval-heads --out bench/results
+        --methods learned-lm,learned-distill,heuristic-loss,duo,retrieval-heads --out bench/results/current
 """
 
 import argparse

@@ -12,10 +12,10 @@ retrieval documents, seed 0). That answers two questions no comparison of method
 Per-row losses and per-document hits are kept, so any two allocations can be compared paired, with
 the evaluation's own sampling noise.
 
-    python bench/pareto.py --cells layer:0.25,layer:0.75 --records bench/results/quality.json \\
+    python bench/pareto.py --cells layer:0.25,layer:0.75 --records bench/results/current/quality.json \\
         --train-data /tmp/sp --workers 8 --out $OUT
-    python bench/pareto.py --summarize-only bench/results/pareto.json --records bench/results/quality.json \\
-        --out bench/results  # place newer records on the same allocations, evaluating nothing
+    python bench/pareto.py --summarize-only bench/results/current/pareto.json --records bench/results/current/quality.json \\
+        --out bench/results/current  # place newer records on the same allocations, evaluating nothing
 """
 
 import argparse
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--deadline", type=float, default=0, help="seconds: stop evaluating after this (0 = none)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default="bench/results/current")
     p.add_argument("--name", default="pareto.json")
     p.add_argument("--summarize-only", default=None, metavar="PARETO_JSON",
                    help="evaluate nothing: place the --records methods on the allocations of this earlier output")

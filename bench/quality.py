@@ -85,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=".models/qwen3-code-26m", help="local model directory")
     p.add_argument("--eval-data", default=os.path.dirname(os.__file__), help="held-out text (default: Python stdlib)")
     p.add_argument("--train-data", default=sysconfig.get_paths()["purelib"], help="search text (default: site-packages)")
-    p.add_argument("--out", default=None, help="output directory (default: bench/results + bench/heatmaps)")
+    p.add_argument("--out", default=None, help="output directory (default: bench/results/current + bench/heatmaps)")
     p.add_argument("--pack", action="store_true", help="pack heatmaps into heatmaps.tar.gz (few files for $OUT)")
     p.add_argument("--sparsities", default="0.25,0.5,0.75")
     p.add_argument("--granularities", default="layer,kv_head")
@@ -485,7 +485,7 @@ class Bench:
         self.args = args
         self.started = time.time()
         out = Path(args.out) if args.out else None
-        self.results_dir = out or Path(__file__).parent / "results"
+        self.results_dir = out or Path(__file__).parent / "results" / "current"
         self.heatmap_dir = (out / "heatmaps") if out else Path(__file__).parent / "heatmaps"
         self.results_dir.mkdir(parents=True, exist_ok=True)
         self.records: list[dict] = []
@@ -736,7 +736,7 @@ def report_only(args) -> list[dict]:
         r.pop("default", None)
         if default is not None and r["method"] == f"learned-{default}":
             r["default"] = True
-    out = Path(args.out) if args.out else Path(__file__).parent / "results"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / "current"
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(records, indent=1, default=str))
     if screen:

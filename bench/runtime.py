@@ -1,6 +1,6 @@
 """Runtime benchmark: KV-cache bytes, prefill time and decode speed of hybrid FA/SWA models vs full attention.
 
-    python bench/runtime.py --testbed .models/qwen3-code-26m --out bench/results
+    python bench/runtime.py --testbed .models/qwen3-code-26m --out bench/results/current
 
 Models: a Qwen3-0.6B-shaped model with RANDOM weights (speed does not depend on them) and the testbed
 model. Allocations: exact-sparsity ones from consa.gates.exact_swa_mask on seeded random scores (per KV
@@ -314,7 +314,7 @@ def markdown(records) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--testbed", help="path of the testbed model (12 layers x 4 KV heads); skipped when absent")
-    p.add_argument("--out", default="bench/results", help="directory for NAME.json and NAME.md")
+    p.add_argument("--out", default="bench/results/current", help="directory for NAME.json and NAME.md")
     p.add_argument("--name", default="runtime", help="file stem of the results")
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.5, 0.75])

@@ -479,7 +479,7 @@ def run_loss(args) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", default="scale", choices=("scale", "testbed", "loss", "saved", "rounding"))
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default="bench/results/current")
     p.add_argument("--name", default=None, help="output file name (default by mode and GPU count)")
     p.add_argument("--shapes", default="qwen3-0.6b,qwen3-1.7b,llama3-8b")
     p.add_argument("--contexts", default="8192,32768,131072")

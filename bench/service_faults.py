@@ -3,7 +3,7 @@ streams are open (target: p99 < 1 s), with the default per-key stream cap (8), s
 
 Two scenarios: the streamed jobs are quiet (running, no new events), and the same with a real search
 running on the server's worker (the tiny test model), which writes an event per step that 8 of the
-streams follow. Writes bench/results/service_faults.json.
+streams follow. Writes bench/results/current/service_faults.json.
 
     python bench/service_faults.py [--streams 200] [--gets 300] [--backend embedded redis-postgres]
 
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["embedded", "redis-postgres"], nargs="+",
                         default=["embedded", "redis-postgres"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/consa-bench-service"))
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/service_faults.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/current/service_faults.json")
     args = parser.parse_args()
     runs = [measure(backend, args) for backend in args.backend]
     record = {"what": "GET /v1/jobs/{id} latency with N open event streams (issue 11 target: p99 < 1 s)",
