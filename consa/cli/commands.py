@@ -5,11 +5,10 @@ import json
 import sys
 from pathlib import Path
 
-from dataclasses import MISSING
-
-from consa.config import SearchConfig, check_setting, setting_fields, setting_names
-from consa.errors import Cancelled, ConsaError
-from consa.units import GRIDS
+from consa.cli.settings_args import add_setting_args
+from consa.core.config import SearchConfig, setting_names
+from consa.core.errors import Cancelled, ConsaError
+from consa.core.config import GRANULARITIES
 
 
 def _add_model_args(p):
@@ -18,39 +17,9 @@ def _add_model_args(p):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
-def _checked(name: str, kind):
-    """An argparse type: parse the text as `kind`, then check it against the setting's bounds and choices."""
-    def parse(text: str):
-        try:
-            return check_setting(name, kind(text))
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    parse.__name__ = kind.__name__  # argparse names the type in "invalid <type> value" messages
-    return parse
-
-
-def _add_setting_args(p, server_defaults: bool = False) -> None:
-    """One flag per SearchConfig setting: its default, help, bounds and choices come from consa.config.
-
-    With `server_defaults` (`consa jobs submit`) a flag left out stays None, so the server applies its own.
-    """
-    for name, kind, default, meta, _ in setting_fields():
-        flags = ["--" + name.replace("_", "-")] + (["--data"] if name == "dataset" else [])
-        help = meta["help"] + ("" if default is MISSING else " (default: %(default)s)")
-        if server_defaults and default is not MISSING:
-            default, help = None, meta["help"] + f" (server default: {default})"
-        if kind is bool:
-            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help)
-            continue
-        p.add_argument(*flags, dest=name, type=_checked(name, kind), required=default is MISSING,
-                       default=None if default is MISSING else default, help=help,
-                       metavar="|".join(meta["choices"]) if "choices" in meta else None)
-
-
 def _add_search_parser(sub):
     p = sub.add_parser("search", help="learn an FA/SWA allocation for a model")
-    _add_setting_args(p)
+    add_setting_args(p, SearchConfig)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--resume", default=None, help="gates.safetensors of an earlier run to continue from")
     p.add_argument("--gpus", type=int, default=1,
@@ -79,8 +48,8 @@ def _add_eval_parser(sub):
 def cmd_search(args) -> int:
     from tqdm import tqdm
 
-    from consa.distributed import env_world_size, is_main_process
-    from consa.pipeline import run_allocation
+    from consa.model.devices import env_world_size, is_main_process
+    from consa.recipe.pipeline import run_allocation
 
     config = SearchConfig.from_dict({name: getattr(args, name) for name in setting_names()})
     if args.gpus < 1:
@@ -88,7 +57,7 @@ def cmd_search(args) -> int:
     if args.gpus > 1 and env_world_size() == 1:
         return _relaunch_data_parallel(args)
     if not is_main_process():  # torchrun: ranks 1..N-1 only search; rank 0 reports and writes the outputs
-        from consa.search import run_search
+        from consa.search.loop import run_search
 
         run_search(config, resume_from=args.resume, device=args.device)
         return 0
@@ -136,9 +105,10 @@ def _relaunch_data_parallel(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from consa import evaluation
-    from consa.manifest import load_allocation
-    from consa.loading import load_model, pick_device
+    from consa.evaluation import metrics as evaluation
+    from consa.core.manifest import load_allocation
+    from consa.model.devices import pick_device
+    from consa.model.loading import load_model
 
     allocation = load_allocation(args.allocation) if args.allocation else None
     model, tokenizer = load_model(args.model, args.revision, pick_device(args.device))
@@ -156,7 +126,7 @@ def _add_compare_parser(sub):
                    help="manifest.json to compare (repeatable)")
     p.add_argument("--baselines", default="", help="comma list of baseline names, or 'all' (see consa.baselines)")
     p.add_argument("--sparsity", type=float, default=None, help="sparsity for the baselines (default: the first allocation's)")
-    p.add_argument("--granularity", default=None, choices=tuple(GRIDS),
+    p.add_argument("--granularity", default=None, choices=GRANULARITIES,
                    help="granularity for the baselines (default: the first allocation's)")
     p.add_argument("--window", type=int, default=None, help="window for the baselines (default: the first allocation's)")
     p.add_argument("--data", required=True)
@@ -187,7 +157,7 @@ def _add_export_parser(sub):
     p.add_argument("pattern", help="a folder with full_attention_heads.tsv + config.json, or a bare TSV")
     p.add_argument("--out", required=True, help="manifest.json to write")
     p.add_argument("--model", default="unknown", help="the model the pattern is for (recorded in the manifest)")
-    p.add_argument("--granularity", default="kv_head", choices=tuple(GRIDS))
+    p.add_argument("--granularity", default="kv_head", choices=GRANULARITIES)
     p.add_argument("--sparsity", type=float, default=None,
                    help="binarise learned gate values at this SWA share (default: values >= --threshold are full)")
     p.add_argument("--threshold", type=float, default=0.5)
@@ -196,10 +166,11 @@ def _add_export_parser(sub):
 
 
 def cmd_compare(args) -> int:
-    from consa import baselines
-    from consa.compare import baseline_allocations, compare, markdown_table
-    from consa.loading import load_model, pick_device
-    from consa.manifest import load_allocation
+    from consa.evaluation import baselines
+    from consa.evaluation.compare import baseline_allocations, compare, markdown_table
+    from consa.model.devices import pick_device
+    from consa.model.loading import load_model
+    from consa.core.manifest import load_allocation
 
     allocations = {"full": None}
     for path in args.allocation:
@@ -230,10 +201,10 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from consa.duo_format import write_duo_pattern
-    from consa.export import export_hybrid
-    from consa.manifest import load_allocation
-    from consa.loading import pick_device
+    from consa.export.duo_format import write_duo_pattern
+    from consa.export.checkpoint import export_hybrid
+    from consa.core.manifest import load_allocation
+    from consa.model.devices import pick_device
 
     allocation = load_allocation(args.allocation)
     if args.format in ("duo", "duo-tsv"):
@@ -247,7 +218,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_import_duo(args) -> int:
-    from consa.duo_format import read_duo_tsv
+    from consa.export.duo_format import read_duo_tsv
 
     allocation = read_duo_tsv(args.pattern, model=args.model, window=args.window, sink_tokens=args.sink_tokens,
                               granularity=args.granularity, sparsity=args.sparsity, threshold=args.threshold)
@@ -271,12 +242,13 @@ def cmd_generate(args) -> int:
     import torch
     from transformers import AutoTokenizer, TextStreamer
 
-    from consa.cache import make_cache
-    from consa.export import load_hybrid
-    from consa.hybrid_attention import model_shape
-    from consa.kv_accounting import cache_bytes, head_dim_of, kv_bytes
-    from consa.runtime import cache_kwarg
-    from consa.loading import pick_device
+    from consa.runtime.cache import make_cache
+    from consa.export.checkpoint import load_hybrid
+    from consa.model.hybrid_attention import model_shape
+    from consa.runtime.cache import cache_bytes
+    from consa.runtime.kv_accounting import head_dim_of, kv_bytes
+    from consa.runtime.generation import cache_kwarg
+    from consa.model.devices import pick_device
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -350,15 +322,15 @@ def cmd_keys(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from consa.jobs_cli import run
+    from consa.cli.jobs import run
 
     return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from consa.jobs_cli import add_jobs_commands
+    from consa.cli.jobs import add_jobs_commands
 
-    from consa import __version__
+    from consa.core.version import __version__
 
     parser = argparse.ArgumentParser(prog="consa", description=__doc__)
     parser.add_argument("--version", action="version", version=f"consa {__version__}")

@@ -1,0 +1,337 @@
+#!/usr/bin/env bash
+# docker/smoke.sh: the Compose stack end to end on one machine, no GPU and no Docker Hub needed.
+#
+#   bash docker/smoke.sh            # needs: a running Docker engine, a Compose implementation
+#                                   # (`docker compose` v2, or docker-compose 1.29), curl, python3;
+#                                   # debootstrap only when the local Debian base must be made
+#   bash docker/smoke.sh --rmi      # ...and remove the images it built when it ends
+#
+# It builds the images from docker/compose.yaml + docker/compose.local.yaml (+ compose.smoke.yaml:
+# the worker saves its search state every 5 steps), all on a local Debian base (LOCAL_BASE, made
+# with debootstrap when missing): the API, the CPU worker, PostgreSQL and Redis from Debian's packages.
+# Then: up, wait for health, `exec api consa keys create`, a job over HTTP for a tiny random Qwen3
+# (made inside the worker image) followed to the end, every artifact downloaded and its sha256
+# checked; `restart` and `down` + `up` keep the job, its events and artifacts; the worker killed
+# mid-job -> the job is queued again and resumes from its saved step; the API stopped mid-job -> the
+# job still finishes. It ends by removing what it started: the containers, network and volumes of
+# its Compose project, its temporary folder, the wheel it put in docker/wheels/ (and with --rmi the
+# images it built). Timings go to stdout as "TIMING name seconds" lines; the log to SMOKE_LOG if set.
+#
+# Settings (environment): SMOKE_PROJECT (Compose project name, consa-smoke), SMOKE_PORT (host port,
+# a free one), LOCAL_BASE (consa-local/debian:bookworm), DEBIAN_MIRROR (for debootstrap),
+# PIP_INDEX_URL, TORCH_INDEX_URL, SMOKE_TORCH_WHEEL (a CPU torch wheel for the worker image),
+# SMOKE_STEPS (steps of the kill/stop jobs, 400).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+RMI=0
+for arg in "$@"; do
+    case $arg in
+        --rmi) RMI=1 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        *) echo "smoke.sh: unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
+
+log() { printf '%s smoke: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "FAIL: $*"; exit 1; }
+timing() { printf 'TIMING %s %s\n' "$1" "$2"; log "timing $1 = $2 s"; }
+now() { date +%s.%N; }
+since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
+
+# -- preflight ----------------------------------------------------------------------------------
+command -v docker >/dev/null || die "no docker client"
+docker info >/dev/null 2>&1 || die "no Docker engine answers (start dockerd)"
+command -v curl >/dev/null || die "curl is needed"
+command -v python3 >/dev/null || die "python3 is needed"
+if docker compose version >/dev/null 2>&1; then COMPOSE_BIN=(docker compose)
+elif command -v docker-compose >/dev/null; then COMPOSE_BIN=(docker-compose)
+elif command -v podman-compose >/dev/null; then COMPOSE_BIN=(podman-compose)
+else die "no Compose implementation: install the compose plugin, or Debian's docker-compose"
+fi
+# Without the buildx plugin the docker CLI cannot use BuildKit: use the classic builder (which reads
+# the root .dockerignore), for docker build and for Compose alike.
+if ! docker buildx version >/dev/null 2>&1; then export DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=1; fi
+
+export COMPOSE_PROJECT_NAME=${SMOKE_PROJECT:-consa-smoke}
+export LOCAL_BASE=${LOCAL_BASE:-consa-local/debian:bookworm}
+export POSTGRES_PASSWORD=${POSTGRES_PASSWORD:-smoke-$RANDOM$RANDOM}
+export CONSA_PORT=${SMOKE_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+STEPS=${SMOKE_STEPS:-400}
+API=http://127.0.0.1:$CONSA_PORT
+COMPOSE=("${COMPOSE_BIN[@]}" -f docker/compose.yaml -f docker/compose.local.yaml -f docker/compose.smoke.yaml)
+log "compose: $("${COMPOSE_BIN[@]}" version 2>/dev/null | head -n 1); project $COMPOSE_PROJECT_NAME; API on $API"
+
+if [ -n "$("${COMPOSE[@]}" ps -q 2>/dev/null)" ]; then
+    die "Compose project $COMPOSE_PROJECT_NAME already has containers; set SMOKE_PROJECT to another name"
+fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/consa-smoke.XXXXXX")
+export CONSA_MODELS_DIR=$WORK/models CONSA_DATASETS_DIR=$WORK/datasets
+mkdir -p "$CONSA_MODELS_DIR" "$CONSA_DATASETS_DIR" "$WORK/download"
+PLACED_WHEEL=""
+BUILT_IMAGES=()
+MADE_BASE=0
+
+teardown() {
+    local code=$?
+    set +e
+    if [ $code -ne 0 ]; then
+        log "failed; the stack's last log lines:"
+        "${COMPOSE[@]}" ps >&2
+        "${COMPOSE[@]}" logs --no-color --tail 60 >&2
+    fi
+    log "teardown: down -v (containers, network, volumes of $COMPOSE_PROJECT_NAME)"
+    "${COMPOSE[@]}" --profile gpu down -v --remove-orphans >/dev/null 2>&1 \
+        || "${COMPOSE[@]}" down -v --remove-orphans >/dev/null 2>&1
+    docker rm -f "$COMPOSE_PROJECT_NAME-mkmodel" >/dev/null 2>&1
+    rm -rf "$WORK"
+    [ -n "$PLACED_WHEEL" ] && rm -f "$PLACED_WHEEL"
+    if [ $RMI = 1 ]; then
+        for image in "${BUILT_IMAGES[@]}"; do docker rmi "$image" >/dev/null 2>&1; done
+        [ $MADE_BASE = 1 ] && docker rmi "$LOCAL_BASE" >/dev/null 2>&1
+        log "removed the images it built"
+    fi
+    if [ $code -eq 0 ]; then log "PASS"; else log "FAIL (exit $code)"; fi
+    exit $code
+}
+trap teardown EXIT
+trap 'exit 130' INT TERM
+
+# -- the local Debian base ------------------------------------------------------------------------
+# Debian's minimal system, imported as an image. It trusts what this machine trusts: the host's CA
+# bundle goes in as /etc/ssl/certs/host-ca-bundle.crt (pip, requests and Python read it through
+# PIP_CERT / REQUESTS_CA_BUNDLE / SSL_CERT_FILE), for networks whose HTTPS goes through a proxy.
+T0=$(now)
+if ! docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
+    [ "$LOCAL_BASE" = consa-local/debian:bookworm ] || die "LOCAL_BASE $LOCAL_BASE is not an image here"
+    command -v debootstrap >/dev/null || die "the local base needs debootstrap (apt-get install debootstrap)"
+    log "making $LOCAL_BASE with debootstrap (a few minutes)"
+    rootfs=$WORK/rootfs
+    debootstrap --variant=minbase bookworm "$rootfs" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >"$WORK/debootstrap.log" 2>&1 \
+        || { tail -n 20 "$WORK/debootstrap.log" >&2; die "debootstrap failed"; }
+    mkdir -p "$rootfs/etc/ssl/certs"
+    bundle=/etc/ssl/certs/ca-certificates.crt
+    [ -f "$bundle" ] && cp "$bundle" "$rootfs/etc/ssl/certs/host-ca-bundle.crt"
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    ca=/etc/ssl/certs/host-ca-bundle.crt
+    tar -C "$rootfs" -c . | docker import -c "ENV PIP_CERT=$ca REQUESTS_CA_BUNDLE=$ca SSL_CERT_FILE=$ca" \
+        -c 'CMD ["bash"]' - "$LOCAL_BASE" >/dev/null
+    rm -rf "$rootfs"
+    MADE_BASE=1
+fi
+timing base_image "$(since "$T0")"
+
+# -- CPU torch for the worker image ------------------------------------------------------------------
+# A torch wheel in docker/wheels/ wins over the CPU index. Where this machine's pip has the CPU wheel
+# of the base's Python (3.11 on bookworm), put it there for the build; remove it at the end.
+if [ -n "${SMOKE_TORCH_WHEEL:-}" ]; then
+    cp "$SMOKE_TORCH_WHEEL" docker/wheels/ && PLACED_WHEEL=docker/wheels/$(basename "$SMOKE_TORCH_WHEEL")
+elif ! ls docker/wheels/torch-*.whl >/dev/null 2>&1; then
+    version=$(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null || true)
+    if [[ $version == *+cpu ]]; then
+        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 --implementation cp \
+            --platform manylinux_2_28_x86_64 "torch==$version" -d "$WORK/wheel" >/dev/null 2>&1 || true
+        wheel=$(ls "$WORK"/wheel/torch-*+cpu-cp311-*.whl 2>/dev/null | head -n 1 || true)
+        if [ -n "$wheel" ]; then cp "$wheel" docker/wheels/ && PLACED_WHEEL=docker/wheels/$(basename "$wheel"); fi
+    fi
+fi
+log "worker torch: ${PLACED_WHEEL:-$(ls docker/wheels/torch-*.whl 2>/dev/null || echo "from ${TORCH_INDEX_URL:-the CPU index}")}"
+
+# -- build ------------------------------------------------------------------------------------------------
+T0=$(now)
+for image in consa-api:latest consa-worker:cpu consa-local/redis:7 consa-local/postgres:15; do
+    docker image inspect "$image" >/dev/null 2>&1 || BUILT_IMAGES+=("$image")
+done
+log "building the images"
+"${COMPOSE[@]}" build >"$WORK/build.log" 2>&1 || { tail -n 40 "$WORK/build.log" >&2; die "build failed"; }
+timing build "$(since "$T0")"
+for image in consa-api:latest consa-worker:cpu consa-local/redis:7 consa-local/postgres:15; do
+    printf 'SIZE %s %s\n' "$image" "$(docker image inspect -f '{{.Size}}' "$image")"
+done
+docker run --rm --entrypoint python consa-api:latest -c 'import importlib.util as u; assert u.find_spec("torch") is None' \
+    || die "the API image has torch"
+
+# -- a tiny model and a text folder, made inside the worker image ----------------------------------------
+# As tests/tiny.py: a random Qwen3 (transformers' config) and a byte-level BPE tokenizer trained on the
+# Python standard library, whose files are also the job's dataset.
+docker run --rm --name "$COMPOSE_PROJECT_NAME-mkmodel" --user "$(id -u):$(id -g)" --entrypoint python \
+    -v "$CONSA_MODELS_DIR:/models" -v "$CONSA_DATASETS_DIR:/datasets" consa-worker:cpu - <<'PY' >&2
+import os, shutil
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+stdlib = Path(os.path.dirname(os.__file__))
+text = Path("/datasets/text")
+text.mkdir()
+for name in ["argparse.py", "textwrap.py", "string.py", "bisect.py", "heapq.py", "shlex.py", "fnmatch.py", "glob.py"]:
+    shutil.copy(stdlib / name, text / name)
+tok = Tokenizer(models.BPE())
+tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+tok.decoder = decoders.ByteLevel()
+tok.train_from_iterator([p.read_text() for p in sorted(text.iterdir())],
+                        trainer=trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+config = AutoConfig.for_model("qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                              eos_token_id=0, bos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(config).save_pretrained("/models/tiny-qwen3")
+PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained("/models/tiny-qwen3")
+print("tiny model:", sorted(os.listdir("/models/tiny-qwen3")))
+PY
+chmod -R a+rX "$WORK"
+
+# -- helpers over HTTP ------------------------------------------------------------------------------------
+api() {  # api METHOD PATH [JSON]: the body on stdout; fails on HTTP >= 400
+    local method=$1 path=$2 body=${3:-}
+    curl -fsS -X "$method" "$API$path" -H "Authorization: Bearer $KEY" \
+        ${body:+-H 'Content-Type: application/json' -d "$body"}
+}
+field() { python3 -c "import json, sys; d = json.load(sys.stdin); print(eval(sys.argv[1], {}, {'d': d}))" "$1"; }
+container() { "${COMPOSE[@]}" ps -q "$1"; }
+
+wait_healthy() {  # wait_healthy SERVICE TIMEOUT_S
+    local deadline=$((SECONDS + $2)) status
+    while :; do
+        status=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' \
+                 "$(container "$1")" 2>/dev/null || echo missing)
+        [ "$status" = healthy ] && return 0
+        [ $SECONDS -ge $deadline ] && die "$1 is not healthy after $2 s (it is $status)"
+        sleep 1
+    done
+}
+wait_ready() {  # /readyz: database, broker and a live worker
+    local deadline=$((SECONDS + $1))
+    until curl -fsS "$API/readyz" >/dev/null 2>&1; do
+        [ $SECONDS -ge $deadline ] && die "/readyz is not 200 after $1 s: $(curl -sS "$API/readyz")"
+        sleep 1
+    done
+}
+wait_job() {  # wait_job JOB TIMEOUT_S [STEP]: until the job ended (or its search reached STEP); prints its status
+    local deadline=$((SECONDS + $2)) until_step=${3:-} job status step
+    while :; do
+        job=$(api GET "/v1/jobs/$1")
+        status=$(field 'd["status"]' <<<"$job")
+        step=$(field '(d["progress"] or {}).get("step", 0)' <<<"$job")
+        case $status in succeeded|failed|cancelled) echo "$status"; return 0 ;; esac
+        if [ -n "$until_step" ] && [ "$step" -ge "$until_step" ]; then echo "$status"; return 0; fi
+        [ $SECONDS -ge $deadline ] && die "job $1 still $status (step $step) after $2 s"
+        sleep 0.5
+    done
+}
+submit() {  # submit STEPS EVALUATE: prints the job id
+    api POST /v1/jobs "{\"model\": \"/models/tiny-qwen3\", \"dataset\": \"/datasets/text\", \"sparsity\": 0.5,
+        \"granularity\": \"kv_head\", \"window\": 32, \"seq_len\": 128, \"steps\": $1, \"evaluate\": $2}" | field 'd["id"]'
+}
+check_artifacts() {  # check_artifacts JOB: every listed artifact downloads with its sha256; prints the count
+    local list names name sha got n=0
+    list=$(api GET "/v1/jobs/$1/artifacts")
+    names=$(field '" ".join(a["name"] for a in d["data"])' <<<"$list")
+    [ -n "$names" ] || die "job $1 lists no artifacts"
+    for name in $names; do
+        sha=$(field "next(a['sha256'] for a in d['data'] if a['name'] == '$name')" <<<"$list")
+        curl -fsS -o "$WORK/download/$name" "$API/v1/jobs/$1/artifacts/$name" -H "Authorization: Bearer $KEY"
+        got=$(sha256sum "$WORK/download/$name" | cut -d' ' -f1)
+        [ "$got" = "$sha" ] || die "$1/$name: sha256 $got, the API lists $sha"
+        n=$((n + 1))
+    done
+    rm -f "$WORK"/download/*
+    echo "$n"
+}
+events_of() { api GET "/v1/jobs/$1/events?limit=1000" | field 'json.dumps(d["data"], sort_keys=True)' 2>/dev/null \
+              || api GET "/v1/jobs/$1/events?limit=1000" | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)["data"], sort_keys=True))'; }
+snapshot() {  # what must survive a restart: the job's status, its events and its artifact list
+    printf '%s\n%s\n%s\n' "$(api GET "/v1/jobs/$1" | field 'd["status"]')" "$(events_of "$1" | sha256sum)" \
+        "$(api GET "/v1/jobs/$1/artifacts" | python3 -c 'import json, sys; print(sorted((a["name"], a["sha256"]) for a in json.load(sys.stdin)["data"]))')"
+}
+
+# -- up -------------------------------------------------------------------------------------------------------
+T0=$(now)
+"${COMPOSE[@]}" up -d --no-build >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; die "up failed"; }
+wait_healthy api 180
+timing up_to_api_healthy "$(since "$T0")"
+wait_ready 180
+timing up_to_ready "$(since "$T0")"
+
+KEY=$("${COMPOSE[@]}" exec -T api consa keys create smoke | tail -n 1)
+[[ $KEY == consa_* ]] || die "consa keys create printed no key: $KEY"
+log "key created through 'exec api consa keys create'"
+
+# -- a job, followed to the end -----------------------------------------------------------------------------------
+T0=$(now)
+JOB=$(submit 40 true)
+log "job $JOB submitted"
+status=$(wait_job "$JOB" 600)
+[ "$status" = succeeded ] || die "job $JOB ended $status: $(api GET "/v1/jobs/$JOB")"
+timing job_wall "$(since "$T0")"
+n=$(check_artifacts "$JOB")
+log "job $JOB succeeded; $n artifacts downloaded, sha256 as listed"
+before=$(snapshot "$JOB")
+
+# -- restart, and down + up: the job, its events and artifacts are still there --------------------------------------
+T0=$(now)
+"${COMPOSE[@]}" restart >/dev/null 2>&1
+wait_healthy api 180
+timing restart_to_healthy "$(since "$T0")"
+[ "$(snapshot "$JOB")" = "$before" ] || die "after restart the job, its events or its artifacts changed"
+check_artifacts "$JOB" >/dev/null
+log "restart: job, events and artifacts kept"
+
+T0=$(now)
+"${COMPOSE[@]}" down >/dev/null 2>&1
+"${COMPOSE[@]}" up -d --no-build >/dev/null 2>&1
+wait_healthy api 180
+timing down_up_to_healthy "$(since "$T0")"
+[ "$(snapshot "$JOB")" = "$before" ] || die "after down + up the job, its events or its artifacts changed"
+check_artifacts "$JOB" >/dev/null
+log "down + up: job, events and artifacts kept"
+wait_ready 180
+
+# -- the worker killed mid-job: queued again, resumed from its saved state --------------------------------------------
+JOB2=$(submit "$STEPS" false)
+wait_job "$JOB2" 300 20 >/dev/null
+worker=$(container worker-cpu)
+log "job $JOB2 at step $(api GET "/v1/jobs/$JOB2" | field 'd["progress"]["step"]'); docker kill the worker"
+docker kill "$worker" >/dev/null
+sleep 2
+if [ "$(docker inspect -f '{{.State.Running}}' "$worker")" != true ]; then
+    # A killed container is not restarted by its policy (Docker counts a kill as a manual stop).
+    "${COMPOSE[@]}" start worker-cpu >/dev/null 2>&1
+fi
+status=$(wait_job "$JOB2" 900)
+[ "$status" = succeeded ] || die "job $JOB2 ended $status after the worker was killed: $(api GET "/v1/jobs/$JOB2")"
+resumed=$(events_of "$JOB2" | python3 -c '
+import json, sys
+steps = [e["data"]["resumed_from_step"] for e in json.load(sys.stdin) if (e.get("data") or {}).get("resumed_from_step")]
+print(max(steps) if steps else 0)')
+[ "$resumed" -gt 0 ] || die "job $JOB2 did not resume from a saved step: $(events_of "$JOB2" | head -c 2000)"
+check_artifacts "$JOB2" >/dev/null
+log "worker killed: job $JOB2 queued again, resumed from step $resumed, succeeded"
+printf 'RESUMED %s\n' "$resumed"
+
+# -- the API stopped mid-job: the job still finishes ---------------------------------------------------------------------
+JOB3=$(submit "$STEPS" false)
+wait_job "$JOB3" 300 5 >/dev/null
+"${COMPOSE[@]}" stop api >/dev/null 2>&1
+log "API stopped while $JOB3 runs"
+deadline=$((SECONDS + 900))
+until [ "$("${COMPOSE[@]}" exec -T postgres psql -U consa -d consa -tAc "SELECT status FROM jobs WHERE id = '$JOB3'")" = succeeded ]; do
+    [ $SECONDS -ge $deadline ] && die "job $JOB3 did not finish while the API was stopped"
+    sleep 2
+done
+"${COMPOSE[@]}" start api >/dev/null 2>&1
+wait_healthy api 180
+[ "$(api GET "/v1/jobs/$JOB3" | field 'd["status"]')" = succeeded ] || die "job $JOB3 is not succeeded"
+check_artifacts "$JOB3" >/dev/null
+log "API stopped: job $JOB3 finished without it"
+
+# -- logs: every service wrote some ---------------------------------------------------------------------------------------
+for service in api worker-cpu postgres redis; do
+    [ -n "$("${COMPOSE[@]}" logs --no-color "$service" 2>&1 | tail -n 1)" ] || die "$service wrote no log"
+done
+log "all checks passed"
