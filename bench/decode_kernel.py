@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from consa import decode_kernel  # noqa: E402
-from consa.attention_kernels import decode_attention  # noqa: E402
-from consa.kv_accounting import held_bytes, token_bytes  # noqa: E402
+from consa.runtime import decode_kernel  # noqa: E402
+from consa.runtime.attention_kernels import decode_attention  # noqa: E402
+from consa.runtime.kv_accounting import held_bytes, token_bytes  # noqa: E402
 
 HK, G, D, WINDOW = 8, 2, 128, 1024
 

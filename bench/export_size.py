@@ -5,10 +5,10 @@ import tarfile
 import time
 from pathlib import Path
 import torch
-from consa.export import export_hybrid, pack_checkpoint
-from consa.hybrid_attention import model_shape
-from consa.loading import load_model
-from consa.manifest import Allocation
+from consa.export.checkpoint import export_hybrid, pack_checkpoint
+from consa.model.hybrid_attention import model_shape
+from consa.model.loading import load_model
+from consa.core.manifest import Allocation
 
 src = sys.argv[1]; out = Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
 model, tok = load_model(src, device="cpu")  # fp32, as a search holds it
@@ -34,7 +34,7 @@ with torch.no_grad():
     r = AutoModelForCausalLM.from_pretrained(out / "auto", trust_remote_code=True)
     rec["loss_remote_code_bf16"] = round(r(input_ids=ids, labels=ids).loss.item(), 5)
     rec["loss_load_hybrid_bf16"] = round(consa.load_hybrid(out / "auto")(input_ids=ids, labels=ids).loss.item(), 5)
-    from consa.hybrid_attention import apply_allocation
+    from consa.model.hybrid_attention import apply_allocation
     apply_allocation(model, alloc)
     rec["loss_hybrid_fp32"] = round(model(input_ids=ids, labels=ids).loss.item(), 5)
 try:

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 def allocation_of(record: dict, window: int):
     """The allocation a quality record evaluated, rebuilt from its pattern (F = full, . = SWA per KV head)."""
-    from consa.manifest import Allocation
+    from consa.core.manifest import Allocation
 
     full = torch.tensor([[c == "F" for c in row] for row in record["pattern"]])
     return Allocation.from_full_mask(full, model="heldout", granularity=record["granularity"], window=window,
@@ -49,9 +49,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--name", default="heldout.json", help="output file name in --out")
     args = p.parse_args(argv)
 
-    from consa.config import SearchConfig
-    from consa.evaluation import build_eval_set, evaluate
-    from consa.loading import load_for_search
+    from consa.core.config import SearchConfig
+    from consa.evaluation.metrics import build_eval_set, evaluate
+    from consa.model.sharding import load_for_search
 
     cells = [(g, float(s)) for g, s in (c.split(":") for c in args.cells.split(","))]
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]

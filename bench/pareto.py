@@ -63,7 +63,7 @@ def parse_args(argv=None):
 
 def _setup(args, counter) -> None:
     from bench.quality import load_worker
-    from consa import data as data_mod
+    from consa.core import data as data_mod
 
     model, tokenizer, eval_set = load_worker(args, counter)  # the quality benchmark's own eval set
     model.eval()
@@ -78,11 +78,11 @@ def evaluate_layers(swa_layers: tuple) -> dict:
     lm objective on the held-out search rows, text and retrieval rows apart."""
     import torch
 
-    from consa import data as data_mod
-    from consa.evaluation import retrieval_correct, token_losses
-    from consa.hybrid_attention import apply_allocation, model_shape
-    from consa.manifest import Allocation
-    from consa.objectives import row_means
+    from consa.core import data as data_mod
+    from consa.evaluation.metrics import retrieval_correct, token_losses
+    from consa.model.hybrid_attention import apply_allocation, model_shape
+    from consa.core.manifest import Allocation
+    from consa.search.objectives import row_means
 
     a, model = _state["args"], _state["model"]
     num_layers, num_kv_heads = model_shape(model)

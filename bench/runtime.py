@@ -21,14 +21,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from consa import decode_kernel  # noqa: E402
-from consa.gates import exact_swa_mask  # noqa: E402
-from consa.hybrid_attention import apply_allocation, model_shape, uninstall  # noqa: E402
-from consa.manifest import Allocation  # noqa: E402
-from consa.cache import HybridCache  # noqa: E402
-from consa.head_grouping import group_heads  # noqa: E402
-from consa.kv_accounting import cache_bytes, floor_ratio  # noqa: E402
-from consa.runtime import cache_kwarg, compile_layers  # noqa: E402
+from consa.runtime import decode_kernel  # noqa: E402
+from consa.core.units import exact_swa_mask  # noqa: E402
+from consa.model.hybrid_attention import apply_allocation, model_shape, uninstall  # noqa: E402
+from consa.core.manifest import Allocation  # noqa: E402
+from consa.runtime.cache import HybridCache  # noqa: E402
+from consa.model.head_grouping import group_heads  # noqa: E402
+from consa.runtime.cache import cache_bytes  # noqa: E402
+from consa.runtime.kv_accounting import floor_ratio  # noqa: E402
+from consa.runtime.generation import cache_kwarg, compile_layers  # noqa: E402
 
 QWEN3_06B = dict(num_hidden_layers=28, num_key_value_heads=8, num_attention_heads=16, head_dim=128, hidden_size=1024,
                  intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960, tie_word_embeddings=True)

@@ -30,11 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from consa import fused_kernels, memory, objectives  # noqa: E402
-from consa.config import SearchConfig  # noqa: E402
-from consa.errors import Cancelled  # noqa: E402
-from consa.loading import pick_device  # noqa: E402
-from consa.search import run_search  # noqa: E402
+from consa.search import fused_kernels
+from consa.search import memory
+from consa.search import objectives  # noqa: E402
+from consa.core.config import SearchConfig  # noqa: E402
+from consa.core.errors import Cancelled  # noqa: E402
+from consa.model.devices import pick_device  # noqa: E402
+from consa.search.loop import run_search  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H200 SXM dense bf16
 SHAPES = {
@@ -66,8 +68,8 @@ def build(shape: str, device, dtype=torch.bfloat16):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if shape not in SHAPES:  # a local model directory (the testbed): real weights
-        from consa.config import SearchConfig
-        from consa.loading import load_for_search
+        from consa.core.config import SearchConfig
+        from consa.model.sharding import load_for_search
 
         return load_for_search(SearchConfig(model=shape, sparsity=0.5, dtype="bfloat16" if dtype == torch.bfloat16
                                             else "float32"), device)[0].eval()
@@ -109,6 +111,7 @@ def timed_search(model, context: int, batch: int, world: int, device, budget_s: 
     def progress(rec):
         times.append(time.perf_counter() - starts[-1])
 
+    checkpointing, _, option = checkpointing.partition("+")  # "+nokeep": never keep attention outputs
     config = SearchConfig(model="random", sparsity=0.5, granularity="kv_head", window=1024, seq_len=context,
                           batch_size=batch, steps=4, retrieval_ratio=0.0, gradient_checkpointing=checkpointing,
                           fused_kernels=kernels, objective=objective)
@@ -117,7 +120,8 @@ def timed_search(model, context: int, batch: int, world: int, device, budget_s: 
     fused = fused_kernels.apply(model) if kernels == "auto" else []  # what the search will install
     fused_kernels.remove(model)
     try:
-        run_search(config, model=model, dataset=rows, progress=progress, should_cancel=should_cancel, device=device)
+        run_search(config, model=model, dataset=rows, progress=progress, should_cancel=should_cancel, device=device,
+                   keep_attention=option != "nokeep")
     except Cancelled:
         pass
     if torch.distributed.is_initialized():  # rank 0's times, for every rank
@@ -176,7 +180,7 @@ def sync(device) -> None:
 
 def prewarm_flex(model, context: int, batch: int, device) -> None:
     """Compile FlexAttention's SWA kernel (forward + backward) for this shape before the timed steps."""
-    from consa.hybrid_attention import flex_sliding_window
+    from consa.model.hybrid_attention import flex_sliding_window
 
     if torch.device(device).type != "cuda" or context < 1024:
         return
@@ -191,9 +195,7 @@ def prewarm_flex(model, context: int, batch: int, device) -> None:
 def scale_record(model, shape: str, context: int, batch: int, world: int, device, budget_s: float,
                  checkpointing: str = "auto", kernels: str = "auto", objective: str = "lm") -> dict:
     """checkpointing: the search's setting (auto/on/off); "+nokeep": checkpointed layers never keep their
-    attention outputs (consa.memory.KEEP_ATTENTION off). kernels: its fused_kernels setting."""
-    setting, _, option = checkpointing.partition("+")
-    allowed, memory.KEEP_ATTENTION = memory.KEEP_ATTENTION, memory.KEEP_ATTENTION and option != "nokeep"
+    attention outputs (run_search's keep_attention=False). kernels: its fused_kernels setting."""
     rec = {"shape": shape, "context": context, "batch": batch, "gpus": world, "checkpointing": checkpointing,
            "kernels": kernels, "ok": False, "error": None}
     if torch.device(device).type == "cuda":
@@ -202,7 +204,8 @@ def scale_record(model, shape: str, context: int, batch: int, world: int, device
     signal.alarm(int(budget_s * 2.5) + 30)
     try:
         prewarm_flex(model, context, batch, device)
-        rec["step_s"], extra = timed_search(model, context, batch, world, device, budget_s, setting, kernels, objective)
+        rec["step_s"], extra = timed_search(model, context, batch, world, device, budget_s, checkpointing, kernels,
+                                            objective)
         rec.update(extra)
         rec["plain_step_s"] = timed_plain(model, context, batch, device, budget_s, kernels)
         rec["ratio"] = round(rec["step_s"] / rec["plain_step_s"], 3)
@@ -215,7 +218,6 @@ def scale_record(model, shape: str, context: int, batch: int, world: int, device
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     finally:
         signal.alarm(0)
-        memory.KEEP_ATTENTION = allowed
     rec["peak_gib"] = None  # a GPU's figure only
     if torch.device(device).type == "cuda":
         rec["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -230,11 +232,10 @@ def profile_step(model, context: int, batch: int, world: int, device, checkpoint
     """Where a search step's time goes: the kernels with the most CUDA time over two steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    setting, _, option = checkpointing.partition("+")
-    allowed, memory.KEEP_ATTENTION = memory.KEEP_ATTENTION, memory.KEEP_ATTENTION and option != "nokeep"
     try:
         tables = []
-        for name, run in (("search", lambda: timed_search(model, context, batch, world, device, 0.0, setting, kernels)),
+        for name, run in (("search", lambda: timed_search(model, context, batch, world, device, 0.0, checkpointing,
+                                                          kernels)),
                           ("plain", lambda: timed_plain(model, context, batch, device, 0.0, kernels))):
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 run()
@@ -244,12 +245,10 @@ def profile_step(model, context: int, batch: int, world: int, device, checkpoint
             path.write_text("\n\n".join(tables))
     except Exception as e:  # a profile is a diagnosis, never a reason to lose the records
         log(f"profile failed: {type(e).__name__}: {e}")
-    finally:
-        memory.KEEP_ATTENTION = allowed
 
 
 def run_scale(args) -> list[dict]:
-    from consa.distributed import data_parallel, local_device
+    from consa.model.devices import data_parallel, local_device
 
     device = local_device() if args.device == "auto" else torch.device(args.device)
     world = data_parallel(device).world_size  # joins the group under torchrun
@@ -284,7 +283,7 @@ def run_scale(args) -> list[dict]:
 def saved_per_layer(model, context: int, device) -> tuple[float, torch.Tensor]:
     """(bytes autograd keeps per decoder layer, the gate gradient) for one soft-gated forward + backward of the
     decoder (frozen weights; the LM head is the loss's, checkpointed by consa.objectives: not counted)."""
-    from consa.hybrid_attention import install, model_shape
+    from consa.model.hybrid_attention import install, model_shape
 
     layers, kv_heads = model_shape(model)
     hybrid = install(model, min(1024, context // 4))  # a window shorter than the context, or the gradient is 0
@@ -382,9 +381,9 @@ def run_testbed(args) -> list[dict]:
     torchrun, the lm search data-parallel over the ranks (rank 0 evaluates)."""
     import sysconfig
 
-    from consa.distributed import data_parallel, is_main_process, local_device
-    from consa.evaluation import build_eval_set, evaluate
-    from consa.loading import load_for_search
+    from consa.model.devices import data_parallel, is_main_process, local_device
+    from consa.evaluation.metrics import build_eval_set, evaluate
+    from consa.model.sharding import load_for_search
 
     device = local_device() if args.device == "auto" else torch.device(args.device)
     world = data_parallel(device).world_size

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 try:  # consa's modules moved into subpackages (consa/core/data.py); older trees have consa/data.py
     from consa.core import data as data_mod
 except ImportError:  # pragma: no cover
-    from consa import data as data_mod
+    from consa.core import data as data_mod
 
 DEFAULT_TOKENIZER = ROOT / "testbeds" / "qwen3-code-28x8"
 IGNORE = -100

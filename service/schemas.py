@@ -7,7 +7,7 @@ from dataclasses import MISSING
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_serializer
 
-from consa.config import setting_fields
+from consa.core.config import setting_fields
 from service import models
 
 Status = Literal["queued", "running", "cancel_requested", "succeeded", "failed", "cancelled"]

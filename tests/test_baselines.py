@@ -2,9 +2,9 @@ import pytest
 import torch
 
 import tiny
-from consa.baselines import (baseline_names, baseline_scores, build_baseline, heuristic_loss_scores,
+from consa.evaluation.baselines import (baseline_names, baseline_scores, build_baseline, heuristic_loss_scores,
                              interleave_order, needs_calibration, swa_even_quota)
-from consa.data import IGNORE
+from consa.core.data import IGNORE
 
 SHAPES = [(1, 1), (2, 3), (4, 2), (5, 4), (7, 3), (12, 4), (28, 8)]
 SPARSITIES = [0.0, 0.1, 0.25, 1 / 3, 0.5, 0.6, 0.75, 0.9, 1.0]
@@ -83,7 +83,7 @@ def test_every_baseline_is_offered_and_even_only_where_units_split_layers():
 @pytest.mark.parametrize("name", ["retrieval-heads", "duo"])
 @pytest.mark.parametrize("granularity, units", [("layer", 4), ("kv_head", 8)])
 def test_scored_baselines_hit_the_exact_sparsity_from_the_model(name, granularity, units, monkeypatch):
-    monkeypatch.setattr("consa.duo.DEFAULT_STEPS", 5)  # the ranking is tested below; here the count
+    monkeypatch.setattr("consa.evaluation.duo.DEFAULT_STEPS", 5)  # the ranking is tested below; here the count
     model = tiny.build_model()
     rows = torch.randint(1, 300, (2, 40), generator=torch.Generator().manual_seed(0))
     for s in (0.25, 0.5):
@@ -104,7 +104,7 @@ def test_layer_scores_are_the_mean_of_their_heads():
 
 
 def test_retrieval_head_scores_measure_attention_beyond_the_window():
-    from consa.attention_scores import far_attention_scores
+    from consa.evaluation.attention_scores import far_attention_scores
 
     model = tiny.build_model()
     rows = torch.randint(1, 300, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -131,7 +131,7 @@ def test_retrieval_head_scores_measure_attention_beyond_the_window():
 
 
 def test_duo_gates_fall_on_heads_that_do_not_need_full_attention():
-    from consa.duo import duo_head_scores, lr_factor
+    from consa.evaluation.duo import duo_head_scores, lr_factor
 
     model = tiny.build_model()
     rows = torch.randint(1, 300, (2, 40), generator=torch.Generator().manual_seed(0))

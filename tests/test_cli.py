@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from consa.manifest import Allocation, load_allocation
-from consa.loading import load_model
+from consa.core.manifest import Allocation, load_allocation
+from consa.model.loading import load_model
 
 
 def _cli(*args):
@@ -35,7 +35,7 @@ def test_eval_prints_the_loss_of_the_model_under_the_allocation(tiny_model_dir, 
     assert report["kv_bytes_ratio"] < 1 and full["kv_bytes_ratio"] == 1
 
     # the unmodified model's loss is the model's own loss on the same rows
-    from consa.data import iter_texts, pack_tokens
+    from consa.core.data import iter_texts, pack_tokens
 
     model, tokenizer = load_model(str(tiny_model_dir))
     rows = pack_tokens(tokenizer, iter_texts(text_dir), 64, max_sequences=3)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from consa.cli import build_parser
+from consa.cli.commands import build_parser
 
 BASE = ["search", "--model", "m", "--sparsity", "0.5", "--out", "o"]
 

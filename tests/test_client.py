@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from consa import jobs_cli
-from consa.client import ApiError, Client
+from consa.cli import jobs as jobs_cli
+from consa.cli.client import ApiError, Client
 from service_fixtures import ROOT, Server, wait_until
 
 SMALL = {"sparsity": 0.5, "granularity": "kv_head", "window": 16, "seq_len": 64, "steps": 6, "lr": 0.2}
@@ -125,7 +125,7 @@ def test_submit_wait_list_get_logs_download(cli, jobs_server, tmp_path):
 def test_every_search_setting_is_a_jobs_submit_flag():
     import argparse
 
-    from consa.config import setting_fields
+    from consa.core.config import setting_fields
 
     parser = argparse.ArgumentParser()
     submit = jobs_cli.add_jobs_commands(parser.add_subparsers(dest="command")).\
@@ -192,7 +192,7 @@ def test_problem_json_errors_become_messages_and_exit_codes(cli, jobs_server, mo
 def test_usage_and_connection_errors_exit_codes(tmp_path):
     # As a real process: sys.exit carries the code, and nothing but the message reaches stderr.
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSA_")} | {"PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "consa.jobs_cli", "jobs", "list"]
+    cmd = [sys.executable, "-m", "consa.cli.jobs", "jobs", "list"]
     no_key = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert no_key.returncode == jobs_cli.EXIT_USAGE and "no API key" in no_key.stderr
     env |= {"CONSA_API_KEY": "consa_x", "CONSA_URL": "http://127.0.0.1:9"}  # nothing listens on port 9

@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from consa import jobs_cli
-from consa.client import ApiError, Client, ConnectionFailed
+from consa.cli import jobs as jobs_cli
+from consa.cli.client import ApiError, Client, ConnectionFailed
 
 BLOB = bytes(range(256)) * 4096  # 1 MiB
 SHA = hashlib.sha256(BLOB).hexdigest()

@@ -3,9 +3,9 @@ import json
 import torch
 
 import tiny
-from consa.baselines import build_baseline
-from consa.compare import compare, markdown_table
-from consa.heatmap import save_heatmap
+from consa.evaluation.baselines import build_baseline
+from consa.evaluation.compare import compare, markdown_table
+from consa.evaluation.heatmap import save_heatmap
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

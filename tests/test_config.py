@@ -5,8 +5,8 @@ from dataclasses import MISSING, fields
 import pytest
 
 from consa import SearchConfig
-from consa.cli import build_parser
-from consa.config import setting_fields
+from consa.cli.commands import build_parser
+from consa.core.config import setting_fields
 
 
 def _search_parser():

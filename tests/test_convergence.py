@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from consa.config import SearchConfig
-from consa.convergence import convergence_warning
-from consa.pipeline import run_allocation
+from consa.core.config import SearchConfig
+from consa.search.convergence import convergence_warning
+from consa.recipe.pipeline import run_allocation
 
 
 @pytest.mark.parametrize("s_hat,needs", [(0.025, "--steps 2000"), (0.0, "did not move"), (0.7, "lower --lr")])

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from consa.client import Client
+from consa.cli.client import Client
 from service_fixtures import ROOT, free_port
 from test_client import SMALL, shared_server
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import tiny
-from consa import data
-from consa.errors import DataError
-from consa.objectives import per_row_mean
+from consa.core import data
+from consa.core.errors import DataError
+from consa.search.objectives import per_row_mean
 
 
 def test_text_file_directory_and_jsonl_are_read(tmp_path, tokenizer):

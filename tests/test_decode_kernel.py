@@ -4,7 +4,7 @@ interpreter here; the same kernel runs compiled on the GPU)."""
 import pytest
 import torch
 
-from consa import decode_kernel as dk
+from consa.runtime import decode_kernel as dk
 
 pytestmark = pytest.mark.skipif(not dk.available(torch.device("cpu")) and not torch.cuda.is_available(),
                                 reason="needs Triton")

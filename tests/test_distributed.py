@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from consa.config import SearchConfig
-from consa.distributed import DataParallel, helpers
+from consa.core.config import SearchConfig
+from consa.search.distributed import helpers
+from consa.model.devices import DataParallel
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 
@@ -29,7 +30,7 @@ def _join(rank, world_size, port):
 
 
 def _rank(rank, world_size, port, config_dict, out_dir):
-    from consa.search import run_search
+    from consa.search.loop import run_search
 
     _join(rank, world_size, port)
     result = run_search(SearchConfig.from_dict(config_dict), device="cpu")
@@ -48,8 +49,8 @@ def test_rows_of_n_ranks_are_the_rows_of_one_process_with_n_times_the_batch():
 
 
 def test_two_gloo_processes_learn_identical_gates_and_an_exact_allocation(tiny_model_dir, text_dir, tmp_path):
-    from consa.distributed import _free_port
-    from consa.search import run_search
+    from consa.search.distributed import _free_port
+    from consa.search.loop import run_search
 
     config = _config(tiny_model_dir, text_dir)
     mp.start_processes(_rank, args=(2, _free_port(), config.to_dict(), str(tmp_path)), nprocs=2,
@@ -70,7 +71,7 @@ def test_two_gloo_processes_learn_identical_gates_and_an_exact_allocation(tiny_m
 
 
 def test_a_worker_runs_rank_zero_itself_with_helper_processes(tiny_model_dir, text_dir):
-    from consa.search import run_search
+    from consa.search.loop import run_search
 
     config = _config(tiny_model_dir, text_dir, steps=4)
     seen = []

@@ -1,10 +1,10 @@
 import torch
 
 import tiny
-from consa.baselines import build_baseline
-from consa.evaluation import build_eval_set, evaluate, retrieval_correct
-from consa.kv_accounting import kv_bytes
-from consa.manifest import Allocation
+from consa.evaluation.baselines import build_baseline
+from consa.evaluation.metrics import build_eval_set, evaluate, retrieval_correct
+from consa.runtime.kv_accounting import kv_bytes
+from consa.core.manifest import Allocation
 
 
 def _all_full(layers=4, heads=2, window=16):

@@ -11,11 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import consa
-from consa.errors import UnsupportedModelError
-from consa.duo_format import read_duo_tsv, write_duo_pattern, write_duo_tsv
-from consa.export import export_hybrid, pack_checkpoint
-from consa.hybrid_attention import apply_allocation
-from consa.manifest import Allocation
+from consa.core.errors import UnsupportedModelError
+from consa.export.duo_format import read_duo_tsv, write_duo_pattern, write_duo_tsv
+from consa.export.checkpoint import export_hybrid, pack_checkpoint
+from consa.model.hybrid_attention import apply_allocation
+from consa.core.manifest import Allocation
 
 WINDOW = 6
 LAYER = [[True, True], [False, False], [True, True], [False, False]]

@@ -7,8 +7,9 @@ import sys
 import torch
 
 import tiny
-from consa import fused_kernels, memory
-from consa.hybrid_attention import install
+from consa.search import fused_kernels
+from consa.search import memory
+from consa.model.hybrid_attention import install
 from test_memory import GIB, llama3_8b
 
 ALL = ("rms_norm", "swiglu", "rope")
@@ -54,8 +55,8 @@ def test_installed_on_every_norm_and_mlp_and_cpu_tensors_still_run_transformers_
 
 
 def test_the_search_installs_them_records_them_and_takes_them_off(monkeypatch, tmp_path):
-    from consa.config import SearchConfig
-    from consa.search import run_search
+    from consa.core.config import SearchConfig
+    from consa.search.loop import run_search
 
     monkeypatch.setattr(fused_kernels, "available", lambda: True)
     model, tokenizer = tiny.build_model("llama", layers=2), tiny.build_tokenizer()

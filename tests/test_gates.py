@@ -6,11 +6,13 @@ import pytest
 import torch
 
 import tiny
-from consa.config import SearchConfig
-from consa.constraint import AugmentedLagrangian
-from consa.gates import BETA, GAMMA, ZETA, HardConcreteGate, annealed_beta, exact_swa_mask
-from consa.objectives import OBJECTIVES, Objective
-from consa.search import run_search
+from consa.core import config
+from consa.core.config import SearchConfig
+from consa.search.constraint import AugmentedLagrangian
+from consa.search.gates import BETA, GAMMA, ZETA, HardConcreteGate, annealed_beta
+from consa.core.units import exact_swa_mask
+from consa.search.objectives import OBJECTIVES, Objective
+from consa.search.loop import run_search
 
 
 def test_expected_l0_matches_monte_carlo():
@@ -57,6 +59,7 @@ class ToyImportance(Objective):
 @pytest.fixture
 def toy_model(monkeypatch):
     monkeypatch.setitem(OBJECTIVES, ToyImportance.name, ToyImportance)
+    monkeypatch.setattr(config, "OBJECTIVES", (*config.OBJECTIVES, ToyImportance.name))  # its declared name
     return tiny.build_model(layers=12, kv_heads=4)  # 48 units, as the testbed at kv_head granularity
 
 

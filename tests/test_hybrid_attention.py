@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tiny
-from consa.errors import UnsupportedModelError
-from consa.hybrid_attention import apply_allocation, install, uninstall
-from consa.manifest import Allocation
+from consa.core.errors import UnsupportedModelError
+from consa.model.hybrid_attention import apply_allocation, install, uninstall
+from consa.core.manifest import Allocation
 
 FAMILIES = ["qwen3", "qwen2", "llama", "mistral"]
 WINDOW = 8

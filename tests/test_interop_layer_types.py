@@ -10,10 +10,10 @@ import tiny
 import torch
 from transformers import AutoModelForCausalLM
 
-from consa.errors import UnsupportedModelError
-from consa.export import export_hybrid, layer_types_config
-from consa.hybrid_attention import apply_allocation
-from consa.manifest import Allocation
+from consa.core.errors import UnsupportedModelError
+from consa.export.checkpoint import export_hybrid, layer_types_config
+from consa.model.hybrid_attention import apply_allocation
+from consa.core.manifest import Allocation
 
 WINDOW = 6
 LAYER = [[True, True], [False, False], [True, True], [False, False]]

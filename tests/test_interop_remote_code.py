@@ -12,9 +12,9 @@ import tiny
 import torch
 
 import consa
-from consa.export import REMOTE_MODELING, export_hybrid
-from consa.hybrid_attention import apply_allocation
-from consa.manifest import Allocation
+from consa.export.checkpoint import REMOTE_MODELING, export_hybrid
+from consa.model.hybrid_attention import apply_allocation
+from consa.core.manifest import Allocation
 
 IDS = torch.randint(1, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 KV_HEAD = [[True, False], [False, True], [False, False], [True, True]]

@@ -7,12 +7,13 @@ import tiny
 import torch
 from transformers import DynamicCache
 
-from consa.cache import HybridCache
-from consa.gates import exact_swa_mask
-from consa.hybrid_attention import apply_allocation, model_shape
-from consa.kv_accounting import cache_bytes, floor_ratio, head_dim_of, kv_bytes, swa_tokens
-from consa.manifest import Allocation
-from consa.runtime import cache_kwarg
+from consa.runtime.cache import HybridCache
+from consa.core.units import exact_swa_mask
+from consa.model.hybrid_attention import apply_allocation, model_shape
+from consa.runtime.cache import cache_bytes
+from consa.runtime.kv_accounting import floor_ratio, head_dim_of, kv_bytes, swa_tokens
+from consa.core.manifest import Allocation
+from consa.runtime.generation import cache_kwarg
 
 WINDOW, SINKS = 8, 2
 FULL = [[True, False], [False, True], [False, False], [True, True]]  # 4 layers x 2 KV heads: 4 FA, 4 SWA

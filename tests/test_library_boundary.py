@@ -28,10 +28,11 @@ def _run(code: str):
 def test_every_library_module_imports_without_the_service():
     # Every module of the library, found on disk (a new one is covered without editing this test);
     # __main__ runs the CLI on import, and remote_modeling is the file a checkpoint ships, never imported.
-    modules = sorted(p.stem for p in (ROOT / "consa").glob("*.py") if p.stem not in ("__init__", "__main__",
-                                                                                      "remote_modeling"))
-    assert {"config", "pipeline", "search", "cache", "units", "objectives"} <= set(modules)
-    proc = _run("import importlib\n" + "\n".join(f"importlib.import_module('consa.{m}')" for m in modules)
+    modules = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                     for p in (ROOT / "consa").rglob("*.py") if p.stem not in ("__main__", "remote_modeling"))
+    assert {"consa.core.config", "consa.recipe.pipeline", "consa.search.loop", "consa.runtime.cache",
+            "consa.core.units", "consa.search.objectives"} <= set(modules)
+    proc = _run("import importlib\n" + "\n".join(f"importlib.import_module('{m}')" for m in modules)
                 + "\nimport consa; print(consa.__version__)")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == __import__("consa").__version__

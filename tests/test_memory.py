@@ -7,8 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig
 
 import tiny
-from consa import memory
-from consa.hybrid_attention import install
+from consa.search import memory
+from consa.model.hybrid_attention import decoder_layers, install
 
 GIB = 1 << 30
 
@@ -56,8 +56,9 @@ def test_attention_is_not_kept_where_keeping_it_would_not_fit(monkeypatch):
     est = memory.estimate_step(llama3_8b(), seq_len=131072, batch_size=1, act_bytes=2, free=123 * GIB)
     k, keep = est.plan()
     assert not keep and est.fits(k) and not est.fits(32, True)
-    monkeypatch.setattr(memory, "KEEP_ATTENTION", False)
-    assert memory.estimate_step(llama3_8b(), seq_len=32768, batch_size=1, free=120 * GIB).plan()[1] is False
+    assert memory.estimate_step(llama3_8b(), seq_len=32768, batch_size=1, free=120 * GIB).plan()[1] is True
+    assert memory.estimate_step(llama3_8b(), seq_len=32768, batch_size=1, free=120 * GIB).plan(
+        keep_attention=False)[1] is False
 
 
 def test_on_and_off_are_obeyed_whatever_the_estimate(monkeypatch):
@@ -102,10 +103,10 @@ def test_partial_and_selective_checkpointing_give_the_same_gradient_and_skip_rec
         p.requires_grad_(False)
     install(model, window=8)
     reference, calls_plain = _gate_grad(model, 0, False)
-    assert [b.gradient_checkpointing for b in memory.decoder_layers(model)] == [False] * 4
+    assert [b.gradient_checkpointing for b in decoder_layers(model)] == [False] * 4
     grad_all, calls_all = _gate_grad(model, 4, False)
     grad_two, calls_two = _gate_grad(model, 2, False)
-    assert [b.gradient_checkpointing for b in memory.decoder_layers(model)] == [True, True, False, False]
+    assert [b.gradient_checkpointing for b in decoder_layers(model)] == [True, True, False, False]
     grad_kept, calls_kept = _gate_grad(model, 4, True)
     for grad in (grad_all, grad_two, grad_kept):
         torch.testing.assert_close(grad, reference)

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import tiny
-from consa import objectives
-from consa.hybrid_attention import install
+from consa.search import objectives
+from consa.model.hybrid_attention import install
 
 
 def _gated(model_type="qwen3", **config):

@@ -6,8 +6,8 @@ import pytest
 
 import tiny
 from consa import SearchConfig
-from consa.errors import Cancelled, DataError
-from consa.pipeline import run_allocation
+from consa.core.errors import Cancelled, DataError
+from consa.recipe.pipeline import run_allocation
 
 
 @pytest.fixture(scope="module")

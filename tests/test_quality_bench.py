@@ -13,7 +13,7 @@ def quality(bench_script):
 
 
 def test_every_variant_is_a_valid_search_config(quality):
-    from consa.config import SearchConfig
+    from consa.core.config import SearchConfig
 
     for overrides in quality.VARIANTS.values():
         SearchConfig(model="m", sparsity=0.5, **overrides)

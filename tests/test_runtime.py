@@ -4,13 +4,14 @@ import pytest
 import tiny
 import torch
 
-from consa.attention_kernels import banded_attention, decode_attention
-from consa.cache import HybridCache
-from consa.head_grouping import group_heads
-from consa.hybrid_attention import apply_allocation, model_shape
-from consa.kv_accounting import cache_bytes, kv_bytes
-from consa.manifest import Allocation
-from consa.runtime import cache_kwarg, output_cache
+from consa.runtime.attention_kernels import banded_attention, decode_attention
+from consa.runtime.cache import HybridCache
+from consa.model.head_grouping import group_heads
+from consa.model.hybrid_attention import apply_allocation, model_shape
+from consa.runtime.cache import cache_bytes
+from consa.runtime.kv_accounting import kv_bytes
+from consa.core.manifest import Allocation
+from consa.runtime.generation import cache_kwarg, output_cache
 
 WINDOW = 8
 
@@ -184,7 +185,7 @@ def test_flex_prefill_matches_the_banded_path(sinks):
     """The GPU prefill path (FlexAttention block mask) computes what the chunked SDPA path does."""
     import warnings
 
-    from consa.hybrid_attention import flex_sliding_window
+    from consa.model.hybrid_attention import flex_sliding_window
 
     g = torch.Generator().manual_seed(sinks)
     q, k, v = torch.randn(1, 4, 300, 16, generator=g), torch.randn(1, 2, 300, 16, generator=g), torch.randn(1, 2, 300, 16, generator=g)
@@ -199,7 +200,7 @@ def test_flex_prefill_matches_the_banded_path(sinks):
 def test_compiled_layers_decode_like_eager_layers():
     """compile_layers leaves the cache and attention outside the graphs: the same tokens and logits
     (Dynamo's tracing with the eager backend; inductor only changes the kernels)."""
-    from consa.runtime import compile_layers
+    from consa.runtime.generation import compile_layers
 
     model = tiny.build_model("qwen3")
     apply_allocation(model, allocation_for(model, PATTERNS["kv_head"]))

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from consa.errors import Cancelled, DataError, ModelLoadError
-from consa.hybrid_attention import install
-from consa.loading import load_model
-from consa.manifest import load_allocation
-from consa.objectives import get_objective
-from consa.search import SearchConfig, load_gate_state, run_search, save_gate_state
+from consa.core.errors import Cancelled, DataError, ModelLoadError
+from consa.model.hybrid_attention import install
+from consa.model.loading import load_model
+from consa.core.manifest import load_allocation
+from consa.search.objectives import get_objective
+from consa.search.loop import SearchConfig, load_gate_state, run_search, save_gate_state
 
 
 def _config(model_dir, data_dir, **kw):
@@ -192,7 +192,7 @@ def test_cli_unknown_model_and_unswappable_model(tmp_path, text_dir):
 def test_gradient_checkpointing_gives_the_same_gates(tiny_model_dir, text_dir):
     """Checkpointing trades compute for memory and must not change what is learned."""
     plain = run_search(_config(tiny_model_dir, text_dir, steps=4))
-    checkpointed = run_search(_config(tiny_model_dir, text_dir, steps=4, gradient_checkpointing=True))
+    checkpointed = run_search(_config(tiny_model_dir, text_dir, steps=4, gradient_checkpointing="on"))
     assert torch.allclose(plain.gate_state["log_alpha"], checkpointed.gate_state["log_alpha"], atol=1e-5)
     assert not torch.allclose(checkpointed.gate_state["log_alpha"], torch.full((8,), 3.0))  # the gates did learn
 
@@ -206,7 +206,7 @@ def test_retrieval_mix_defaults_to_the_benchmarked_share_where_documents_reach_p
 
 
 def test_checkpointing_setting_auto_follows_the_memory_estimate(tiny_model_dir, text_dir, monkeypatch):
-    from consa import memory
+    from consa.search import memory
 
     monkeypatch.setattr(memory, "free_bytes", lambda device: 1024)  # nothing fits: must checkpoint
     tight = run_search(_config(tiny_model_dir, text_dir, steps=2))
@@ -218,12 +218,13 @@ def test_checkpointing_setting_auto_follows_the_memory_estimate(tiny_model_dir, 
     off = run_search(_config(tiny_model_dir, text_dir, steps=2, gradient_checkpointing="off"))
     assert off.allocation.training["activation_checkpointing"] is False
     assert off.allocation.training["checkpointed_layers"] == 0
-    assert SearchConfig(model="m", sparsity=0.5, gradient_checkpointing=True).gradient_checkpointing == "on"
+    with pytest.raises(ValueError, match="gradient checkpointing True: expected one of auto, on, off"):
+        SearchConfig(model="m", sparsity=0.5, gradient_checkpointing=True)  # the old on/off flag is gone
 
 
 def _out_of_memory_on(monkeypatch, calls: set):
     """The LM objective runs out of device memory on the given calls (counted from 1), as a GPU would."""
-    from consa.objectives import NextTokenLoss
+    from consa.search.objectives import NextTokenLoss
 
     real, count = NextTokenLoss.loss, [0]
 

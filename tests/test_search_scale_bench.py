@@ -26,9 +26,6 @@ def test_scale_records_name_the_plan_they_ran_under(search_scale, tmp_path):
     # attention outputs unless told not to.
     plans = [(r["checkpointed_layers"], r["keeps_attention"]) for r in records]
     assert plans == [(0, False), (2, True), (2, False)]
-    from consa import memory
-
-    assert memory.KEEP_ATTENTION is True  # the bench's +nokeep did not leak into the library's default
 
 
 def test_kernel_and_objective_variants_are_recorded(search_scale, tmp_path):

@@ -4,20 +4,20 @@ import pytest
 import torch
 
 import tiny
-from consa import data as data_mod
-from consa.gates import exact_swa_mask
-from consa.hybrid_attention import install
-from consa.objectives import get_objective
-from consa.refine import refine_scores
-from consa.search import SearchConfig, run_search
-from consa.units import unit_grid
-from consa.warm_start import calibration_of, warm_start_logits
+from consa.core import data as data_mod
+from consa.core.units import exact_swa_mask
+from consa.model.hybrid_attention import install
+from consa.search.objectives import get_objective
+from consa.search.refine import refine_scores
+from consa.search.loop import SearchConfig, run_search
+from consa.core.units import unit_grid
+from consa.search.warm_start import calibration_of, warm_start_logits
 
 
 def test_warm_start_ranks_the_logits_by_the_baseline_scores(monkeypatch):
     grid = unit_grid("kv_head", 2, 2)
     scores = torch.tensor([0.3, -1.0, 2.0, 0.5])  # unit 2 matters most, unit 1 least
-    monkeypatch.setattr("consa.baselines.baseline_scores", lambda *a, **k: scores)
+    monkeypatch.setattr("consa.search.warm_start.baseline_scores", lambda *a, **k: scores)
     rows = torch.ones(3, 8, dtype=torch.long)
     logits = warm_start_logits("heuristic-loss", None, grid, rows, rows, window=4, sink_tokens=0, init=3.0, spread=2.0)
     assert logits.tolist() == pytest.approx([3 - 1 / 3, 2.0, 4.0, 3 + 1 / 3])
@@ -40,8 +40,8 @@ def test_warm_started_search_starts_where_the_heuristic_says(tiny_model_dir, tex
     log_alpha = result.gate_state["log_alpha"]
     assert log_alpha.max() - log_alpha.min() == pytest.approx(4.0, abs=1e-3)  # one tiny step from the start
     # the allocation is the heuristic's when the search barely moves
-    from consa.baselines import build_baseline, heuristic_loss_scores
-    from consa.loading import load_model
+    from consa.evaluation.baselines import build_baseline, heuristic_loss_scores
+    from consa.model.loading import load_model
 
     model, tok = load_model(str(tiny_model_dir))
     rows, labels = data_mod.build_dataset(tok, str(text_dir), 32, 1, retrieval_ratio=0.0, with_labels=True)

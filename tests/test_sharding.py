@@ -5,15 +5,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from consa.config import SearchConfig
-from consa.errors import ConsaError
-from consa.sharding import should_shard
+from consa.core.config import SearchConfig
+from consa.core.errors import ConsaError
+from consa.model.sharding import should_shard
 from test_distributed import _config, _join, pytestmark  # noqa: F401  (pytestmark: skipped without distributed)
 
 
 def _rank(rank, world_size, port, config_dict, out_path):
-    from consa.memory import decoder_layers
-    from consa.search import run_search
+    from consa.model.hybrid_attention import decoder_layers
+    from consa.search.loop import run_search
 
     _join(rank, world_size, port)
     seen = {}
@@ -22,7 +22,7 @@ def _rank(rank, world_size, port, config_dict, out_path):
         weight = decoder_layers(model_of[0])[0].self_attn.q_proj.weight
         seen["local"] = tuple(weight.to_local().shape) if hasattr(weight, "to_local") else tuple(weight.shape)
 
-    from consa import search
+    from consa.search import loop as search
     model_of, load = [], search.load_for_search
 
     def loading(*args, **kwargs):  # the model run_search loads, to look into it while it runs
@@ -38,7 +38,7 @@ def _rank(rank, world_size, port, config_dict, out_path):
 
 
 def _search(config, tmp_path, name):
-    from consa.distributed import _free_port
+    from consa.search.distributed import _free_port
 
     mp.start_processes(_rank, args=(2, _free_port(), config.to_dict(), str(tmp_path / name)), nprocs=2,
                        start_method="spawn")
@@ -67,7 +67,7 @@ def test_who_shards(tiny_model_dir, text_dir):
 
 def test_a_sharded_search_refuses_evaluation_and_export_before_it_loads_anything(tiny_model_dir, text_dir, tmp_path,
                                                                                 monkeypatch):
-    from consa.pipeline import run_allocation
+    from consa.recipe.pipeline import run_allocation
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # no group is joined: the refusal comes first
     config = _config(tiny_model_dir, text_dir, shard_weights="on")
@@ -78,7 +78,7 @@ def test_a_sharded_search_refuses_evaluation_and_export_before_it_loads_anything
 
 def test_a_model_passed_in_whole_cannot_join_a_sharded_search(tiny_model_dir, text_dir, monkeypatch):
     import tiny
-    from consa.search import run_search
+    from consa.search.loop import run_search
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConsaError, match="must too"):
@@ -87,8 +87,8 @@ def test_a_model_passed_in_whole_cannot_join_a_sharded_search(tiny_model_dir, te
 
 def test_the_weights_are_counted_from_the_config_alone(tiny_model_dir, text_dir, tmp_path):
     import tiny
-    from consa.errors import ModelLoadError
-    from consa.sharding import weight_bytes
+    from consa.core.errors import ModelLoadError
+    from consa.model.sharding import weight_bytes
 
     model = tiny.build_model()  # the architecture tiny_model_dir holds; float32 on the CPU
     assert weight_bytes(_config(tiny_model_dir, text_dir)) == sum(p.numel() * 4 for p in model.parameters())

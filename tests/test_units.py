@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from consa import SearchConfig, units
-from consa.manifest import Allocation
-from consa.search import run_search
-from consa.units import KVHeadGrid, LayerGrid, UnitGrid, unit_grid
+from consa import SearchConfig
+from consa.core import config as settings, units
+from consa.core.manifest import Allocation
+from consa.search.loop import run_search
+from consa.core.units import KVHeadGrid, LayerGrid, UnitGrid, unit_grid
 
 
 @pytest.mark.parametrize("grid,count", [(LayerGrid(5, 3), 5), (KVHeadGrid(5, 3), 15)])
@@ -50,6 +51,7 @@ class LayerPairGrid(UnitGrid):
 
 def test_a_new_granularity_is_one_class(monkeypatch, tiny_model_dir, text_dir):
     monkeypatch.setitem(units.GRIDS, LayerPairGrid.name, LayerPairGrid)
+    monkeypatch.setattr(settings, "GRANULARITIES", (*settings.GRANULARITIES, LayerPairGrid.name))  # its declared name
     config = SearchConfig(model=str(tiny_model_dir), sparsity=0.5, granularity="layer_pair", window=8,
                           dataset=str(text_dir), seq_len=64, steps=4)
     allocation = run_search(config).allocation

@@ -108,7 +108,7 @@ def test_a_hub_id_that_names_a_local_folder_is_refused(settings, tmp_path, monke
 
 def test_a_job_loads_its_model_once_for_search_and_evaluation(tmp_path, tiny_model_dir, text_dir, monkeypatch):
     """The search's copy is evaluated too; the only other load is export's CPU copy for the checkpoint."""
-    import consa.loading
+    import consa.model.loading
 
     loads = []
     real = consa.loading.load_model
@@ -145,7 +145,7 @@ def sqlite_settings(tmp_path):
 
 
 def test_a_cancel_during_the_export_ends_the_job_cancelled(sqlite_settings, tiny_model_dir, text_dir, monkeypatch):
-    import consa.export
+    import consa.export.checkpoint
 
     settings, real = sqlite_settings, consa.export.export_hybrid
 
@@ -160,7 +160,7 @@ def test_a_cancel_during_the_export_ends_the_job_cancelled(sqlite_settings, tiny
 
 
 def test_a_cancel_during_the_evaluation_stops_it(sqlite_settings, tiny_model_dir, text_dir, monkeypatch):
-    import consa.pipeline
+    import consa.recipe.pipeline
 
     settings, real = sqlite_settings, consa.pipeline.evaluate_allocation
 
@@ -191,7 +191,7 @@ def test_an_unwritable_store_fails_before_the_search_and_names_no_path(tmp_path,
 
 def test_a_failed_job_lists_no_partial_artifacts_and_shows_no_server_path(sqlite_settings, tiny_model_dir, text_dir,
                                                                           monkeypatch):
-    import consa.export
+    import consa.export.checkpoint
 
     def broken_export(*args, **kwargs):
         raise RuntimeError(f"could not write {sqlite_settings.artifact_dir}/tmp/shard-0.bin")
@@ -279,7 +279,7 @@ def test_the_outbox_sends_unsent_jobs_and_resends_only_while_a_worker_idles(sett
 def test_the_search_state_is_saved_every_n_steps_and_survives_a_requeue_but_not_the_end(tmp_path):
     import torch
 
-    from consa.search import load_gate_state
+    from consa.search.loop import load_gate_state
     from service import artifacts
     from worker.runner import StateSaver
 
@@ -306,7 +306,7 @@ def test_the_search_state_is_saved_every_n_steps_and_survives_a_requeue_but_not_
 def test_an_attempt_that_lost_its_job_to_a_requeue_can_no_longer_end_or_publish_it(settings, tmp_path):
     """A worker frozen past its heartbeat (SIGSTOP, a hung driver) wakes after the reconciler gave its
     job to a new process of the same worker name: it must stop without touching the new attempt."""
-    from consa.errors import Cancelled
+    from consa.core.errors import Cancelled
     from service.reconciler import settle_lost
     from worker.runner import JobRun
 
@@ -340,7 +340,7 @@ def test_a_requeued_job_resumes_from_its_saved_state_or_starts_over_when_it_is_u
         claim(settings, job_id, "gpu0@host")  # attempt 1, whose worker dies
         state.parent.mkdir(parents=True, exist_ok=True)
         if case == "saved":  # what attempt 1 left when it was killed after step 4
-            from consa.search import run_search, save_gate_state
+            from consa.search.loop import run_search, save_gate_state
             from worker.runner import search_config_of
 
             saved = []

@@ -86,7 +86,7 @@ def summary_markdown(summary: dict) -> str:
 
 def write_reports(records: list[dict], default: str | None, a, results_dir: Path, note: str) -> None:
     """quality.md (every record, then the per-cell summary) and quality_summary.json."""
-    from consa.compare import markdown_table
+    from consa.evaluation.compare import markdown_table
 
     ordered = sorted(records, key=lambda r: (str(r.get("granularity")), r.get("sparsity", 0), r["method"],
                                              r.get("seed") or 0))

@@ -57,9 +57,9 @@ def load_worker(args, counter=None):
     eval set. bench/pareto.py evaluates on exactly this set."""
     import torch
 
-    from consa.config import SearchConfig
-    from consa.evaluation import build_eval_set
-    from consa.loading import load_for_search
+    from consa.core.config import SearchConfig
+    from consa.evaluation.metrics import build_eval_set
+    from consa.model.sharding import load_for_search
 
     torch.manual_seed(0)
     device = args.device
@@ -74,7 +74,7 @@ def load_worker(args, counter=None):
 
 
 def _setup(args, counter=None) -> None:
-    from consa.hybrid_attention import model_shape
+    from consa.model.hybrid_attention import model_shape
 
     model, tokenizer, eval_set = load_worker(args, counter)
     _state.update(args=args, model=model, tokenizer=tokenizer, eval_set=eval_set, shape=model_shape(model),
@@ -83,7 +83,7 @@ def _setup(args, counter=None) -> None:
 
 def _dataset(config, rows: int):
     """The search data of one seed (cached per worker): text rows + retrieval rows, labelled."""
-    from consa import data as data_mod
+    from consa.core import data as data_mod
 
     key = (config.seed, config.retrieval_ratio, config.retrieval_keys, config.retrieval_queries, rows)
     if key not in _state["data"]:
@@ -95,7 +95,7 @@ def _dataset(config, rows: int):
 
 
 def _evaluate(allocation) -> dict:
-    from consa.evaluation import evaluate
+    from consa.evaluation.metrics import evaluate
 
     a, model = _state["args"], _state["model"]
     model.eval()
@@ -104,7 +104,7 @@ def _evaluate(allocation) -> dict:
 
 
 def _search_config(a, **settings):
-    from consa.config import SearchConfig
+    from consa.core.config import SearchConfig
 
     # The variants were defined, and recorded, with one query per retrieval row (the default until session 6);
     # lm-q4, today's default, asks for every key.
@@ -122,8 +122,8 @@ def job_full() -> list[dict]:
 
 def job_search(name: str, overrides: dict, granularity: str, sparsity: float, seed: int, heatmap_dir) -> list[dict]:
     """One learned allocation through the pipeline's recipe, evaluated on the shared eval set."""
-    from consa.pipeline import run_allocation
-    from consa.refine import ROWS
+    from consa.recipe.pipeline import run_allocation
+    from consa.search.refine import ROWS
 
     config = _search_config(_state["args"], sparsity=sparsity, granularity=granularity, seed=seed, **overrides)
     rows = config.steps * config.batch_size + ROWS  # held-out rows for a refinement, unused otherwise
@@ -149,9 +149,9 @@ def job_search(name: str, overrides: dict, granularity: str, sparsity: float, se
 
 def job_scores(seed: int, granularities: list[str], names: list[str]) -> dict:
     """The scored baselines' scores (they do not depend on the sparsity): {(name, granularity): scores}."""
-    from consa import data as data_mod
-    from consa.baselines import baseline_scores
-    from consa.warm_start import calibration_of
+    from consa.core import data as data_mod
+    from consa.evaluation.baselines import baseline_scores
+    from consa.search.warm_start import calibration_of
 
     a, model = _state["args"], _state["model"]
     config = _search_config(a, seed=seed)
@@ -168,7 +168,7 @@ def job_scores(seed: int, granularities: list[str], names: list[str]) -> dict:
             cells = baseline_scores(name, model, calibration, granularities[0], a.window)
             out.update({(name, g): cells for g in granularities})
         elif name == "retrieval-heads-answers":
-            from consa.attention_scores import far_attention_scores
+            from consa.evaluation.attention_scores import far_attention_scores
 
             retrieval = (labels == data_mod.IGNORE).any(1)
             cells = far_attention_scores(model, rows[retrieval][:16], a.window, labels=labels[retrieval][:16])
@@ -182,7 +182,7 @@ def job_scores(seed: int, granularities: list[str], names: list[str]) -> dict:
 
 def job_baselines(granularity: str, sparsity: float, seed: int, names: list[str], scores: dict, seconds: dict,
                   heatmap_dir) -> list[dict]:
-    from consa.baselines import build_baseline
+    from consa.evaluation.baselines import build_baseline
 
     a, shape = _state["args"], _state["shape"]
     records = []
@@ -200,7 +200,7 @@ def job_baselines(granularity: str, sparsity: float, seed: int, names: list[str]
         if name in seconds:
             extra["scoring_seconds"] = seconds[name]
         if heatmap_dir is not None:
-            from consa.heatmap import save_heatmap
+            from consa.evaluation.heatmap import save_heatmap
 
             extra["heatmap"] = str(save_heatmap(allocation, Path(heatmap_dir) /
                                                 f"{granularity}_s{sparsity:g}_{name.replace(':', 'to')}.png"))
@@ -321,7 +321,7 @@ class Bench:
         return next(r for r in self.records if r["method"] == "full")
 
     def run(self) -> None:
-        from consa.baselines import baseline_names
+        from consa.evaluation.baselines import baseline_names
 
         a = self.args
         if ("full", None, 0.0, None) not in self.done:

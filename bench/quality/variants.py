@@ -52,7 +52,7 @@ LOSS_WEIGHT = 20.0  # screen_score: 1% more loss costs as much as 20% of full at
 
 def parse_variant(spec: str) -> tuple[str, dict]:
     """"lm-warm" -> ("lm-warm", VARIANTS["lm-warm"]); "x=objective:lm+refine_swaps:2" -> ("x", {...})."""
-    from consa.config import SearchConfig, check_setting, setting_fields
+    from consa.core.config import SearchConfig, check_setting, setting_fields
 
     name, _, body = spec.partition("=")
     if not body:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from consa.cli.settings_args import add_setting_args
-from consa.core.config import SearchConfig, setting_names
+from consa.core.config import RunOptions, SearchConfig, setting_names
 from consa.core.errors import Cancelled, ConsaError
 from consa.core.config import GRANULARITIES
 
@@ -27,8 +27,7 @@ def _add_search_parser(sub):
                         "torch.distributed.run: the same as `torchrun --nproc-per-node N -m consa search ...`; "
                         "with --device cpu, N CPU processes)")
     p.add_argument("--out", required=True, help="output directory: manifest.json, gates.safetensors, heatmap.png, ...")
-    p.add_argument("--evaluate", action="store_true", help="score it against full attention and every baseline "
-                                                           "(evaluation.md / evaluation.json)")
+    add_setting_args(p, RunOptions)
     p.add_argument("--checkpoint", action="store_true", help="export the hybrid model (checkpoint/ + checkpoint.tar)")
     p.add_argument("--heatmap", action=argparse.BooleanOptionalAction, default=True,
                    help="draw heatmap.png (needs matplotlib)")
@@ -73,7 +72,8 @@ def cmd_search(args) -> int:
     def event(type, message):
         bar.write(f"{type}: {message}" if type != "info" else message, file=sys.stderr)
 
-    run = run_allocation(config, args.out, evaluate=args.evaluate, checkpoint=args.checkpoint, heatmap=args.heatmap,
+    options = RunOptions.from_dict(vars(args))
+    run = run_allocation(config, args.out, **options.to_dict(), checkpoint=args.checkpoint, heatmap=args.heatmap,
                          device=args.device, resume_from=args.resume, progress=progress, on_event=event)
     bar.close()
     a = run.search.allocation

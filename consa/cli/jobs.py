@@ -11,7 +11,9 @@ import sys
 import time
 import uuid
 
-from consa.client import RETRY_STATUS, TERMINAL, ApiError, Client, ConnectionFailed
+from consa.cli.client import RETRY_STATUS, TERMINAL, ApiError, Client, ConnectionFailed
+from consa.cli.settings_args import add_setting_args
+from consa.core.config import RunOptions, SearchConfig
 
 EXIT_JOB_FAILED, EXIT_USAGE, EXIT_API, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
@@ -32,10 +34,8 @@ def add_jobs_commands(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("submit", parents=[conn], help="submit a job (202 + the job)")
     # One flag per search setting, as `consa search` has them (consa.config), but with no defaults:
     # what is not given is left to the server's defaults.
-    from consa.cli import _add_setting_args
-
-    _add_setting_args(p, server_defaults=True)
-    p.add_argument("--evaluate", action="store_true", help="evaluate against the baselines after the search")
+    add_setting_args(p, SearchConfig, server_defaults=True)
+    add_setting_args(p, RunOptions, server_defaults=True)
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--idempotency-key", default=None,
                    help="resubmitting with the same key returns the same job (default: a fresh one per "
@@ -134,7 +134,7 @@ def _job_line(job: dict) -> str:
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_submit(client: Client, args) -> int:
-    from consa.config import setting_names
+    from consa.core.config import setting_names
 
     params = {name: getattr(args, name) for name in setting_names() if getattr(args, name) is not None}
     if args.evaluate:

@@ -6,7 +6,7 @@ code that uses it). A field's metadata:
 
     help        one line, shown by `consa search --help` and in the API's schema
     ge/gt/le    numeric bounds (inclusive / exclusive), checked here, by the CLI and by the API
-    choices     the allowed strings (a callable returning them where a registry owns the list)
+    choices     the allowed strings (a callable returning them for the registries' names below)
     max_length  the longest string accepted
 """
 
@@ -19,28 +19,21 @@ def setting(default=MISSING, help: str = "", **meta):
     return field(default=default, metadata={"help": help, **meta})
 
 
-def _granularities():
-    from consa.units import GRIDS
-
-    return tuple(GRIDS)
-
-
-def _objectives():
-    from consa.objectives import OBJECTIVES
-
-    return tuple(OBJECTIVES)
+# The names each registry implements, declared here so that the settings (and the API's schema) need
+# no torch: consa.core.units.GRIDS, consa.search.objectives.OBJECTIVES, consa.evaluation.baselines
+# (the scored baselines a warm start ranks by) and consa.model.hybrid_attention check at import that
+# they implement exactly these. A new granularity, objective or scored baseline adds its name here.
+GRANULARITIES = ("layer", "kv_head")
+OBJECTIVES = ("lm", "distill", "distill-hidden", "lm+distill")
+WARM_STARTS = ("none", "heuristic-loss", "retrieval-heads")
+BACKENDS = ("auto", "sdpa", "flex", "flash")
 
 
-def _warm_starts():
-    from consa.warm_start import WARM_STARTS
-
-    return WARM_STARTS
-
-
-def _backends():
-    from consa.hybrid_attention import BACKENDS
-
-    return BACKENDS
+def check_registry(kind: str, implemented, declared) -> None:
+    """Fail at import when a registry and its declared names (above) disagree."""
+    if tuple(sorted(implemented)) != tuple(sorted(declared)):
+        raise ImportError(f"consa: the {kind} implemented ({', '.join(sorted(implemented))}) differ from those "
+                          f"declared in consa.core.config ({', '.join(sorted(declared))})")
 
 
 @dataclass
@@ -48,7 +41,7 @@ class SearchConfig:
     model: str = setting(help="local model directory (or a hub id where the machine is online)", max_length=1000)
     sparsity: float = setting(help="share of attention units that become sliding-window, in [0, 1]", ge=0.0, le=1.0)
     granularity: str = setting("kv_head", "switch whole layers (layer) or single KV heads (kv_head)",
-                               choices=_granularities)
+                               choices=lambda: GRANULARITIES)
     window: int = setting(256, "sliding-window length W in tokens", gt=0, le=1 << 20)
     sink_tokens: int = setting(0, "leading tokens every SWA unit still attends to (0 = plain SWA)", ge=0, le=1 << 16)
     dataset: str | None = setting(None, "training text: a text file, a directory of text files, a .jsonl with a "
@@ -78,9 +71,9 @@ class SearchConfig:
                                  ge=0.0, le=1.0)
     init_log_alpha: float = setting(3.0, "initial gate logit (high = every unit starts as full attention)",
                                     ge=-20.0, le=20.0)
-    objective: str = setting("lm", "what the gates minimise (see consa.objectives)", choices=_objectives)
+    objective: str = setting("lm", "what the gates minimise (see consa.objectives)", choices=lambda: OBJECTIVES)
     warm_start: str = setting("none", "start the gate logits from a training-free ranking of the units (a scored "
-                                      "baseline of consa.baselines), or none", choices=_warm_starts)
+                                      "baseline of consa.baselines), or none", choices=lambda: WARM_STARTS)
     warm_start_spread: float = setting(2.0, "range of the warm-start logits: the best unit starts at init_log_alpha "
                                             "+ spread/2, the worst at init_log_alpha - spread/2", ge=0.0, le=40.0)
     temperature_final: float | None = setting(None, "anneal the Hard-Concrete temperature linearly from 2/3 to this "
@@ -104,7 +97,7 @@ class SearchConfig:
         "auto", "recompute layers' activations in the backward pass: auto = as few layers as the memory estimate "
                 "(consa.memory) needs for the step to fit the GPU (none when it fits), on = every layer, off = none",
         choices=("auto", "on", "off"))
-    backend: str = setting("auto", "attention kernel for the SWA side", choices=_backends)
+    backend: str = setting("auto", "attention kernel for the SWA side", choices=lambda: BACKENDS)
     shard_weights: str = setting("auto", "with several GPUs: each holds 1/N of every decoder layer's frozen weights "
                                          "(FSDP2), for a model larger than one GPU; auto = when the weights would "
                                          "take more than half of one GPU's memory. A sharded search does not "
@@ -116,12 +109,9 @@ class SearchConfig:
                                  choices=("auto", "off"))
 
     def __post_init__(self):
-        if isinstance(self.gradient_checkpointing, bool):  # configs written when it was an on/off flag
-            self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError("model must be a local path or a hub id")
-        for name, _, _, meta, _ in setting_fields():  # one pass: the registries' choices are resolved once
-            setattr(self, name, check_setting(name, getattr(self, name), meta))
+        check_settings(self)
         if self.retrieval_ratio is None:
             self.retrieval_ratio = 0.25 if self.seq_len >= max(4 * self.window, 512) else 0.0
 
@@ -139,29 +129,54 @@ class SearchConfig:
     @property
     def text_source(self):
         """The training text as consa.data reads it (None when no dataset is named)."""
-        from consa.data import TextSource
+        from consa.core.data import TextSource
 
         return TextSource(self.dataset, self.text_field) if self.dataset is not None else None
 
 
-def setting_names() -> list[str]:
-    return [f.name for f in fields(SearchConfig)]
+@dataclass
+class RunOptions:
+    """What a run adds to its search (`consa search` flags, a job's fields): the steps after the search."""
+
+    evaluate: bool = setting(False, "score the allocation against full attention and every baseline after the "
+                                    "search (evaluation.md / evaluation.json)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunOptions":
+        """From a mapping that may hold more (a job's parameters, parsed flags): its options, None = default."""
+        return cls(**{name: d[name] for name in setting_names(cls) if d.get(name) is not None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __post_init__(self):
+        check_settings(self)
 
 
-def setting_fields():
-    """(name, value type, default or MISSING, metadata with choices resolved, optional?) per setting."""
-    for f in fields(SearchConfig):
+def setting_names(settings=SearchConfig) -> list[str]:
+    return [f.name for f in fields(settings)]
+
+
+def setting_fields(settings=SearchConfig):
+    """(name, value type, default or MISSING, metadata, optional?) per setting of a settings dataclass."""
+    for f in fields(settings):
         optional = type(None) in typing.get_args(f.type)
         kind = next(t for t in typing.get_args(f.type) if t is not type(None)) if optional else f.type
         meta = dict(f.metadata)
-        if callable(meta.get("choices")):
+        if callable(meta.get("choices")):  # read when asked, so a test can register a toy entry
             meta["choices"] = tuple(meta["choices"]())
         yield f.name, kind, f.default, meta, optional
 
 
-def check_setting(name: str, value, meta: dict | None = None):
+def check_settings(obj) -> None:
+    """Validate every setting of a settings dataclass instance in place."""
+    for name, _, _, meta, _ in setting_fields(type(obj)):
+        setattr(obj, name, check_setting(name, getattr(obj, name), meta))
+
+
+def check_setting(name: str, value, meta: dict | None = None, settings=SearchConfig):
     """Validate one setting's value against its metadata (looked up when not given); return it."""
-    meta = meta if meta is not None else next(m for n, _, _, m, _ in setting_fields() if n == name)
+    meta = meta if meta is not None else next(m for n, _, _, m, _ in setting_fields(settings) if n == name)
     if value is None:
         return value
     if "choices" in meta and value not in meta["choices"]:

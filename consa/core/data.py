@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from consa.errors import DataError
+from consa.core.errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".json", ".jsonl", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs"}
 # Files read through Hugging Face `datasets` (the optional `data` extra), by the builder that reads them.

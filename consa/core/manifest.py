@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from consa.units import UnitGrid, unit_grid
+from consa.core.units import UnitGrid, unit_grid
+from consa.core.version import __version__
 
 FORMAT = "consa.allocation/v1"
 FULL, SWA = "full", "swa"
@@ -36,8 +37,6 @@ class Allocation:
     consa_version: str = ""
 
     def __post_init__(self):
-        from consa import __version__
-
         grid = unit_grid(self.granularity, self.num_layers, self.num_kv_heads)  # also checks the name
         if self.window <= 0:
             raise ValueError(f"window must be a positive number of tokens, got {self.window}")

@@ -7,6 +7,8 @@ registered in GRIDS; nothing else branches on the granularity's name.
 
 import torch
 
+from consa.core.config import GRANULARITIES, check_registry
+
 
 class UnitGrid:
     """N units over a (num_layers, num_kv_heads) grid; subclasses say which cells a unit covers."""
@@ -85,14 +87,30 @@ class KVHeadGrid(UnitGrid):
 
 
 GRIDS = {grid.name: grid for grid in (LayerGrid, KVHeadGrid)}
-GRANULARITIES = tuple(GRIDS)
+check_registry("granularities", GRIDS, GRANULARITIES)
 
 
 def check_granularity(granularity: str) -> str:
     if granularity not in GRIDS:
-        raise ValueError(f"unknown granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
+        raise ValueError(f"unknown granularity {granularity!r}: expected one of {', '.join(GRIDS)}")
     return granularity
 
 
 def unit_grid(granularity: str, num_layers: int, num_kv_heads: int) -> UnitGrid:
     return GRIDS[check_granularity(granularity)](num_layers, num_kv_heads)
+
+
+def exact_swa_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Boolean mask, True = SWA, with exactly round(sparsity * N) units set.
+
+    The units with the lowest scores (least wanted as FA) go SWA; ties break by index so the
+    result is deterministic.
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    flat = scores.detach().flatten().float().cpu()
+    n_swa = int(round(sparsity * flat.numel()))
+    order = sorted(range(flat.numel()), key=lambda i: (flat[i].item(), i))
+    swa = torch.zeros(flat.numel(), dtype=torch.bool)
+    swa[order[:n_swa]] = True
+    return swa.view(scores.shape)

@@ -16,7 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from consa import data as data_mod
+from consa.core import data as data_mod
 
 PROBE_NAME = "consa_far_mass_probe"
 QUERY_CHUNK = 512  # queries per softmax: (B, H, 512, T) fp32 stays ~64 MB at 4k context
@@ -78,7 +78,7 @@ def far_attention_scores(model, rows: torch.Tensor, window: int, sink_tokens: in
     labels (N, T), IGNORE where a token is not scored: only the queries predicting a labelled token
     count (the answer of a retrieval row). Without labels every query at position >= window counts.
     """
-    from consa.hybrid_attention import attention_modules, model_shape
+    from consa.model.hybrid_attention import attention_modules, model_shape
 
     num_layers, num_kv_heads = model_shape(model)
     probe = FarMassProbe(num_layers, num_kv_heads, window, sink_tokens)

@@ -31,13 +31,15 @@ of a layer, such as a KV head, goes lowest head index first); score-based baseli
 """
 
 import random as _random
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from consa.errors import DataError
-from consa.gates import exact_swa_mask
-from consa.manifest import Allocation
-from consa.units import UnitGrid, unit_grid
+from consa.core.errors import DataError
+from consa.core.units import exact_swa_mask
+from consa.core.manifest import Allocation
+from consa.core.units import UnitGrid, unit_grid
 
 
 def num_swa_units(num_units: int, sparsity: float) -> int:
@@ -135,13 +137,6 @@ def unit_scores(grid: UnitGrid, scores: torch.Tensor) -> torch.Tensor:
                      f"got {tuple(scores.shape)}")
 
 
-def swa_from_scores(scores: torch.Tensor, sparsity: float, granularity: str, num_kv_heads: int) -> torch.Tensor:
-    """scores: per unit, or per (layer, kv_head) cell; higher = more worth keeping full. Returns (L, K) bool."""
-    num_layers = scores.shape[0]
-    grid = unit_grid(granularity, num_layers, num_kv_heads)
-    return _swa_units(grid, unit_scores(grid, scores), sparsity)
-
-
 # -- baselines that score the model ---------------------------------------------------------------
 @torch.no_grad()
 def heuristic_loss_scores(model, calibration: torch.Tensor, granularity: str, window: int,
@@ -151,7 +146,7 @@ def heuristic_loss_scores(model, calibration: torch.Tensor, granularity: str, wi
     Costs N_units + 1 passes over the rows; the scores do not depend on the sparsity, so compute them
     once and reuse across sparsities.
     """
-    from consa.hybrid_attention import install, model_shape
+    from consa.model.hybrid_attention import install, model_shape
 
     grid = unit_grid(granularity, *model_shape(model))
     hybrid = getattr(model, "consa_hybrid", None)
@@ -185,7 +180,7 @@ def heuristic_loss_scores(model, calibration: torch.Tensor, granularity: str, wi
 def retrieval_head_scores(model, calibration: torch.Tensor, window: int, sink_tokens: int = 0,
                           labels: torch.Tensor | None = None) -> torch.Tensor:
     """(L, K) attention mass beyond the window per KV head (see consa.attention_scores)."""
-    from consa.attention_scores import far_attention_scores
+    from consa.evaluation.attention_scores import far_attention_scores
 
     return far_attention_scores(model, calibration, window, sink_tokens, labels=labels)
 
@@ -195,7 +190,7 @@ def duo_scores(model, calibration: torch.Tensor, window: int, sink_tokens: int =
     """(L, K) DuoAttention gates. Trained on `dataset` (rows, labels) when given; else on passkey
     documents built from the calibration text when a tokenizer is at hand (their recipe); else on the
     calibration text itself, every token scored."""
-    from consa import duo
+    from consa.evaluation import duo
 
     if dataset is not None:
         rows, labels = dataset if isinstance(dataset, tuple) else (dataset, None)
@@ -212,14 +207,57 @@ def duo_scores(model, calibration: torch.Tensor, window: int, sink_tokens: int =
 
 
 # -- registry ---------------------------------------------------------------------------------------
-LAYER_RULES = ("interleave-1:1", "interleave-3:1", "interleave-5:1", "bottom", "top")
-SCORED = ("heuristic-loss", "retrieval-heads", "duo")  # baselines that score the model on calibration rows
-BASELINES = (*LAYER_RULES, "even", "random", *SCORED)
+@dataclass(frozen=True)
+class Baseline:
+    """A training-free allocation. `swa(grid, shape, sparsity, seed)` gives its (L, K) SWA mask and what the
+    manifest records of the run; a scored baseline instead ranks units by `scores(model, calibration,
+    granularity, window, **options)`. `finer_than_layers`: only for granularities that split layers."""
+
+    name: str
+    swa: Callable | None = None
+    scores: Callable | None = None
+    finer_than_layers: bool = False
+
+
+def _layer_rule(rule: str) -> Baseline:
+    return Baseline(rule, swa=lambda grid, shape, sparsity, seed: (
+        swa_from_layer_order(layer_order(rule, grid.num_layers, seed), shape, sparsity, grid.name), {}))
+
+
+def _random_units(grid, shape, sparsity, seed):
+    perm = torch.randperm(grid.count, generator=torch.Generator().manual_seed(seed))
+    rank = torch.empty_like(perm)
+    rank[perm] = torch.arange(perm.numel())  # unit perm[0] gets the lowest score, so it goes SWA first
+    return _swa_units(grid, rank.float(), sparsity), {"training": {"seed": seed}}
+
+
+# Every baseline, by name, in the order reports list them. A new one is one entry here (plus its tests);
+# a scored one that a search may warm-start from also adds its name to consa.core.config.WARM_STARTS.
+BASELINES: dict[str, Baseline] = {b.name: b for b in (
+    *(_layer_rule(rule) for rule in ("interleave-1:1", "interleave-3:1", "interleave-5:1", "bottom", "top")),
+    Baseline("even", swa=lambda grid, shape, sparsity, seed: (swa_even_quota(shape, sparsity), {}),
+             finer_than_layers=True),
+    Baseline("random", swa=_random_units),
+    Baseline("heuristic-loss", scores=lambda model, calibration, granularity, window, *, sink_tokens=0, **_:
+             heuristic_loss_scores(model, calibration, granularity, window, sink_tokens)),
+    Baseline("retrieval-heads", scores=lambda model, calibration, granularity, window, *, sink_tokens=0, **_:
+             retrieval_head_scores(model, calibration, window, sink_tokens)),
+    Baseline("duo", scores=lambda model, calibration, granularity, window, *, sink_tokens=0, tokenizer=None,
+             dataset=None, steps=None, seed=0: duo_scores(model, calibration, window, sink_tokens, tokenizer=tokenizer,
+                                                          dataset=dataset, steps=steps, seed=seed)),
+)}
+SCORED = tuple(name for name, b in BASELINES.items() if b.scores is not None)  # they score the model on rows
 
 
 def needs_calibration(name: str) -> bool:
     """Whether a baseline scores the model on calibration rows (it then needs a model and rows)."""
-    return name in SCORED
+    return get_baseline(name).scores is not None
+
+
+def get_baseline(name: str) -> Baseline:
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}: expected one of {', '.join(BASELINES)}")
+    return BASELINES[name]
 
 
 def _splits_layers(granularity: str) -> bool:
@@ -229,9 +267,8 @@ def _splits_layers(granularity: str) -> bool:
 
 def baseline_names(granularity: str | None = None) -> list[str]:
     """Every baseline, or those that apply to a granularity (`even` needs units finer than layers)."""
-    if granularity is not None and not _splits_layers(granularity):
-        return [n for n in BASELINES if n != "even"]
-    return list(BASELINES)
+    return [name for name, b in BASELINES.items()
+            if granularity is None or not b.finer_than_layers or _splits_layers(granularity)]
 
 
 def baseline_scores(name: str, model, calibration: torch.Tensor, granularity: str, window: int, *,
@@ -241,14 +278,11 @@ def baseline_scores(name: str, model, calibration: torch.Tensor, granularity: st
 
     They do not depend on the sparsity: compute them once and pass them to build_baseline as `scores`.
     """
-    if name == "heuristic-loss":
-        return heuristic_loss_scores(model, calibration, granularity, window, sink_tokens)
-    if name == "retrieval-heads":
-        return retrieval_head_scores(model, calibration, window, sink_tokens)
-    if name == "duo":
-        return duo_scores(model, calibration, window, sink_tokens, tokenizer=tokenizer, dataset=dataset,
-                          steps=steps, seed=seed)
-    raise ValueError(f"{name!r} does not score the model: scored baselines are {', '.join(SCORED)}")
+    b = get_baseline(name)
+    if b.scores is None:
+        raise ValueError(f"{name!r} does not score the model: scored baselines are {', '.join(SCORED)}")
+    return b.scores(model, calibration, granularity, window, sink_tokens=sink_tokens, tokenizer=tokenizer,
+                    dataset=dataset, steps=steps, seed=seed)
 
 
 def build_baseline(name: str, model_shape: tuple[int, int], sparsity: float, granularity: str, window: int, *,
@@ -261,28 +295,20 @@ def build_baseline(name: str, model_shape: tuple[int, int], sparsity: float, gra
     plus `calibration` token rows (N, T); `duo` also uses a `tokenizer` to build its passkey rows.
     """
     grid = unit_grid(granularity, *model_shape)
-    if name not in BASELINES:
-        raise ValueError(f"unknown baseline {name!r}: expected one of {', '.join(BASELINES)}")
+    b = get_baseline(name)
     num_swa_units(grid.count, sparsity)  # validates the sparsity
     common = dict(granularity=granularity, sparsity=sparsity, window=window, sink_tokens=sink_tokens,
                   model_name=model_name)
-    if name == "even":
-        if not _splits_layers(granularity):
-            raise ValueError(f"the `even` baseline spreads heads over layers: {granularity} units are whole layers")
-        return _allocation(swa_even_quota(model_shape, sparsity), method=name, **common)
-    if name == "random":
-        perm = torch.randperm(grid.count, generator=torch.Generator().manual_seed(seed))
-        rank = torch.empty_like(perm)
-        rank[perm] = torch.arange(perm.numel())  # unit perm[0] gets the lowest score, so it goes SWA first
-        return _allocation(_swa_units(grid, rank.float(), sparsity), method=name, training={"seed": seed}, **common)
-    if name in SCORED:
-        if scores is None:
-            if model is None or calibration is None:
-                raise ValueError(f"{name} needs scores, or a model and calibration rows")
-            scores = baseline_scores(name, model, calibration, granularity, window, sink_tokens=sink_tokens,
-                                     tokenizer=tokenizer, seed=seed)
-        per_unit = unit_scores(grid, scores)
-        return _allocation(_swa_units(grid, per_unit, sparsity), method=name,
-                           evaluation={f"{name.replace('-', '_')}_scores": per_unit.tolist()}, **common)
-    order = layer_order(name, grid.num_layers, seed)
-    return _allocation(swa_from_layer_order(order, model_shape, sparsity, granularity), method=name, **common)
+    if b.finer_than_layers and not _splits_layers(granularity):
+        raise ValueError(f"the `{name}` baseline spreads heads over layers: {granularity} units are whole layers")
+    if b.scores is None:
+        swa, record = b.swa(grid, model_shape, sparsity, seed)
+        return _allocation(swa, method=name, **record, **common)
+    if scores is None:
+        if model is None or calibration is None:
+            raise ValueError(f"{name} needs scores, or a model and calibration rows")
+        scores = baseline_scores(name, model, calibration, granularity, window, sink_tokens=sink_tokens,
+                                 tokenizer=tokenizer, seed=seed)
+    per_unit = unit_scores(grid, scores)
+    return _allocation(_swa_units(grid, per_unit, sparsity), method=name,
+                       evaluation={f"{name.replace('-', '_')}_scores": per_unit.tolist()}, **common)

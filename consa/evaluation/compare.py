@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from consa.evaluation import EvalSet, build_eval_set, evaluate
+from consa.evaluation.metrics import EvalSet, build_eval_set, evaluate
 
 # Columns of the markdown table: (record key, header, format)
 TABLE_COLUMNS = (
@@ -45,7 +45,7 @@ def compare(model, tokenizer, allocations: dict, *, data, seq_len: int = 4096, n
                   "granularity": allocation.granularity if allocation is not None else None,
                   **result}
         if out_dir is not None and allocation is not None:
-            from consa.heatmap import save_heatmap
+            from consa.evaluation.heatmap import save_heatmap
 
             record["heatmap"] = str(save_heatmap(allocation, Path(out_dir) / f"{_slug(name)}.png"))
         records.append(record)
@@ -63,9 +63,9 @@ def baseline_allocations(names, model, tokenizer, *, sparsity: float, granularit
     Baselines that look at the model (heuristic-loss) score it on a few `calibration_data` rows: a text
     path or an (N, T) token tensor.
     """
-    from consa import baselines
-    from consa.data import calibration_rows
-    from consa.hybrid_attention import model_shape
+    from consa.evaluation import baselines
+    from consa.core.data import calibration_rows
+    from consa.model.hybrid_attention import model_shape
 
     shape = model_shape(model)
     calibration = None

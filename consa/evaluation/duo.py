@@ -16,7 +16,7 @@ retrieval rows are the passkey documents) instead of BookSum passkeys.
 
 import torch
 
-from consa import data as data_mod
+from consa.core import data as data_mod
 
 LR = 0.02
 REG_WEIGHT = 0.05
@@ -37,7 +37,7 @@ def duo_head_scores(model, rows: torch.Tensor, labels: torch.Tensor | None = Non
 
     Higher alpha = the head needs full attention more. The model is left as it was found.
     """
-    from consa.hybrid_attention import install, model_shape
+    from consa.model.hybrid_attention import install, model_shape
 
     num_layers, num_kv_heads = model_shape(model)
     device = next(model.parameters()).device

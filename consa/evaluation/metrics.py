@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from consa import data as data_mod
-from consa.hybrid_attention import apply_allocation, model_shape
-from consa.kv_accounting import head_dim_of, kv_bytes
+from consa.core import data as data_mod
+from consa.model.hybrid_attention import apply_allocation, model_shape
+from consa.runtime.kv_accounting import head_dim_of, kv_bytes
 
 
 @dataclass

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from consa.duo_format import DUO_TSV, write_duo_tsv
-from consa.errors import ConsaError, UnsupportedModelError
-from consa.hybrid_attention import apply_allocation, model_shape, uninstall
-from consa.manifest import Allocation
+from consa.export.duo_format import DUO_TSV, write_duo_tsv
+from consa.core.errors import ConsaError, UnsupportedModelError
+from consa.model.hybrid_attention import apply_allocation, model_shape, uninstall
+from consa.core.manifest import Allocation
 
 LAYER_FORMATS = ("auto", "layer_types", "consa")
 REMOTE_MODELING = "modeling_consa_hybrid.py"
@@ -107,8 +107,8 @@ def export_hybrid(model_or_path, allocation: Allocation, out_dir, *, tokenizer=N
     dtype: the weights' dtype on disk; "auto" = the source checkpoint's (a model searched in fp32 from
     a bf16 checkpoint is written in bf16 again).
     """
-    from consa.finetune import finetune, finetune_data
-    from consa.loading import load_model
+    from consa.export.finetune import finetune, finetune_data
+    from consa.model.loading import load_model
 
     if layer_format not in LAYER_FORMATS:
         raise ValueError(f"unknown layer_format {layer_format!r}: expected one of {', '.join(LAYER_FORMATS)}")
@@ -233,7 +233,7 @@ def load_hybrid(path, *, device="cpu", dtype=None, backend: str = "auto", hybrid
     """
     from transformers import AutoModelForCausalLM
 
-    from consa import runtime
+    from consa.runtime import generation as runtime
 
     path = Path(path)
     try:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from consa.errors import ConsaError
-from consa.manifest import FULL, Allocation
-from consa.units import unit_grid
+from consa.core.errors import ConsaError
+from consa.core.manifest import FULL, Allocation
+from consa.core.units import unit_grid
 
 DUO_TSV = "full_attention_heads.tsv"
 DUO_CONFIG = "config.json"
@@ -54,7 +54,7 @@ def read_duo_tsv(path, *, model: str = "unknown", window: int | None = None, sin
     binarises its gates); otherwise values >= `threshold` are full. The window and sink size come from
     the folder's config.json (recent_size, sink_size) unless given; a bare TSV needs `window`.
     """
-    from consa.gates import exact_swa_mask
+    from consa.core.units import exact_swa_mask
 
     path = Path(path)
     config = {}

@@ -2,8 +2,8 @@
 
 import torch
 
-from consa.hybrid_attention import apply_allocation
-from consa.manifest import Allocation
+from consa.model.hybrid_attention import apply_allocation
+from consa.core.manifest import Allocation
 
 
 def finetune(model, allocation: Allocation, data: torch.Tensor, steps: int, *, lr: float = 1e-5,
@@ -38,8 +38,8 @@ def finetune(model, allocation: Allocation, data: torch.Tensor, steps: int, *, l
 
 def finetune_data(tokenizer, data, seq_len: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
     """A (N, T) token tensor as given, or packed rows from a text path."""
-    from consa.data import build_dataset
-    from consa.errors import ConsaError
+    from consa.core.data import build_dataset
+    from consa.core.errors import ConsaError
 
     if data is None:
         raise ConsaError("finetune_steps > 0 needs data (a token tensor or a text path)")

@@ -20,9 +20,9 @@ MODEL_TYPE = "consa_hybrid"
 
 def _install_hybrid(model, config) -> None:
     try:
-        from consa.hybrid_attention import apply_allocation
-        from consa.manifest import Allocation
-        from consa.runtime import use_hybrid_cache
+        from consa.model.hybrid_attention import apply_allocation
+        from consa.core.manifest import Allocation
+        from consa.runtime.generation import use_hybrid_cache
     except ImportError as e:
         raise ImportError(
             "this checkpoint is a consa hybrid (some attention heads are sliding-window): its attention "

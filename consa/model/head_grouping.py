@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import torch
 
-from consa.hybrid_attention import attention_modules
+from consa.model.hybrid_attention import attention_modules
 
 
 @torch.no_grad()

@@ -18,11 +18,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from consa.errors import UnsupportedModelError
-from consa.window import swa_visible
+from consa.core.config import BACKENDS
+from consa.core.errors import UnsupportedModelError
+from consa.core.window import swa_visible
 
 ATTN_NAME = "consa_hybrid"
-BACKENDS = ("auto", "sdpa", "flex", "flash")
 
 
 class HybridAttention:
@@ -290,3 +290,9 @@ def apply_allocation(model, allocation, backend: str = "auto") -> HybridAttentio
     hybrid.set_allocation(allocation)
     return hybrid
 
+
+def decoder_layers(model) -> list:
+    """The repeated blocks transformers checkpoints (GradientCheckpointingLayer), bottom first."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]

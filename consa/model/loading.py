@@ -1,4 +1,4 @@
-"""Loading a causal LM and its tokenizer, and picking the device it runs on.
+"""Loading a causal LM and its tokenizer.
 
 Loader failures (missing path, unknown hub id, a config transformers cannot read) become a
 `ModelLoadError` with one readable line, so the CLI and the service can show them to the user.
@@ -6,16 +6,7 @@ Loader failures (missing path, unknown hub id, a config transformers cannot read
 
 import torch
 
-from consa.errors import ModelLoadError
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        from consa.distributed import local_device
-
-        return local_device()  # under torchrun: this process's own GPU
-    return torch.device(name)
-
+from consa.core.errors import ModelLoadError
 
 LOAD_ERRORS = (OSError, ValueError, KeyError)  # what transformers raises for a path, hub id or config it cannot use
 
@@ -50,20 +41,6 @@ def weight_dtype(config, device="cpu") -> torch.dtype:
     if config.dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
-
-
-def load_for_search(config, device="auto"):
-    """The model and tokenizer as run_search loads them (its device and weight dtype), for callers
-    that keep using the model afterwards (the pipeline evaluates on the same copy). Under data parallelism
-    with sharded weights (consa.sharding) every rank loads its shards together with the others."""
-    from consa.distributed import data_parallel, env_world_size
-    from consa.sharding import load_sharded, should_shard
-
-    device = pick_device(str(device))
-    if should_shard(config, env_world_size(), device):
-        data_parallel(device)  # the ranks load together: rank 0 reads the weights and broadcasts them
-        return load_sharded(config, device)
-    return load_model(config.model, config.revision, device, weight_dtype(config, device))
 
 
 def free_accelerator_memory() -> None:

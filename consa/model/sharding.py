@@ -1,22 +1,26 @@
 """Frozen weights sharded over the data-parallel ranks (FSDP2), for a model larger than one GPU.
 
-A data-parallel search (consa.distributed) holds a whole copy of the frozen model on every GPU. With
+A data-parallel search (consa.search.distributed) holds a whole copy of the frozen model on every GPU. With
 `shard_weights`, each rank holds 1/N of every decoder layer instead (torch.distributed.fsdp.fully_shard):
 a layer's weights are gathered for its forward (and for its recomputation) and freed after. The weights are
 frozen, so no weight gradient is reduced; the gates' gradient is averaged exactly as without sharding, and
 the gates come out the same (tests/test_sharding.py). The embeddings, the final norm and the LM head stay
-whole on every rank: the search's loss uses the head outside the model's forward (consa.objectives).
+whole on every rank: the search's loss uses the head outside the model's forward (consa.search.objectives).
 
 No rank ever holds the whole model on its GPU: every rank builds it on the meta device, shards it,
 allocates its own shards, and rank 0 reads the checkpoint (into CPU memory) and broadcasts it.
 
 What runs after the search in the same process (evaluation, export) needs the whole model on rank 0, so a
-sharded search does neither (consa.pipeline refuses them up front).
+sharded search does neither (consa.recipe.pipeline refuses them up front).
 """
 
 import functools
 
 import torch
+
+from consa.model.devices import data_parallel, env_world_size, pick_device
+from consa.model.hybrid_attention import decoder_layers
+from consa.model.loading import LOAD_ERRORS, load_error, load_model, weight_dtype
 
 # auto shards when the frozen weights alone would take more than this share of one GPU's memory.
 SHARE_OF_DEVICE = 0.5
@@ -24,7 +28,6 @@ SHARE_OF_DEVICE = 0.5
 
 def weight_bytes(config) -> int:
     """What the frozen weights of config.model take on the device, from its config alone (nothing loaded)."""
-    from consa.loading import weight_dtype
 
     return _parameter_count(config.model, config.revision) * \
         weight_dtype(config, "cuda" if torch.cuda.is_available() else "cpu").itemsize
@@ -35,7 +38,6 @@ def _parameter_count(model: str, revision: str | None) -> int:
     """Counted once per model: a job asks before it refuses evaluation and again when it loads."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from consa.loading import LOAD_ERRORS, load_error
 
     try:
         cfg = AutoConfig.from_pretrained(model, revision=revision)
@@ -66,7 +68,6 @@ def shard(model, device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from consa.memory import decoder_layers
 
     mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     for block in decoder_layers(model):
@@ -91,7 +92,6 @@ def load_sharded(config, device):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from consa.loading import LOAD_ERRORS, load_error, load_model, weight_dtype
 
     device = torch.device(device)
     dtype = weight_dtype(config, device)
@@ -116,3 +116,14 @@ def load_sharded(config, device):
     if model.config.tie_word_embeddings:
         model.tie_weights()  # to_empty gave the head its own storage
     return model.eval(), tokenizer
+
+
+def load_for_search(config, device="auto"):
+    """The model and tokenizer as run_search loads them (its device and weight dtype), for callers
+    that keep using the model afterwards (the pipeline evaluates on the same copy). Under data parallelism
+    with sharded weights (this module) every rank loads its shards together with the others."""
+    device = pick_device(str(device))
+    if should_shard(config, env_world_size(), device):
+        data_parallel(device)  # the ranks load together: rank 0 reads the weights and broadcasts them
+        return load_sharded(config, device)
+    return load_model(config.model, config.revision, device, weight_dtype(config, device))

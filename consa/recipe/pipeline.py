@@ -12,9 +12,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from consa.config import SearchConfig
-from consa.errors import Cancelled, ConsaError, DataError
-from consa.search import SearchResult, run_search
+from consa.core.artifacts import CHECKPOINT, EVALUATION, EVALUATION_TABLE, GATES, HEATMAP, MANIFEST
+from consa.core.config import SearchConfig
+from consa.core.errors import Cancelled, ConsaError, DataError
+from consa.search.loop import SearchResult, run_search
+
+CHECKPOINT_DIR = CHECKPOINT.name.removesuffix(".tar")  # exported here, then packed into checkpoint.tar
 
 # A job's evaluation: enough rows and retrieval prompts to rank allocations, small next to the search.
 EVAL_SEQUENCES, EVAL_RETRIEVAL_DOCS = 16, 64
@@ -42,7 +45,8 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
     checkpoint_every: the search's state every N steps; resume_from: such a state (or its file) to
     continue from.
     """
-    from consa.loading import free_accelerator_memory, load_for_search
+    from consa.model.loading import free_accelerator_memory
+    from consa.model.sharding import load_for_search
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,9 +75,9 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
     # setup + search
     owned = model is None
     if owned and (evaluate or checkpoint):
-        from consa.distributed import env_world_size
-        from consa.loading import pick_device
-        from consa.sharding import should_shard
+        from consa.model.devices import env_world_size
+        from consa.model.devices import pick_device
+        from consa.model.sharding import should_shard
 
         if should_shard(config, env_world_size(), pick_device(str(device))):
             raise ConsaError("a search with sharded weights (shard_weights; a model larger than one GPU) cannot "
@@ -87,21 +91,21 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
                             model=model, tokenizer=tokenizer, dataset=dataset, on_checkpoint=on_checkpoint,
                             checkpoint_every=checkpoint_every)
     allocation = run.search.allocation
-    from consa.convergence import convergence_warning
+    from consa.search.convergence import convergence_warning
 
     warning = convergence_warning(config.sparsity, allocation.training.get("final_expected_sparsity"), config.steps)
     if warning:  # in the manifest's training record too, so the allocation carries it wherever it goes
         allocation.training["warning"] = warning
         say("warning", warning)
     run.search.save(out)
-    publish(out / "manifest.json")
-    publish(out / "gates.safetensors")
+    publish(out / MANIFEST.name)
+    publish(out / GATES.name)
 
     if heatmap:
         try:
-            from consa.heatmap import save_heatmap
+            from consa.evaluation.heatmap import save_heatmap
 
-            publish(save_heatmap(allocation, out / "heatmap.png"))
+            publish(save_heatmap(allocation, out / HEATMAP.name))
         except ImportError as e:
             say("warning", f"heatmap not available: {e}")
 
@@ -111,12 +115,12 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
         run.evaluation = evaluate_allocation(model, tokenizer, allocation, config, eval_set=eval_set,
                                              baselines=baselines, on_event=say,
                                              on_scored=lambda done, total: phase_progress("evaluation", done, total))
-        from consa.compare import markdown_table
+        from consa.evaluation.compare import markdown_table
 
-        (out / "evaluation.md").write_text(markdown_table(run.evaluation))
-        (out / "evaluation.json").write_text(json.dumps(run.evaluation, indent=1, default=str))
-        publish(out / "evaluation.md")
-        publish(out / "evaluation.json")
+        (out / EVALUATION_TABLE.name).write_text(markdown_table(run.evaluation))
+        (out / EVALUATION.name).write_text(json.dumps(run.evaluation, indent=1, default=str))
+        publish(out / EVALUATION_TABLE.name)
+        publish(out / EVALUATION.name)
 
     if checkpoint:
         if owned:
@@ -125,14 +129,14 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
         check_cancel("the export")
         say("info", "exporting the hybrid checkpoint")
         phase_progress("export", 0, 2)
-        from consa.export import export_hybrid, pack_checkpoint
+        from consa.export.checkpoint import export_hybrid, pack_checkpoint
 
-        summary = export_hybrid(config.model, allocation, out / "checkpoint")
+        summary = export_hybrid(config.model, allocation, out / CHECKPOINT_DIR)
         if summary.get("message"):
             say("info", f"checkpoint: {summary['message']}")
         say("info", "packing the checkpoint for download")
         phase_progress("export", 1, 2)
-        publish(pack_checkpoint(out / "checkpoint"))
+        publish(pack_checkpoint(out / CHECKPOINT_DIR, out / CHECKPOINT.name))
         phase_progress("export", 2, 2)
     return run
 
@@ -141,9 +145,9 @@ def evaluate_allocation(model, tokenizer, allocation, config: SearchConfig, *, e
                         on_event=None, on_scored=None) -> list[dict]:
     """The allocation (as "learned") next to full attention and the baselines, on the same rows.
     on_scored(done, total) after each allocation is scored."""
-    from consa.baselines import baseline_names
-    from consa.compare import baseline_allocations, compare
-    from consa.evaluation import build_eval_set
+    from consa.evaluation.baselines import baseline_names
+    from consa.evaluation.compare import baseline_allocations, compare
+    from consa.evaluation.metrics import build_eval_set
 
     say = on_event or (lambda type, message: None)
     model.eval()  # the search's copy: frozen weights, gates swapped per allocation

@@ -7,7 +7,7 @@ fused Triton kernel (consa.decode_kernel) instead, and fresh long prompts throug
 import torch
 import torch.nn.functional as F
 
-from consa.window import swa_visible
+from consa.core.window import swa_visible
 
 PREFILL_CHUNK = 1024  # queries per SDPA call for SWA heads in prefill: keys outside the window are skipped
 

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-from consa import decode_kernel
-from consa.attention_kernels import PREFILL_CHUNK, banded_attention, decode_attention, grouped_sdpa
-from consa.hybrid_attention import flex_sliding_window
-from consa.kv_accounting import held_bytes, swa_tokens, token_bytes
+from consa.runtime import decode_kernel
+from consa.runtime.attention_kernels import PREFILL_CHUNK, banded_attention, decode_attention, grouped_sdpa
+from consa.model.hybrid_attention import flex_sliding_window
+from consa.runtime.kv_accounting import held_bytes, swa_tokens, token_bytes
 
 
 def _as_bool_mask(mask):
@@ -340,3 +340,16 @@ def make_cache(model, max_length: int | None = None):
 
 
 __all__ = ["HybridCache", "HybridCacheLayer", "make_cache"]
+
+
+def cache_bytes(cache, allocated: bool = False) -> int:
+    """Bytes of K/V a live cache holds: a consa HybridCache (its layers count themselves with
+    consa.runtime.kv_accounting's formula) or any stock cache with keys/values per layer. `allocated=True` counts reserved
+    storage (capacity) instead of the tokens held."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, HybridCacheLayer):
+            total += layer.nbytes(allocated)
+        elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+    return total

@@ -11,7 +11,7 @@ import inspect
 
 import torch
 
-from consa.cache import make_cache
+from consa.runtime.cache import make_cache
 
 
 def compile_layers(model, enable: bool = True, backend: str = "inductor"):

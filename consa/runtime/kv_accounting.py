@@ -52,19 +52,4 @@ def head_dim_of(model) -> int:
     return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
-def cache_bytes(cache, allocated: bool = False) -> int:
-    """Bytes of K/V a live cache holds: a consa HybridCache (its layers count themselves with the
-    formula above) or any stock cache with keys/values per layer. `allocated=True` counts reserved
-    storage (capacity) instead of the tokens held."""
-    from consa.cache import HybridCacheLayer  # here: consa.cache counts its layers with this module
-
-    total = 0
-    for layer in cache.layers:
-        if isinstance(layer, HybridCacheLayer):
-            total += layer.nbytes(allocated)
-        elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-    return total
-
-
-__all__ = ["swa_tokens", "token_bytes", "held_bytes", "kv_bytes", "floor_ratio", "head_dim_of", "cache_bytes"]
+__all__ = ["swa_tokens", "token_bytes", "held_bytes", "kv_bytes", "floor_ratio", "head_dim_of"]

@@ -60,19 +60,3 @@ def annealed_beta(step: int, total_steps: int, final: float | None, start: float
     if final is None or total_steps <= 1:
         return start
     return start + (final - start) * min(1.0, step / (total_steps - 1))
-
-
-def exact_swa_mask(log_alpha: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Boolean mask, True = SWA, with exactly round(sparsity * N) units set.
-
-    The units with the lowest log_alpha (least wanted as FA) go SWA; ties break by index so the
-    result is deterministic.
-    """
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    flat = log_alpha.detach().flatten().float().cpu()
-    n_swa = int(round(sparsity * flat.numel()))
-    order = sorted(range(flat.numel()), key=lambda i: (flat[i].item(), i))
-    swa = torch.zeros(flat.numel(), dtype=torch.bool)
-    swa[order[:n_swa]] = True
-    return swa.view(log_alpha.shape)

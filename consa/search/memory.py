@@ -20,11 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from consa.model.hybrid_attention import decoder_layers
+
 # Leave this share of the free memory for the allocator's fragmentation and the kernels' workspaces.
 HEADROOM = 0.85
-# Checkpointed layers may keep their attention outputs (selective checkpointing, `_keep_attention_outputs`)
-# where that fits: Llama-3-8B at 32k, 4.75 s vs 4.98 s a step (bench/RESULTS.md). False: never.
-KEEP_ATTENTION = True
 
 
 def _text_config(config):
@@ -82,12 +81,13 @@ class StepEstimate:
     def fits(self, checkpointed, keep_attention: bool = False) -> bool:
         return self.free is None or self.peak(checkpointed, keep_attention) <= HEADROOM * self.free
 
-    def plan(self, layers: int | None = None) -> tuple[int, bool]:
+    def plan(self, layers: int | None = None, keep_attention: bool = True) -> tuple[int, bool]:
         """(layers to checkpoint, whether they keep their attention outputs). layers=None: the fewest that
         make the step fit (every layer not checkpointed saves its share of the recomputation; all of
         them when nothing fits). Keeping the attention outputs is preferred wherever it fits: it saves
-        the most expensive part of what is left to recompute."""
-        for keep in (True, False) if KEEP_ATTENTION else (False,):
+        the most expensive part of what is left to recompute: Llama-3-8B at 32k, 4.75 s vs 4.98 s a
+        step (bench/RESULTS.md). keep_attention=False: never keep them."""
+        for keep in (True, False) if keep_attention else (False,):
             candidates = range(self.layers + 1) if layers is None else (layers,)
             k = next((k for k in candidates if self.fits(k, keep)), None)
             if k is not None:
@@ -99,7 +99,7 @@ def estimate_step(config, seq_len: int, batch_size: int, act_bytes: int = 2, fre
                   fused=(), qk_norm: bool = False) -> StepEstimate:
     """config: the model's (transformers) config; act_bytes: bytes per activation element (2 for bf16);
     fused, qk_norm: as for layer_activation_bytes."""
-    from consa.objectives import LOGIT_CHUNK_ELEMENTS
+    from consa.search.objectives import LOGIT_CHUNK_ELEMENTS
 
     cfg = _text_config(config)
     tokens = seq_len * batch_size
@@ -118,7 +118,8 @@ def free_bytes(device) -> int | None:
     return int(free)
 
 
-def checkpoint_plan(setting: str, model, seq_len: int, batch_size: int, device) -> tuple[int, bool, StepEstimate]:
+def checkpoint_plan(setting: str, model, seq_len: int, batch_size: int, device,
+                    keep_attention: bool = True) -> tuple[int, bool, StepEstimate]:
     """(layers the search checkpoints, whether they keep their attention outputs, the estimate), for
     SearchConfig.gradient_checkpointing: "on" all, "off" none, "auto" the fewest that make the step fit
     the device's free memory (none when it fits)."""
@@ -127,15 +128,8 @@ def checkpoint_plan(setting: str, model, seq_len: int, batch_size: int, device) 
     qk_norm = any(hasattr(m, "q_norm") for m in model.modules())
     estimate = estimate_step(model.config, seq_len, batch_size, act_bytes, free_bytes(device),
                              fused=getattr(model, "consa_fused_kernels", ()), qk_norm=qk_norm)
-    layers, keep = estimate.plan({"on": estimate.layers, "off": 0}.get(setting))
+    layers, keep = estimate.plan({"on": estimate.layers, "off": 0}.get(setting), keep_attention)
     return layers, keep, estimate
-
-
-def decoder_layers(model) -> list:
-    """The repeated blocks transformers checkpoints (GradientCheckpointingLayer), bottom first."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def _keep_attention_outputs(ctx, op, *args, **kwargs):

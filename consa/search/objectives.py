@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from consa import data as data_mod
+from consa.core import config
+from consa.core import data as data_mod
+from consa.core.config import check_registry
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
 # Elements of one chunk's fp32 logits (B x chunk x vocab): 2^27 = 512 MiB, plus as much for the
@@ -183,3 +185,6 @@ class NextTokenPlusDistillation(Objective):
         student, teacher = student_and_teacher(model, hybrid, batch)  # (B, T-1, D) each
         nll = token_nll(model, student, labels[:, 1:].clamp(min=0))  # (B, T-1)
         return per_row_mean(nll + token_kl(model, student, teacher), labels)
+
+
+check_registry("objectives", OBJECTIVES, config.OBJECTIVES)

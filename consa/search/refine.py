@@ -10,7 +10,7 @@ SWA count never changes, so the allocation stays exact.
 
 import torch
 
-from consa.gates import exact_swa_mask
+from consa.core.units import exact_swa_mask
 
 CANDIDATES = 4  # units per side of the boundary: 16 swaps evaluated per round
 ROWS = 16  # held-out rows the swaps are judged on

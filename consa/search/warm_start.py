@@ -2,16 +2,19 @@
 
 The search starts every unit far on the full-attention side (init_log_alpha) and lets the task loss
 sort them while the sparsity target ramps up. A warm start gives that sort a head start: the units
-are ranked by a scored baseline (consa.baselines.SCORED: heuristic-loss, retrieval-heads) and their
+are ranked by a scored baseline (consa.evaluation.baselines.SCORED; the names are consa.core.config.WARM_STARTS) and their
 logits spread evenly over [init - spread/2, init + spread/2] by rank, best unit highest. Ranks rather
 than raw scores, so the spread does not depend on the scores' scale.
 """
 
 import torch
 
-from consa import data as data_mod
+from consa.core import data as data_mod
+from consa.core.config import WARM_STARTS
+from consa.evaluation.baselines import SCORED, baseline_scores, unit_scores
 
-WARM_STARTS = ("none", "heuristic-loss", "retrieval-heads")
+assert set(WARM_STARTS) - {"none"} <= set(SCORED), "a warm start ranks by a scored baseline"
+
 CALIBRATION_ROWS = 8  # as the heuristic-loss baseline in the benchmark
 
 
@@ -26,8 +29,6 @@ def calibration_of(rows: torch.Tensor, labels: torch.Tensor, count: int = CALIBR
 def warm_start_logits(name: str, model, grid, rows: torch.Tensor, labels: torch.Tensor, *, window: int,
                       sink_tokens: int, init: float, spread: float) -> torch.Tensor:
     """(grid.count,) initial log_alpha: ranked by baseline `name`'s scores on calibration rows."""
-    from consa.baselines import baseline_scores, unit_scores
-
     if name not in WARM_STARTS or name == "none":
         raise ValueError(f"unknown warm start {name!r}: expected one of {', '.join(WARM_STARTS[1:])}")
     scores = unit_scores(grid, baseline_scores(name, model, calibration_of(rows, labels), grid.name, window,

@@ -1,0 +1,3 @@
+from consa.cli import main
+
+raise SystemExit(main())
