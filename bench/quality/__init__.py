@@ -1,6 +1,6 @@
 """Quality benchmark: learned allocations vs every baseline vs full attention, on one model.
 
-For each granularity x sparsity: learned allocations (consa.pipeline.run_allocation, one per search
+For each granularity x sparsity: learned allocations (consa.recipe.pipeline.run_allocation, one per search
 variant and seed) and every baseline at the same exact sparsity (random: several seeds, mean ± std),
 all evaluated on the same held-out rows and retrieval prompts. Writes quality.json (a list of
 records), quality.md (the table), screen.json (the screening, when asked) and heatmaps.
