@@ -16,7 +16,7 @@ _PUBLIC = {
     "SearchConfig": "consa.core.config",
     "Allocation": "consa.core.manifest",
     "load_allocation": "consa.core.manifest",
-    "load_hybrid": "consa.export.checkpoint.checkpoint",
+    "load_hybrid": "consa.export.checkpoint",
     "run_allocation": "consa.recipe.pipeline",
 }
 

@@ -148,3 +148,11 @@ def test_the_api_process_imports_no_torch(tmp_path):
 def test_the_cli_and_its_http_commands_import_no_torch():
     loaded = _loaded_after("from consa.cli import commands, jobs\ncommands.build_parser()")
     assert "consa.cli.client" in loaded and not loaded & {"torch", "transformers"}
+
+
+def test_the_public_names_resolve_where_users_import_them():
+    import consa
+
+    for name in consa.__all__:
+        assert getattr(consa, name) is not None, name
+    assert consa.load_hybrid.__module__ == "consa.export.checkpoint"

@@ -7,6 +7,7 @@ import pytest
 import tiny
 from consa import SearchConfig
 from consa.core.errors import Cancelled, DataError
+from consa.core.artifacts import ARTIFACTS
 from consa.recipe.pipeline import run_allocation
 
 
@@ -28,8 +29,8 @@ def test_every_artifact_and_phase_of_a_job(tiny_model_dir, body_jsonl, tmp_path)
     run = run_allocation(_config(tiny_model_dir, body_jsonl, text_field="body"), tmp_path, evaluate=True,
                          checkpoint=True, on_artifact=lambda name, path: published.append(name),
                          progress=records.append, on_event=lambda type, message: events.append(message))
-    assert published == ["manifest.json", "gates.safetensors", "heatmap.png", "evaluation.md", "evaluation.json",
-                         "checkpoint.tar"]
+    assert published == list(ARTIFACTS)  # every declared artifact, in the order the recipe writes them
+    assert [r["step"] for r in json.loads((tmp_path / "history.json").read_text())] == [1, 2, 3]
     assert all((tmp_path / name).stat().st_size > 0 for name in published)
     phases = [(r["phase"], r["phase_done"], r["phase_total"]) for r in records]
     evaluated = len(run.evaluation)  # full, the learned allocation and every baseline
@@ -56,3 +57,15 @@ def test_a_cancel_during_the_evaluation_stops_before_the_export(tiny_model_dir, 
         run_allocation(_config(tiny_model_dir, text_dir), tmp_path, evaluate=True, checkpoint=True,
                        progress=lambda r: phases.append(r["phase"]), should_cancel=cancel_once_evaluating)
     assert not (tmp_path / "checkpoint.tar").exists() and not (tmp_path / "evaluation.json").exists()
+
+
+@pytest.mark.parametrize("duo_steps, trained", [(None, 3), (2, 2)])
+def test_the_duo_baseline_trains_as_long_as_the_search_unless_told(tiny_model_dir, text_dir, tmp_path, monkeypatch,
+                                                                   duo_steps, trained):
+    from consa.evaluation import duo
+
+    steps, scores = [], duo.duo_head_scores
+    monkeypatch.setattr(duo, "duo_head_scores", lambda *a, **k: steps.append(k["steps"]) or scores(*a, **k))
+    run = run_allocation(_config(tiny_model_dir, text_dir), tmp_path, evaluate=True, baselines=["duo"],
+                         duo_steps=duo_steps, heatmap=False)
+    assert steps == [trained] and {r["name"] for r in run.evaluation} == {"full", "learned", "duo"}

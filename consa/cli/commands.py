@@ -29,8 +29,6 @@ def _add_search_parser(sub):
     p.add_argument("--out", required=True, help="output directory: manifest.json, gates.safetensors, heatmap.png, ...")
     add_setting_args(p, RunOptions)
     p.add_argument("--checkpoint", action="store_true", help="export the hybrid model (checkpoint/ + checkpoint.tar)")
-    p.add_argument("--heatmap", action=argparse.BooleanOptionalAction, default=True,
-                   help="draw heatmap.png (needs matplotlib)")
 
 
 def _add_eval_parser(sub):
@@ -73,7 +71,7 @@ def cmd_search(args) -> int:
         bar.write(f"{type}: {message}" if type != "info" else message, file=sys.stderr)
 
     options = RunOptions.from_dict(vars(args))
-    run = run_allocation(config, args.out, **options.to_dict(), checkpoint=args.checkpoint, heatmap=args.heatmap,
+    run = run_allocation(config, args.out, **options.to_dict(), checkpoint=args.checkpoint,
                          device=args.device, resume_from=args.resume, progress=progress, on_event=event)
     bar.close()
     a = run.search.allocation

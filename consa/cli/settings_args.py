@@ -27,7 +27,7 @@ def add_setting_args(p, settings, server_defaults: bool = False) -> None:
     """
     for name, kind, default, meta, _ in setting_fields(settings):
         flags = ["--" + name.replace("_", "-")] + (["--data"] if name == "dataset" else [])
-        help = meta["help"] + ("" if default is MISSING else " (default: %(default)s)")
+        help = meta["help"] + ("" if default in (MISSING, None) else " (default: %(default)s)")
         if server_defaults and default is not MISSING:
             default, help = None, meta["help"] + f" (server default: {default})"
         if kind is bool:

@@ -24,7 +24,9 @@ EVALUATION_TABLE = Artifact("evaluation.md", "text/markdown", "evaluation", None
                             "the evaluation as a table: full attention, the allocation and every baseline")
 EVALUATION = Artifact("evaluation.json", "application/json", "evaluation", "table",
                       "the evaluation's records: loss, retrieval and KV bytes per method")
+HISTORY = Artifact("history.json", "application/json", "search", None,
+                   "the search's record per step: loss, expected sparsity, target, multipliers")
 CHECKPOINT = Artifact("checkpoint.tar", "application/x-tar", "export", None,
                       "the hybrid model, a transformers checkpoint directory packed as one file")
 
-ARTIFACTS = {a.name: a for a in (MANIFEST, GATES, HEATMAP, EVALUATION_TABLE, EVALUATION, CHECKPOINT)}
+ARTIFACTS = {a.name: a for a in (MANIFEST, GATES, HISTORY, HEATMAP, EVALUATION_TABLE, EVALUATION, CHECKPOINT)}

@@ -140,6 +140,9 @@ class RunOptions:
 
     evaluate: bool = setting(False, "score the allocation against full attention and every baseline after the "
                                     "search (evaluation.md / evaluation.json)")
+    heatmap: bool = setting(True, "draw heatmap.png, the allocation per layer and KV head (needs matplotlib)")
+    duo_steps: int | None = setting(None, "training steps of the duo baseline's gates in the evaluation (default: "
+                                          "the search's steps)", ge=1, le=1_000_000)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunOptions":

@@ -288,11 +288,12 @@ def baseline_scores(name: str, model, calibration: torch.Tensor, granularity: st
 def build_baseline(name: str, model_shape: tuple[int, int], sparsity: float, granularity: str, window: int, *,
                    seed: int = 0, sink_tokens: int = 0, model_name: str = "", model=None,
                    calibration: torch.Tensor | None = None, scores: torch.Tensor | None = None,
-                   tokenizer=None) -> Allocation:
+                   tokenizer=None, steps: int | None = None) -> Allocation:
     """An Allocation of baseline `name` with exactly round(sparsity * N) SWA units.
 
     Scored baselines (SCORED) need either precomputed `scores` (see baseline_scores) or a `model`
-    plus `calibration` token rows (N, T); `duo` also uses a `tokenizer` to build its passkey rows.
+    plus `calibration` token rows (N, T); `duo` also uses a `tokenizer` to build its passkey rows and
+    trains its gates `steps` steps (default: duo.DEFAULT_STEPS).
     """
     grid = unit_grid(granularity, *model_shape)
     b = get_baseline(name)
@@ -308,7 +309,7 @@ def build_baseline(name: str, model_shape: tuple[int, int], sparsity: float, gra
         if model is None or calibration is None:
             raise ValueError(f"{name} needs scores, or a model and calibration rows")
         scores = baseline_scores(name, model, calibration, granularity, window, sink_tokens=sink_tokens,
-                                 tokenizer=tokenizer, seed=seed)
+                                 tokenizer=tokenizer, steps=steps, seed=seed)
     per_unit = unit_scores(grid, scores)
     return _allocation(_swa_units(grid, per_unit, sparsity), method=name,
                        evaluation={f"{name.replace('-', '_')}_scores": per_unit.tolist()}, **common)

@@ -57,8 +57,9 @@ def compare(model, tokenizer, allocations: dict, *, data, seq_len: int = 4096, n
 
 def baseline_allocations(names, model, tokenizer, *, sparsity: float, granularity: str, window: int,
                          sink_tokens: int = 0, seed: int = 0, calibration_data=None, seq_len: int = 1024,
-                         model_name: str = "", on_event=None) -> dict:
+                         model_name: str = "", steps: int | None = None, on_event=None) -> dict:
     """name -> Allocation for each baseline in `names`, all at exactly the same sparsity as the others.
+    `steps`: the training steps of a baseline that trains (duo; default: its own).
 
     Baselines that look at the model (heuristic-loss) score it on a few `calibration_data` rows: a text
     path or an (N, T) token tensor.
@@ -80,7 +81,7 @@ def baseline_allocations(names, model, tokenizer, *, sparsity: float, granularit
                              f"{calibration.shape[1]} tokens")
     return {name: baselines.build_baseline(name, shape, sparsity, granularity, window, seed=seed,
                                            sink_tokens=sink_tokens, model_name=model_name, model=model,
-                                           calibration=calibration, tokenizer=tokenizer)
+                                           calibration=calibration, tokenizer=tokenizer, steps=steps)
             for name in names}
 
 

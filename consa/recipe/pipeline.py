@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from consa.core.artifacts import CHECKPOINT, EVALUATION, EVALUATION_TABLE, GATES, HEATMAP, MANIFEST
+from consa.core.artifacts import CHECKPOINT, EVALUATION, EVALUATION_TABLE, GATES, HEATMAP, HISTORY, MANIFEST
 from consa.core.config import SearchConfig
 from consa.core.errors import Cancelled, ConsaError, DataError
 from consa.search.loop import SearchResult, run_search
@@ -31,7 +31,7 @@ class AllocationRun:
 
 
 def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, checkpoint: bool = False,
-                   heatmap: bool = True, device="auto", model=None, tokenizer=None, dataset=None, eval_set=None,
+                   heatmap: bool = True, duo_steps: int | None = None, device="auto", model=None, tokenizer=None, dataset=None, eval_set=None,
                    baselines=None, progress=None, on_event=None, on_artifact=None, should_cancel=None,
                    resume_from=None, on_checkpoint=None, checkpoint_every: int = 0) -> AllocationRun:
     """Search an allocation for `config` and write its artifacts into `out_dir`.
@@ -100,6 +100,8 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
     run.search.save(out)
     publish(out / MANIFEST.name)
     publish(out / GATES.name)
+    (out / HISTORY.name).write_text(json.dumps(run.search.history, indent=1))
+    publish(out / HISTORY.name)
 
     if heatmap:
         try:
@@ -112,7 +114,7 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
     if evaluate:
         check_cancel("the evaluation")
         say("info", "evaluating the allocation against full attention and the baselines")
-        run.evaluation = evaluate_allocation(model, tokenizer, allocation, config, eval_set=eval_set,
+        run.evaluation = evaluate_allocation(model, tokenizer, allocation, config, eval_set=eval_set, duo_steps=duo_steps,
                                              baselines=baselines, on_event=say,
                                              on_scored=lambda done, total: phase_progress("evaluation", done, total))
         from consa.evaluation.compare import markdown_table
@@ -142,9 +144,10 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
 
 
 def evaluate_allocation(model, tokenizer, allocation, config: SearchConfig, *, eval_set=None, baselines=None,
-                        on_event=None, on_scored=None) -> list[dict]:
+                        duo_steps: int | None = None, on_event=None, on_scored=None) -> list[dict]:
     """The allocation (as "learned") next to full attention and the baselines, on the same rows.
-    on_scored(done, total) after each allocation is scored."""
+    `duo_steps`: the duo baseline's training steps (default: the search's). on_scored(done, total) after
+    each allocation is scored."""
     from consa.evaluation.baselines import baseline_names
     from consa.evaluation.compare import baseline_allocations, compare
     from consa.evaluation.metrics import build_eval_set
@@ -166,7 +169,7 @@ def evaluate_allocation(model, tokenizer, allocation, config: SearchConfig, *, e
                                         granularity=config.granularity, window=config.window,
                                         sink_tokens=config.sink_tokens, seed=config.seed,
                                         calibration_data=config.text_source, seq_len=config.seq_len,
-                                        model_name=config.model, on_event=say)
+                                        model_name=config.model, steps=duo_steps or config.steps, on_event=say)
     scored = []
 
     def scored_one(line: str) -> None:
