@@ -46,15 +46,15 @@ def open_stream(port: int, key: str, job_id: str) -> socket.socket:
 def held_job(database_url: str, key_name: str) -> tuple[str, str]:
     """A key and a job that stays `running` on a worker name that does not exist: its streams stay open
     and poll, and no CPU goes to a search."""
-    from service import crud
+    from service.crud import api_keys, job_records, job_states, outbox
     from service.db import sessionmaker_for
 
     with sessionmaker_for(database_url)() as session:
-        key = crud.create_api_key(session, name=key_name)
-        row = crud.get_api_key(session, key=key)
-        job = crud.create_job(session, api_key_id=row.id, model="m", params={}, meta={})
-        crud.mark_enqueued(session, job_id=job.id)
-        crud.claim_job(session, job_id=job.id, worker="held@bench")
+        key = api_keys.create_api_key(session, name=key_name)
+        row = api_keys.get_api_key(session, key=key)
+        job = job_records.create_job(session, api_key_id=row.id, model="m", params={}, meta={})
+        outbox.mark_enqueued(session, job_id=job.id)
+        job_states.claim_job(session, job_id=job.id, worker="held@bench")
         return key, job.id
 
 

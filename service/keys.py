@@ -6,7 +6,7 @@ A revoked key is refused (401) by the next request: keys are looked up on every 
 import argparse
 import sys
 
-from service import crud
+from service.crud import api_keys
 from service.db import sessionmaker_for
 from service.serve import prepare
 from service.settings import get_settings
@@ -21,7 +21,7 @@ def _session():
 def create_key(name: str) -> str:
     """Create an API key named `name`; print it as the last line of output and return it."""
     with _session() as session:
-        key = crud.create_api_key(session, name=name)
+        key = api_keys.create_api_key(session, name=name)
     print(f"Created API key {name!r}. Store it now; it cannot be shown again:", file=sys.stderr)
     print(key, flush=True)
     return key
@@ -30,7 +30,7 @@ def create_key(name: str) -> str:
 def list_keys() -> list:
     """Print one line per key: name, prefix (to tell keys apart), created, revoked."""
     with _session() as session:
-        rows = crud.list_api_keys(session)
+        rows = api_keys.list_api_keys(session)
     print(f"{'NAME':<24} {'PREFIX':<14} {'CREATED':<20} REVOKED")
     for row in rows:
         revoked = row.revoked_at.strftime("%Y-%m-%d %H:%M:%S") if row.revoked_at else "-"
@@ -41,7 +41,7 @@ def list_keys() -> list:
 def revoke_key(name: str) -> int:
     """Revoke every active key named `name`; return how many were revoked."""
     with _session() as session:
-        n = crud.revoke_api_keys(session, name=name)
+        n = api_keys.revoke_api_keys(session, name=name)
     print(f"revoked {n} key(s) named {name!r}", file=sys.stderr)
     return n
 

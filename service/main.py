@@ -9,7 +9,8 @@ from starlette.routing import compile_path
 
 from service import dashboard, problems, reconciler
 from service.db import configure_pool
-from service.limits import BodySizeLimit, ConcurrencyLimit, RateLimiter, StreamSlots
+from service.limits.middleware import BodySizeLimit, ConcurrencyLimit
+from service.limits.per_key import RateLimiter, StreamSlots
 from service.metrics import Metrics
 from service.queue import make_celery
 from service.routers import artifacts, events, health, jobs

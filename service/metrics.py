@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from starlette.requests import Request
 
-from service import crud
+from service.crud import job_records
 from service.db import sessionmaker_for
 from service.models import STATUSES
 
@@ -20,7 +20,7 @@ class JobsByStatus:
         gauge = GaugeMetricFamily("consa_jobs", "Jobs in the database by status.", labels=["status"])
         try:
             with sessionmaker_for(self.database_url)() as session:
-                counts = crud.count_jobs_by_status(session)
+                counts = job_records.count_jobs_by_status(session)
         except Exception:  # a scrape must not fail because the database is down; /readyz reports that
             return
         for status in STATUSES:

@@ -23,7 +23,8 @@ import logging
 import anyio
 from celery import Celery
 
-from service import artifacts, crud
+from service import artifacts
+from service.crud import heartbeats, job_states, outbox
 from service.db import sessionmaker_for
 from service.models import utcnow
 from service.queue import enqueue
@@ -39,8 +40,8 @@ def settle_lost(settings: Settings, *, worker: str | None = None) -> dict[str, l
     """Step 1, also called by a worker at start for the jobs its previous process left (worker=its name)."""
     stale_before = None if worker else utcnow() - dt.timedelta(seconds=settings.stale_after_s)
     with sessionmaker_for(settings.database_url)() as session:
-        outcome = crud.settle_lost_jobs(session, max_attempts=settings.max_attempts, stale_before=stale_before,
-                                        worker=worker)
+        outcome = job_states.settle_lost_jobs(session, max_attempts=settings.max_attempts,
+                                              stale_before=stale_before, worker=worker)
     for job_id in outcome["requeued"]:
         # The lost attempt's partial artifacts go; its search state stays for the next attempt to resume from.
         artifacts.remove_job_files(settings.artifact_dir, job_id, keep_search_state=True)
@@ -62,8 +63,8 @@ def publish_outbox(settings: Settings, celery: Celery) -> list[str]:
     waited = now - dt.timedelta(seconds=settings.requeue_after_s)
     published = []
     with sessionmaker_for(settings.database_url)() as session:
-        idle = crud.idle_worker_exists(session, stale_before=stale_before, idle_before=waited)
-        due = crud.jobs_to_publish(session, created_before=now - dt.timedelta(seconds=PUBLISH_GRACE_S),
+        idle = heartbeats.idle_worker_exists(session, stale_before=stale_before, idle_before=waited)
+        due = outbox.jobs_to_publish(session, created_before=now - dt.timedelta(seconds=PUBLISH_GRACE_S),
                                    republish_before=waited if idle else None)
         for job_id in due:
             try:
@@ -72,7 +73,7 @@ def publish_outbox(settings: Settings, celery: Celery) -> list[str]:
                 log.warning("broker unavailable (%s); %d job(s) wait for the next pass", type(e).__name__,
                             len(due) - len(published))
                 break
-            crud.mark_enqueued(session, job_id=job_id)
+            outbox.mark_enqueued(session, job_id=job_id)
             published.append(job_id)
     if published:
         log.info("published %d queued job(s): %s", len(published), ", ".join(published))

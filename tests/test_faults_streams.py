@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from service import crud
+from service.crud import api_keys, job_records, job_states, outbox
 from service.db import sessionmaker_for
 from service.settings import Settings
 from service_fixtures import Server, assert_problem, server_env
@@ -43,10 +43,10 @@ def running_job(srv, key_name: str = "alice") -> str:
     streams never end on their own, and no CPU is spent on a search."""
     settings = Settings(var_dir=srv.env["CONSA_VAR_DIR"])
     with sessionmaker_for(settings.database_url)() as session:
-        key = next(k for k in crud.list_api_keys(session) if k.name == key_name)
-        job = crud.create_job(session, api_key_id=key.id, model="m", params={}, meta={})
-        crud.mark_enqueued(session, job_id=job.id)  # nothing for the outbox to send
-        crud.claim_job(session, job_id=job.id, worker="held@test")
+        key = next(k for k in api_keys.list_api_keys(session) if k.name == key_name)
+        job = job_records.create_job(session, api_key_id=key.id, model="m", params={}, meta={})
+        outbox.mark_enqueued(session, job_id=job.id)  # nothing for the outbox to send
+        job_states.claim_job(session, job_id=job.id, worker="held@test")
         return job.id
 
 
@@ -90,7 +90,7 @@ def test_two_hundred_streams_over_three_connections_leave_gets_answered(small_po
     srv = small_pool_server
     settings = Settings(var_dir=srv.env["CONSA_VAR_DIR"])
     with sessionmaker_for(settings.database_url)() as session:
-        keys = [crud.create_api_key(session, name=f"streamer{i}") for i in range(-(-200 // STREAMS))]
+        keys = [api_keys.create_api_key(session, name=f"streamer{i}") for i in range(-(-200 // STREAMS))]
     jobs = [running_job(srv, f"streamer{i}") for i in range(len(keys))]
     probe = running_job(srv)
     socks = []

@@ -7,13 +7,14 @@ import sys
 
 import pytest
 
-from service import crud
+from service.crud import api_keys, artifact_records, heartbeats, job_events, job_records, job_states, outbox
 from service.serve import prepare
 from service.db import engine_for, sessionmaker_for
+from service.models import Job, utcnow
 from service.schemas import JobCreate
 from service.settings import Settings
 from service_fixtures import POSTGRES_URL, ROOT, create_database, drop_database
-from worker.runner import fail_orphans, run_job
+from worker.runner import run_job
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -35,18 +36,18 @@ def settings(request, tmp_path):
 
 def new_job(settings, key_name="k", params=None):
     with sessionmaker_for(settings.database_url)() as session:
-        key = crud.get_api_key(session, key=crud.create_api_key(session, name=key_name))
-        return crud.create_job(session, api_key_id=key.id, model="m", params=params or {}, meta={}).id
+        key = api_keys.get_api_key(session, key=api_keys.create_api_key(session, name=key_name))
+        return job_records.create_job(session, api_key_id=key.id, model="m", params=params or {}, meta={}).id
 
 
 def job_row(settings, job_id):
     with sessionmaker_for(settings.database_url)() as session:
-        return crud.get_job(session, job_id=job_id)
+        return job_records.get_job(session, job_id=job_id)
 
 
 def claim(settings, job_id, worker):
     with sessionmaker_for(settings.database_url)() as session:
-        return crud.claim_job(session, job_id=job_id, worker=worker)
+        return job_states.claim_job(session, job_id=job_id, worker=worker)
 
 
 def test_only_one_delivery_claims_a_job(settings):
@@ -70,11 +71,17 @@ def test_redelivery_leaves_a_live_job_alone_and_fails_a_dead_one(settings):
     assert (row.status, row.error_code, row.error_type, row.attempts) == ("failed", "worker_lost", "system", 1)
 
 
-def test_a_restarted_worker_fails_the_jobs_it_left_running(settings):
+def test_a_restarted_worker_requeues_then_fails_the_jobs_it_left_running(settings):
+    """What a worker does at start (worker/tasks.py, _on_ready): settle the jobs its name still runs,
+    which died with its previous process; no other worker's job, no queued job."""
+    from service.reconciler import settle_lost
+
     mine, other, queued = new_job(settings), new_job(settings), new_job(settings)
     claim(settings, mine, "gpu0@host")
     claim(settings, other, "gpu1@host")
-    assert fail_orphans(settings, "gpu0@host") == 1
+    assert settle_lost(settings, worker="gpu0@host") == {"cancelled": [], "requeued": [mine], "failed": []}
+    claim(settings, mine, "gpu0@host")  # attempt 2 of max_attempts = 2, whose process dies too
+    assert settle_lost(settings, worker="gpu0@host") == {"cancelled": [], "requeued": [], "failed": [mine]}
     assert job_row(settings, mine).status == "failed" and job_row(settings, mine).error_code == "worker_lost"
     assert job_row(settings, other).status == "running" and job_row(settings, queued).status == "queued"
 
@@ -91,7 +98,7 @@ def test_keys_create_prints_the_key_last_on_a_fresh_database(tmp_path):
     assert key.startswith("consa_") and len(key) > 40
     settings = Settings(var_dir=tmp_path / "new")
     with sessionmaker_for(settings.database_url)() as session:
-        row = crud.get_api_key(session, key=key)
+        row = api_keys.get_api_key(session, key=key)
         assert row is not None and row.name == "ci" and row.key_hash != key  # only the hash is stored
 
 
@@ -109,10 +116,13 @@ def test_a_hub_id_that_names_a_local_folder_is_refused(settings, tmp_path, monke
 def test_a_job_loads_its_model_once_for_search_and_evaluation(tmp_path, tiny_model_dir, text_dir, monkeypatch):
     """The search's copy is evaluated too; the only other load is export's CPU copy for the checkpoint."""
     import consa.model.loading
+    import consa.model.sharding
 
     loads = []
-    real = consa.loading.load_model
-    monkeypatch.setattr(consa.loading, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    real = consa.model.loading.load_model
+    counted = lambda *a, **k: loads.append(a[0]) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(consa.model.loading, "load_model", counted)
+    monkeypatch.setattr(consa.model.sharding, "load_model", counted)  # it holds its own name for it
     settings = Settings(var_dir=tmp_path)
     prepare(settings)
     params = dict(JobCreate(model=str(tiny_model_dir), sparsity=0.5, steps=2, seq_len=160, evaluate=True)
@@ -121,7 +131,7 @@ def test_a_job_loads_its_model_once_for_search_and_evaluation(tmp_path, tiny_mod
     assert run_job(job_id, settings, worker="gpu0@host") == "succeeded", job_row(settings, job_id).error_message
     assert loads == [str(tiny_model_dir)] * 2
     with sessionmaker_for(settings.database_url)() as session:
-        names = {a.name for a in crud.get_job(session, job_id=job_id).artifacts}
+        names = {a.name for a in job_records.get_job(session, job_id=job_id).artifacts}
     assert {"evaluation.json", "checkpoint.tar", "manifest.json"} <= names
 
 
@@ -134,7 +144,7 @@ def tiny_job(settings, tiny_model_dir, text_dir, **fields):
 
 def events_of(settings, job_id):
     with sessionmaker_for(settings.database_url)() as session:
-        return crud.list_events(session, job=crud.get_job(session, job_id=job_id), limit=1000)[0]
+        return job_events.list_events(session, job=job_records.get_job(session, job_id=job_id), limit=1000)[0]
 
 
 @pytest.fixture
@@ -147,14 +157,14 @@ def sqlite_settings(tmp_path):
 def test_a_cancel_during_the_export_ends_the_job_cancelled(sqlite_settings, tiny_model_dir, text_dir, monkeypatch):
     import consa.export.checkpoint
 
-    settings, real = sqlite_settings, consa.export.export_hybrid
+    settings, real = sqlite_settings, consa.export.checkpoint.export_hybrid
 
     def export_then_cancel(*args, **kwargs):
         with sessionmaker_for(settings.database_url)() as session:  # the API's cancel, mid-export
-            crud.request_cancel(session, job=crud.get_job(session, job_id=job_id))
+            job_states.request_cancel(session, job=job_records.get_job(session, job_id=job_id))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(consa.export, "export_hybrid", export_then_cancel)
+    monkeypatch.setattr(consa.export.checkpoint, "export_hybrid", export_then_cancel)
     job_id = tiny_job(settings, tiny_model_dir, text_dir)
     assert run_job(job_id, settings, worker="gpu0@host") == "cancelled"
 
@@ -162,14 +172,14 @@ def test_a_cancel_during_the_export_ends_the_job_cancelled(sqlite_settings, tiny
 def test_a_cancel_during_the_evaluation_stops_it(sqlite_settings, tiny_model_dir, text_dir, monkeypatch):
     import consa.recipe.pipeline
 
-    settings, real = sqlite_settings, consa.pipeline.evaluate_allocation
+    settings, real = sqlite_settings, consa.recipe.pipeline.evaluate_allocation
 
     def cancel_then_evaluate(*args, **kwargs):
         with sessionmaker_for(settings.database_url)() as session:
-            crud.request_cancel(session, job=crud.get_job(session, job_id=job_id))
+            job_states.request_cancel(session, job=job_records.get_job(session, job_id=job_id))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(consa.pipeline, "evaluate_allocation", cancel_then_evaluate)
+    monkeypatch.setattr(consa.recipe.pipeline, "evaluate_allocation", cancel_then_evaluate)
     job_id = tiny_job(settings, tiny_model_dir, text_dir, evaluate=True)
     assert run_job(job_id, settings, worker="gpu0@host") == "cancelled"
     assert not any("checkpoint" in e.message for e in events_of(settings, job_id))  # export never began
@@ -196,7 +206,7 @@ def test_a_failed_job_lists_no_partial_artifacts_and_shows_no_server_path(sqlite
     def broken_export(*args, **kwargs):
         raise RuntimeError(f"could not write {sqlite_settings.artifact_dir}/tmp/shard-0.bin")
 
-    monkeypatch.setattr(consa.export, "export_hybrid", broken_export)
+    monkeypatch.setattr(consa.export.checkpoint, "export_hybrid", broken_export)
     job_id = tiny_job(sqlite_settings, tiny_model_dir, text_dir)
     assert run_job(job_id, sqlite_settings, worker="gpu0@host") == "failed"
     row = job_row(sqlite_settings, job_id)
@@ -204,7 +214,7 @@ def test_a_failed_job_lists_no_partial_artifacts_and_shows_no_server_path(sqlite
     assert "<path>" in row.error_message
     assert any("manifest.json" in e.message for e in events_of(sqlite_settings, job_id))  # it had published some
     with sessionmaker_for(sqlite_settings.database_url)() as session:
-        assert crud.list_artifacts(session, job=crud.get_job(session, job_id=job_id)) == []
+        assert artifact_records.list_artifacts(session, job=job_records.get_job(session, job_id=job_id)) == []
     assert not (sqlite_settings.artifact_dir / job_id).exists()
 
 
@@ -217,7 +227,7 @@ def age(settings, job_id, seconds):
 
     with engine_for(settings.database_url).begin() as conn:
         conn.execute(sa.text("UPDATE jobs SET heartbeat_at = :t WHERE id = :id"),
-                     {"t": crud.utcnow() - dt.timedelta(seconds=seconds), "id": job_id})
+                     {"t": utcnow() - dt.timedelta(seconds=seconds), "id": job_id})
 
 
 def test_a_stale_job_is_requeued_then_failed_whatever_its_worker_name(settings):
@@ -250,7 +260,7 @@ def test_a_cancel_requested_job_whose_worker_died_ends_cancelled(settings):
     job_id = new_job(settings)
     claim(settings, job_id, "ghost@gone")
     with sessionmaker_for(settings.database_url)() as session:
-        crud.request_cancel(session, job=crud.get_job(session, job_id=job_id))
+        job_states.request_cancel(session, job=job_records.get_job(session, job_id=job_id))
     age(settings, job_id, settings.stale_after_s + 5)
     assert settle_lost(settings)["cancelled"] == [job_id]
     assert job_row(settings, job_id).status == "cancelled"
@@ -259,21 +269,23 @@ def test_a_cancel_requested_job_whose_worker_died_ends_cancelled(settings):
 def test_the_outbox_sends_unsent_jobs_and_resends_only_while_a_worker_idles(settings):
     import datetime as dt
 
-    now = crud.utcnow()
+    from sqlalchemy import update
+
+    now = utcnow()
     old = now - dt.timedelta(seconds=600)
     unsent, sent = new_job(settings), new_job(settings)
     with sessionmaker_for(settings.database_url)() as session:
-        session.execute(crud.update(crud.Job).values(created_at=old))
+        session.execute(update(Job).values(created_at=old))
         session.commit()
-        crud.mark_enqueued(session, job_id=sent)
-        session.execute(crud.update(crud.Job).where(crud.Job.id == sent).values(enqueued_at=old))
+        outbox.mark_enqueued(session, job_id=sent)
+        session.execute(update(Job).where(Job.id == sent).values(enqueued_at=old))
         session.commit()
         # No idle worker: only the never-sent job is due.
-        assert crud.jobs_to_publish(session, created_before=now, republish_before=None) == [unsent]
-        assert not crud.idle_worker_exists(session, stale_before=old, idle_before=now)
-        crud.beat_worker(session, worker="gpu0@host")  # alive and idle from now on
-        assert crud.idle_worker_exists(session, stale_before=old, idle_before=now + dt.timedelta(seconds=1))
-        assert crud.jobs_to_publish(session, created_before=now, republish_before=now) == [unsent, sent]
+        assert outbox.jobs_to_publish(session, created_before=now, republish_before=None) == [unsent]
+        assert not heartbeats.idle_worker_exists(session, stale_before=old, idle_before=now)
+        heartbeats.beat_worker(session, worker="gpu0@host")  # alive and idle from now on
+        assert heartbeats.idle_worker_exists(session, stale_before=old, idle_before=now + dt.timedelta(seconds=1))
+        assert outbox.jobs_to_publish(session, created_before=now, republish_before=now) == [unsent, sent]
 
 
 def test_the_search_state_is_saved_every_n_steps_and_survives_a_requeue_but_not_the_end(tmp_path):
@@ -312,7 +324,7 @@ def test_an_attempt_that_lost_its_job_to_a_requeue_can_no_longer_end_or_publish_
 
     job_id = new_job(settings)
     with sessionmaker_for(settings.database_url)() as session:
-        old = JobRun(session, crud.claim_job(session, job_id=job_id, worker="gpu0@host"), settings)
+        old = JobRun(session, job_states.claim_job(session, job_id=job_id, worker="gpu0@host"), settings)
         assert not old.should_cancel()
         age(settings, job_id, settings.stale_after_s + 5)
         assert settle_lost(settings)["requeued"] == [job_id]

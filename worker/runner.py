@@ -1,7 +1,7 @@
 """Run one allocation job: claim the row, run the library's recipe, publish what it writes, record the end.
 
 The recipe itself (search -> manifest + gates -> heatmap -> evaluation -> checkpoint) is
-`consa.pipeline.run_allocation`, the same the CLI runs; this module keeps the job's lifecycle: the
+`consa.recipe.pipeline.run_allocation`, the same the CLI runs; this module keeps the job's lifecycle: the
 claim, heartbeats (progress), cancel checks, publishing artifacts, the terminal status, and the
 search's resume point: its state is saved into the job's folder of the artifact store every
 CONSA_CHECKPOINT_EVERY_S seconds / _STEPS steps, and a later attempt of the job (its worker died and
@@ -21,7 +21,8 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from service import artifacts, crud
+from service import artifacts
+from service.crud import artifact_records, heartbeats, job_events, job_records, job_states
 from service.db import sessionmaker_for
 from service.models import CANCEL_REQUESTED, CANCELLED, FAILED, RUNNING, SUCCEEDED, Job, utcnow
 from service.settings import Settings
@@ -32,7 +33,7 @@ log = logging.getLogger("consa.worker")
 def run_job(job_id: str, settings: Settings, worker: str) -> str | None:
     """Run the job if this delivery may; return its final status, or None when it was not ours to run."""
     with sessionmaker_for(settings.database_url)() as session:
-        job = crud.claim_job(session, job_id=job_id, worker=worker)
+        job = job_states.claim_job(session, job_id=job_id, worker=worker)
         if job is None:
             _not_claimed(session, job_id, settings)
             return None
@@ -42,23 +43,17 @@ def run_job(job_id: str, settings: Settings, worker: str) -> str | None:
 
 def _not_claimed(session: Session, job_id: str, settings: Settings) -> None:
     """A delivery we may not run: unknown id, already finished, or running elsewhere (a redelivery)."""
-    job = crud.get_job(session, job_id=job_id)
+    job = job_records.get_job(session, job_id=job_id)
     if job is None:
         log.warning("job %s is not in the database; dropping the message", job_id)
     elif job.status in (RUNNING, CANCEL_REQUESTED):
         stale_before = utcnow() - dt.timedelta(seconds=settings.stale_after_s)
-        if crud.mark_lost(session, job=job, stale_before=stale_before):
+        if job_states.mark_lost(session, job=job, stale_before=stale_before):
             log.warning("job %s was running with no heartbeat since %s: marked failed", job_id, job.heartbeat_at)
         else:
             log.info("job %s is running elsewhere; ignoring this redelivery", job_id)
     else:
         log.info("job %s is already %s; ignoring this delivery", job_id, job.status)
-
-
-def fail_orphans(settings: Settings, worker: str) -> int:
-    """At worker start: jobs still marked running on this worker name died with its previous process."""
-    with sessionmaker_for(settings.database_url)() as session:
-        return crud.fail_orphans(session, worker=worker)
 
 
 class JobRun:
@@ -70,33 +65,34 @@ class JobRun:
         self.state_path = artifacts.search_state_path(settings.artifact_dir, job.id)
 
     def event(self, type: str, message: str, data: dict | None = None) -> None:
-        from consa.errors import Cancelled
+        from consa.core.errors import Cancelled
 
-        crud.log_event(self.session, job=self.job, type=type, message=message, data=data)
+        job_events.log_event(self.session, job=self.job, type=type, message=message, data=data)
         # Events come between the steps of the evaluation and export too: a cancel stops them there.
         if self.should_cancel():
             raise Cancelled(f"cancelled during: {message}")
 
     def finish(self, status: str, **error) -> str:
-        if crud.finish_job(self.session, job=self.job, status=status, attempt=self.attempt, **error):
+        if job_states.finish_job(self.session, job=self.job, status=status, attempt=self.attempt, **error):
             try:
                 self.state_path.unlink(missing_ok=True)  # the job ended: nothing will resume from it
             except OSError:  # a broken store: the job's terminal status matters more than the stray file
                 log.warning("job %s: could not remove its search state", self.job.id)
-        return crud.job_status(self.session, job_pk=self.job.pk)
+        return job_states.job_status(self.session, job_pk=self.job.pk)
 
     def run(self) -> str:
-        from consa.distributed import helpers
-        from consa.errors import Cancelled, ConsaError
-        from consa.loading import free_accelerator_memory
-        from consa.pipeline import run_allocation
+        from consa.core.config import RunOptions
+        from consa.core.errors import Cancelled, ConsaError
+        from consa.model.loading import free_accelerator_memory
+        from consa.recipe.pipeline import run_allocation
+        from consa.search.distributed import helpers
 
         try:
             # Before the search, not after hours of it: a full or read-only store fails the job now.
             self.staging = self.writable_staging()
             config = self.search_config()
             if config is None:
-                return crud.job_status(self.session, job_pk=self.job.pk)
+                return job_states.job_status(self.session, job_pk=self.job.pk)
             resume_from, gpus = self.resume_point(config), self.settings.gpus_per_job
             saver = StateSaver(self.state_path, self.settings.checkpoint_every_steps, self.settings.checkpoint_every_s,
                                start_step=int(resume_from["step"]) if resume_from else 0, last_step=config.steps)
@@ -104,7 +100,7 @@ class JobRun:
                 self.event("info", f"search data-parallel over {gpus} GPUs", {"gpus": gpus})
             # This process is rank 0 (progress, cancel, outputs); helpers() runs ranks 1..N-1 beside it.
             with helpers(config, gpus, resume_from=resume_from) as device:
-                run_allocation(config, self.staging, evaluate=bool(self.params.get("evaluate")), checkpoint=True,
+                run_allocation(config, self.staging, **RunOptions.from_dict(self.params).to_dict(), checkpoint=True,
                                device=device or "auto", progress=self.progress, should_cancel=self.should_cancel,
                                on_event=self.event, on_artifact=self.publish, resume_from=resume_from,
                                on_checkpoint=saver if saver.enabled else None,
@@ -144,15 +140,15 @@ class JobRun:
 
     def fail(self, **error) -> str:
         """A failed job lists no artifacts: the partial ones of this attempt are removed, rows and files."""
-        if not crud.is_attempt(self.session, job_pk=self.job.pk, attempt=self.attempt):
-            return crud.job_status(self.session, job_pk=self.job.pk)  # another attempt owns the files now
-        crud.delete_artifacts(self.session, job=self.job)
+        if not job_states.is_attempt(self.session, job_pk=self.job.pk, attempt=self.attempt):
+            return job_states.job_status(self.session, job_pk=self.job.pk)  # another attempt owns the files now
+        artifact_records.delete_artifacts(self.session, job=self.job)
         artifacts.remove_job_files(self.settings.artifact_dir, self.job.id)
         return self.finish(FAILED, **error)
 
     def resume_point(self, config) -> dict | None:
         """The state an earlier attempt of this job saved, announced as an event; None: start at step 0."""
-        from consa.search import load_gate_state
+        from consa.search.loop import load_gate_state
 
         if self.attempt <= 1 or not self.state_path.exists():
             if self.attempt > 1:
@@ -187,22 +183,22 @@ class JobRun:
 
     def progress(self, record: dict) -> None:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
-        crud.record_progress(self.session, job=self.job, progress=clean)
+        heartbeats.record_progress(self.session, job=self.job, progress=clean)
 
     def should_cancel(self) -> bool:
         # Anything but running *here* stops the job: cancel_requested, a row someone else ended, or a
         # row the reconciler gave to another worker (or attempt) because this one looked dead.
-        return not crud.runs_on(self.session, job_pk=self.job.pk, worker=self.job.worker, attempt=self.attempt)
+        return not job_states.runs_on(self.session, job_pk=self.job.pk, worker=self.job.worker, attempt=self.attempt)
 
     def publish(self, name: str, path: Path) -> None:
-        from consa.errors import Cancelled
+        from consa.core.errors import Cancelled
 
-        if not crud.is_attempt(self.session, job_pk=self.job.pk, attempt=self.attempt):
+        if not job_states.is_attempt(self.session, job_pk=self.job.pk, attempt=self.attempt):
             # A worker that froze past its heartbeat, lost the job to a requeue and woke up: the files
             # in the job's folder are the new attempt's now.
             raise Cancelled("this attempt of the job was superseded")
         size, sha256 = artifacts.publish(path, self.settings.artifact_dir, self.job.id, name)
-        crud.add_artifact(self.session, job=self.job, name=name, size=size, sha256=sha256,
+        artifact_records.add_artifact(self.session, job=self.job, name=name, size=size, sha256=sha256,
                           content_type=artifacts.content_type(name))
 
 
@@ -226,7 +222,7 @@ class StateSaver:
             self.saved_step, self.saved_at = step, time.monotonic()
 
     def save(self, state: dict) -> None:
-        from consa.search import save_gate_state
+        from consa.search.loop import save_gate_state
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         save_gate_state(state, self.path)  # atomic and fsynced
@@ -240,6 +236,6 @@ def without_paths(message: str) -> str:
 
 def search_config_of(params: dict):
     """A job's config as the library's SearchConfig: the search settings are the same fields by name."""
-    from consa.config import SearchConfig, setting_names
+    from consa.core.config import SearchConfig, setting_names
 
     return SearchConfig.from_dict({name: params[name] for name in setting_names() if name in params})

@@ -10,7 +10,7 @@ import threading
 
 from celery.signals import worker_ready, worker_shutdown
 
-from service import crud
+from service.crud import heartbeats
 from service.db import sessionmaker_for
 from service.queue import TASK_NAME
 from service.reconciler import settle_lost
@@ -32,7 +32,7 @@ def _beat(name: str) -> None:
     while not _stop_beating.is_set():
         try:
             with sessionmaker_for(settings.database_url)() as session:
-                crud.beat_worker(session, worker=name)
+                heartbeats.beat_worker(session, worker=name)
         except Exception:  # the database is down for a moment: beat again next time
             log.exception("worker heartbeat failed")
         _stop_beating.wait(settings.worker_heartbeat_s)
@@ -45,7 +45,7 @@ def _on_ready(sender, **_):
     settle_lost(get_settings(), worker=sender.hostname)
     threading.Thread(target=_beat, args=(sender.hostname,), name="worker-heartbeat", daemon=True).start()
     # Import torch + transformers now, while idle, instead of inside the first job (seconds).
-    import consa.search  # noqa: F401
+    import consa.search.loop  # noqa: F401
 
 
 @worker_shutdown.connect
@@ -53,6 +53,6 @@ def _on_shutdown(sender, **_):
     _stop_beating.set()
     try:
         with sessionmaker_for(get_settings().database_url)() as session:
-            crud.remove_worker(session, worker=sender.hostname)
+            heartbeats.remove_worker(session, worker=sender.hostname)
     except Exception:
         log.exception("could not remove the worker's heartbeat row")

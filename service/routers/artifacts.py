@@ -5,7 +5,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import FileResponse
 
-from service import artifacts, crud, schemas
+from service import artifacts, schemas
+from service.crud import artifact_records
 from service.deps import JobDep, SessionDep, SettingsDep
 from service.problems import PROBLEM_RESPONSES, ProblemError, responses
 
@@ -25,7 +26,7 @@ def list_artifacts(job: JobDep, session: SessionDep, settings: SettingsDep, requ
     base = settings.public_url.rstrip("/")
     data = [schemas.ArtifactInfo(name=a.name, size=a.size, sha256=a.sha256, content_type=a.content_type,
                                  url=base + request.app.url_path_for("download_artifact", job_id=job.id, name=a.name))
-            for a in crud.list_artifacts(session, job=job)]
+            for a in artifact_records.list_artifacts(session, job=job)]
     return schemas.ArtifactList(data=data)
 
 
@@ -46,7 +47,7 @@ def download_artifact(job: JobDep, name: ArtifactName, session: SessionDep, sett
     if not artifacts.valid_name(name):
         raise ProblemError(400, f"invalid artifact name {name!r}: one file name, no '/' or '..'",
                            code="invalid_artifact_name")
-    artifact = crud.get_artifact(session, job=job, name=name)
+    artifact = artifact_records.get_artifact(session, job=job, name=name)
     if artifact is None:
         raise ProblemError(404, f"job {job.id} has no artifact {name!r}", code="artifact_not_found")
     etag = f'"{artifact.sha256}"'

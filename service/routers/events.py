@@ -9,7 +9,8 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from service import crud, schemas
+from service import schemas
+from service.crud import job_events, job_records, job_states
 from service.db import sessionmaker_for
 from service.deps import JobDep, SessionDep, SettingsDep
 from service.problems import PROBLEM_RESPONSES
@@ -41,17 +42,17 @@ def list_events(job: JobDep, session: SessionDep, settings: SettingsDep, request
         return StreamingResponse(_stream(settings.database_url, job.id, job.api_key_id, start, release),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                  background=BackgroundTask(release))
-    events, has_more = crud.list_events(session, job=job, limit=limit, after=after)
+    events, has_more = job_events.list_events(session, job=job, limit=limit, after=after)
     return schemas.EventList(data=[schemas.Event.of(e) for e in events], has_more=has_more)
 
 
 def _poll(database_url: str, job_id: str, api_key_id: int, after: int | None):
     with sessionmaker_for(database_url)() as session:
-        job = crud.get_job(session, job_id=job_id, api_key_id=api_key_id)
+        job = job_records.get_job(session, job_id=job_id, api_key_id=api_key_id)
         if job is None:  # deleted while streamed: nothing more will come
             return [], True
-        events, _ = crud.list_events(session, job=job, limit=1000, after=after)
-        return [schemas.Event.of(e) for e in events], crud.is_terminal(job.status)
+        events, _ = job_events.list_events(session, job=job, limit=1000, after=after)
+        return [schemas.Event.of(e) for e in events], job_states.is_terminal(job.status)
 
 
 async def _stream(database_url: str, job_id: str, api_key_id: int, after: int | None, release):

@@ -7,7 +7,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from service import crud, schemas
+from service import schemas
+from service.crud import heartbeats
 from service.db import engine_for, sessionmaker_for
 from service.deps import SettingsDep
 from service.models import utcnow
@@ -47,7 +48,7 @@ def _check_worker(settings: Settings) -> str:
     try:
         stale_before = utcnow() - dt.timedelta(seconds=settings.stale_after_s)
         with sessionmaker_for(settings.database_url)() as session:
-            alive = crud.live_workers(session, stale_before=stale_before)
+            alive = heartbeats.live_workers(session, stale_before=stale_before)
         return "ok" if alive else f"error: no worker has beaten its heartbeat in {settings.stale_after_s}s"
     except Exception as e:
         return f"error: {type(e).__name__}"

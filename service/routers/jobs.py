@@ -8,9 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.exc import IntegrityError
 
-from service import artifacts, crud, schemas
+from service import artifacts, schemas
+from service.crud import job_records, job_states, outbox
 from service.deps import ApiKeyDep, JobDep, SessionDep, SettingsDep
-from service.limits import NO_NUL_SCHEMA, check_limits, reject_nul
+from service.limits.job_size import check_limits
+from service.limits.nul_bytes import NO_NUL_SCHEMA, reject_nul
 from service.locations import resolve_dataset, resolve_model
 from service.problems import PROBLEM_RESPONSES, ProblemError, responses
 from service.queue import enqueue
@@ -36,8 +38,9 @@ def create_job(body: schemas.JobCreate, request: Request, response: Response, se
     reject_nul(body.model_dump(mode="json"), ["body"])
     request_hash = _request_hash(body)
     if idempotency_key is not None:
-        existing = crud.get_job_by_idempotency_key(session, api_key_id=key.id, idempotency_key=idempotency_key,
-                                                   ttl_s=settings.idempotency_ttl_s)
+        existing = job_records.get_job_by_idempotency_key(session, api_key_id=key.id,
+                                                          idempotency_key=idempotency_key,
+                                                          ttl_s=settings.idempotency_ttl_s)
         if existing is not None:
             return _replay(existing, request_hash, response)
 
@@ -45,18 +48,19 @@ def create_job(body: schemas.JobCreate, request: Request, response: Response, se
     params = body.model_dump(exclude={"metadata"})
     params["model"] = resolve_model(settings, body.model)
     params["dataset"] = resolve_dataset(settings, body.dataset)
-    active = crud.count_active_jobs(session, api_key_id=key.id)
+    active = job_records.count_active_jobs(session, api_key_id=key.id)
     if active >= settings.max_active_jobs_per_key:
         raise ProblemError(429, f"this key has {active} queued or running jobs, the most allowed "
                                 f"(CONSA_MAX_ACTIVE_JOBS_PER_KEY); submit again when one has ended",
                            code="too_many_active_jobs", headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)})
     try:
-        job = crud.create_job(session, api_key_id=key.id, model=body.model, params=params, meta=body.metadata,
-                              idempotency_key=idempotency_key, request_hash=request_hash)
+        job = job_records.create_job(session, api_key_id=key.id, model=body.model, params=params,
+                                     meta=body.metadata, idempotency_key=idempotency_key,
+                                     request_hash=request_hash)
     except IntegrityError:
         # A concurrent request with the same Idempotency-Key won the insert; answer with its job.
         session.rollback()
-        existing = crud.get_job_by_idempotency_key(session, api_key_id=key.id, idempotency_key=idempotency_key)
+        existing = job_records.get_job_by_idempotency_key(session, api_key_id=key.id, idempotency_key=idempotency_key)
         return _replay(existing, request_hash, response)
 
     # The outbox: the row is committed first, then its id is published. If the broker is down the job
@@ -64,7 +68,7 @@ def create_job(body: schemas.JobCreate, request: Request, response: Response, se
     # client's 202 (and any Idempotency-Key replay) names a job that will run.
     try:
         enqueue(request.app.state.celery, job.id, settings.queue)
-        crud.mark_enqueued(session, job_id=job.id)
+        outbox.mark_enqueued(session, job_id=job.id)
     except Exception as e:
         log.warning("could not publish %s now (%s); the reconciler will", job.id, type(e).__name__)
     request.app.state.metrics.jobs_created.inc()
@@ -88,8 +92,9 @@ def list_jobs(session: SessionDep, key: ApiKeyDep, settings: SettingsDep,
                                                  json_schema_extra=NO_NUL_SCHEMA)] = None):
     reject_nul({"model": model, "after": after}, ["query"])
     try:
-        jobs, has_more = crud.list_jobs(session, api_key_id=key.id, limit=min(limit, settings.max_page_size),
-                                        after=after, status=status, model=model)
+        jobs, has_more = job_records.list_jobs(session, api_key_id=key.id,
+                                               limit=min(limit, settings.max_page_size), after=after,
+                                               status=status, model=model)
     except LookupError:
         raise ProblemError(400, f"unknown cursor job {after}", code="invalid_cursor") from None
     data = [schemas.Job.of(j) for j in jobs]
@@ -106,7 +111,7 @@ def get_job(job: JobDep):
 def cancel_job(job: JobDep, session: SessionDep):
     """A queued job ends `cancelled` at once; a running one turns `cancel_requested` and stops at its next
     step. Cancelling a finished job changes nothing."""
-    return schemas.Job.of(crud.request_cancel(session, job=job))
+    return schemas.Job.of(job_states.request_cancel(session, job=job))
 
 
 
@@ -115,7 +120,7 @@ def cancel_job(job: JobDep, session: SessionDep):
 def delete_job(job: JobDep, session: SessionDep, settings: SettingsDep):
     """Frees the job's artifacts on disk. A job that has not ended answers 409: cancel it first."""
     job_id = job.id
-    if not crud.delete_job(session, job=job):
+    if not job_records.delete_job(session, job=job):
         raise ProblemError(409, f"job {job_id} is {job.status}; cancel it and delete it once it has ended",
                            code="job_not_finished")
     artifacts.remove_job_files(settings.artifact_dir, job_id)  # after the rows: a crash leaves files, not links
