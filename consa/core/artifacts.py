@@ -20,9 +20,9 @@ MANIFEST = Artifact("manifest.json", "application/json", "search", None,
 GATES = Artifact("gates.safetensors", "application/octet-stream", "search", None,
                  "the gate logits and the search's state (`consa search --resume` continues from it)")
 HEATMAP = Artifact("heatmap.png", "image/png", "heatmap", "image", "FA/SWA per layer and KV head")
-EVALUATION_TABLE = Artifact("evaluation.md", "text/markdown", "evaluation", None,
+EVALUATION_TABLE = Artifact("evaluation.md", "text/markdown", "evaluation", "table",
                             "the evaluation as a table: full attention, the allocation and every baseline")
-EVALUATION = Artifact("evaluation.json", "application/json", "evaluation", "table",
+EVALUATION = Artifact("evaluation.json", "application/json", "evaluation", None,
                       "the evaluation's records: loss, retrieval and KV bytes per method")
 HISTORY = Artifact("history.json", "application/json", "search", None,
                    "the search's record per step: loss, expected sparsity, target, multipliers")
