@@ -7,7 +7,7 @@ retrieval documents, seed 0). That answers two questions no comparison of method
 - does an allocation exist that is at least as good as every method on both metrics at once?
 - is a learned allocation the best one *for the search's own objective* (then what separates it from
   the best eval loss is the objective), or not (then it is the optimiser)? For that every allocation
-  is also scored by the lm objective (per-row mean next-token loss, as consa.objectives computes it)
+  is also scored by the lm objective (per-row mean next-token loss, as consa.search.objectives computes it)
   on held-out search data: text rows and 4-key retrieval rows of another seed.
 Per-row losses and per-document hits are kept, so any two allocations can be compared paired, with
 the evaluation's own sampling noise.

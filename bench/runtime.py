@@ -3,9 +3,9 @@
     python bench/runtime.py --testbed .models/qwen3-code-26m --out bench/results/current
 
 Models: a Qwen3-0.6B-shaped model with RANDOM weights (speed does not depend on them) and the testbed
-model. Allocations: exact-sparsity ones from consa.gates.exact_swa_mask on seeded random scores (per KV
+model. Allocations: exact-sparsity ones from consa.core.units.exact_swa_mask on seeded random scores (per KV
 head, or per layer for layer granularity): for speed and bytes only the counts per layer matter.
-Every configuration, full attention included, runs through the same runtime (consa.cache.HybridCache;
+Every configuration, full attention included, runs through the same runtime (consa.runtime.cache.HybridCache;
 the baseline is the all-full allocation), bf16, batch 1. Prefill: one forward over the context. Decode:
 greedy steps replayed from a CUDA graph of one decode forward (static FA storage, ring buffers for SWA
 heads); eager decoding where graphs are unavailable (CPU).

@@ -8,7 +8,7 @@
     python3 bench/search_scale.py --mode rounding --shapes llama-small --contexts 2048  # fp32 vs bf16 gate gradient
 
 Scale mode: for each shape (random weights from a config built here: nothing is downloaded) and
-context, a few real search steps (consa.search.run_search: kv_head, s = 0.5, window 1024, objective
+context, a few real search steps (consa.search.loop.run_search: kv_head, s = 0.5, window 1024, objective
 lm, default settings) and a plain pass of the same frozen model on the same tokens: forward from
 the input embeddings (which require grad), the same chunked LM loss, backward to the embeddings, no
 weight gradients, same activation checkpointing as the search chose. Each record: {shape, context,
@@ -279,10 +279,10 @@ def run_scale(args) -> list[dict]:
     return records
 
 
-# -- what autograd keeps per layer, against consa.memory's estimate ---------------------------------------
+# -- what autograd keeps per layer, against consa.search.memory's estimate ---------------------------------------
 def saved_per_layer(model, context: int, device) -> tuple[float, torch.Tensor]:
     """(bytes autograd keeps per decoder layer, the gate gradient) for one soft-gated forward + backward of the
-    decoder (frozen weights; the LM head is the loss's, checkpointed by consa.objectives: not counted)."""
+    decoder (frozen weights; the LM head is the loss's, checkpointed by consa.search.objectives: not counted)."""
     from consa.model.hybrid_attention import install, model_shape
 
     layers, kv_heads = model_shape(model)
@@ -312,7 +312,7 @@ def saved_per_layer(model, context: int, device) -> tuple[float, torch.Tensor]:
 
 def run_saved(args) -> list[dict]:
     """Per shape and context: autograd's saved bytes per layer with transformers' kernels and with the fused
-    ones, each against consa.memory's estimate; and how far the fused kernels move the gate gradient."""
+    ones, each against consa.search.memory's estimate; and how far the fused kernels move the gate gradient."""
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     records = []
@@ -420,7 +420,7 @@ def run_testbed(args) -> list[dict]:
     return records
 
 
-# -- the loss: chunked (consa.objectives) vs a fused linear cross-entropy kernel (liger-kernel) --------
+# -- the loss: chunked (consa.search.objectives) vs a fused linear cross-entropy kernel (liger-kernel) --------
 def run_loss(args) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens, d, vocab = (args.loss_tokens, 4096, 128256) if device.type == "cuda" else (256, 64, 512)

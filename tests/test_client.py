@@ -1,4 +1,4 @@
-"""`consa jobs ...` and consa.client over real HTTP against a real `consa serve` (API + Celery worker
+"""`consa jobs ...` and consa.cli.client over real HTTP against a real `consa serve` (API + Celery worker
 process, embedded SQLite broker) running a tiny random model."""
 
 import hashlib

@@ -1,4 +1,4 @@
-"""consa.client against a real HTTP server that misbehaves: connections dropped mid-body, 5xx/429,
+"""consa.cli.client against a real HTTP server that misbehaves: connections dropped mid-body, 5xx/429,
 a server that goes away and comes back. The server is a small http.server in a thread."""
 
 import hashlib

@@ -1,4 +1,4 @@
-"""consa.fused_kernels: liger-kernel's kernels go onto the right modules, take over only for CUDA tensors and
+"""consa.search.fused_kernels: liger-kernel's kernels go onto the right modules, take over only for CUDA tensors and
 come off again; the memory estimate counts what they save. (Their numerics on a GPU: bench/search_scale.py
 --mode saved compares the gate gradient with and without them.)"""
 

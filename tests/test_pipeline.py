@@ -1,4 +1,4 @@
-"""The recipe every front end runs: consa.pipeline.run_allocation."""
+"""The recipe every front end runs: consa.recipe.pipeline.run_allocation."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Sharded frozen weights (consa.sharding, FSDP2) on CPU with gloo: 2 processes each hold half of every decoder
+"""Sharded frozen weights (consa.model.sharding, FSDP2) on CPU with gloo: 2 processes each hold half of every decoder
 layer, and the search learns the same gates as with whole copies."""
 
 import pytest

@@ -122,7 +122,7 @@ def _add_compare_parser(sub):
     _add_model_args(p)
     p.add_argument("--allocation", action="append", default=[], metavar="MANIFEST",
                    help="manifest.json to compare (repeatable)")
-    p.add_argument("--baselines", default="", help="comma list of baseline names, or 'all' (see consa.baselines)")
+    p.add_argument("--baselines", default="", help="comma list of baseline names, or 'all' (see consa.evaluation.baselines)")
     p.add_argument("--sparsity", type=float, default=None, help="sparsity for the baselines (default: the first allocation's)")
     p.add_argument("--granularity", default=None, choices=GRANULARITIES,
                    help="granularity for the baselines (default: the first allocation's)")

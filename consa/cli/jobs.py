@@ -32,7 +32,7 @@ def add_jobs_commands(subparsers) -> argparse.ArgumentParser:
     sub = jobs.add_subparsers(dest="jobs_command", required=True)
 
     p = sub.add_parser("submit", parents=[conn], help="submit a job (202 + the job)")
-    # One flag per search setting, as `consa search` has them (consa.config), but with no defaults:
+    # One flag per search setting, as `consa search` has them (consa.core.config), but with no defaults:
     # what is not given is left to the server's defaults.
     add_setting_args(p, SearchConfig, server_defaults=True)
     add_setting_args(p, RunOptions, server_defaults=True)
@@ -306,7 +306,7 @@ def cmd_download(client: Client, args) -> int:
 
 
 def main(argv=None) -> int:
-    """Standalone entry (`python -m consa.jobs_cli ...`), the same as `consa jobs ...`."""
+    """Standalone entry (`python -m consa.cli.jobs ...`), the same as `consa jobs ...`."""
     parser = argparse.ArgumentParser(prog="consa")
     add_jobs_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

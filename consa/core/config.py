@@ -71,9 +71,9 @@ class SearchConfig:
                                  ge=0.0, le=1.0)
     init_log_alpha: float = setting(3.0, "initial gate logit (high = every unit starts as full attention)",
                                     ge=-20.0, le=20.0)
-    objective: str = setting("lm", "what the gates minimise (see consa.objectives)", choices=lambda: OBJECTIVES)
+    objective: str = setting("lm", "what the gates minimise (see consa.search.objectives)", choices=lambda: OBJECTIVES)
     warm_start: str = setting("none", "start the gate logits from a training-free ranking of the units (a scored "
-                                      "baseline of consa.baselines), or none", choices=lambda: WARM_STARTS)
+                                      "baseline of consa.evaluation.baselines), or none", choices=lambda: WARM_STARTS)
     warm_start_spread: float = setting(2.0, "range of the warm-start logits: the best unit starts at init_log_alpha "
                                             "+ spread/2, the worst at init_log_alpha - spread/2", ge=0.0, le=40.0)
     temperature_final: float | None = setting(None, "anneal the Hard-Concrete temperature linearly from 2/3 to this "
@@ -95,17 +95,17 @@ class SearchConfig:
                                  "bfloat16", choices=("auto", "float32", "bfloat16"))
     gradient_checkpointing: str = setting(
         "auto", "recompute layers' activations in the backward pass: auto = as few layers as the memory estimate "
-                "(consa.memory) needs for the step to fit the GPU (none when it fits), on = every layer, off = none",
+                "(consa.search.memory) needs for the step to fit the GPU (none when it fits), on = every layer, off = none",
         choices=("auto", "on", "off"))
     backend: str = setting("auto", "attention kernel for the SWA side", choices=lambda: BACKENDS)
     shard_weights: str = setting("auto", "with several GPUs: each holds 1/N of every decoder layer's frozen weights "
                                          "(FSDP2), for a model larger than one GPU; auto = when the weights would "
                                          "take more than half of one GPU's memory. A sharded search does not "
-                                         "evaluate or export in the same run (consa.sharding)",
+                                         "evaluate or export in the same run (consa.model.sharding)",
                                  choices=("auto", "on", "off"))
     fused_kernels: str = setting("auto", "the frozen model's RMSNorm, SwiGLU and RoPE: auto = liger-kernel's fused "
                                          "kernels on a GPU where it is installed (the `fused` extra; faster, and they "
-                                         "keep less for the backward: consa.fused_kernels), off = transformers' own",
+                                         "keep less for the backward: consa.search.fused_kernels), off = transformers' own",
                                  choices=("auto", "off"))
 
     def __post_init__(self):
@@ -128,7 +128,7 @@ class SearchConfig:
 
     @property
     def text_source(self):
-        """The training text as consa.data reads it (None when no dataset is named)."""
+        """The training text as consa.core.data reads it (None when no dataset is named)."""
         from consa.core.data import TextSource
 
         return TextSource(self.dataset, self.text_field) if self.dataset is not None else None

@@ -19,13 +19,13 @@ That one mechanism makes every rule hit the exact count:
 - `heuristic-loss`: training-free. Score each unit by the calibration loss increase when that unit
   alone becomes SWA; the units that hurt least become SWA.
 - `retrieval-heads`: training-free. Score each KV head by the attention mass its queries put on keys
-  beyond the window on calibration rows (consa.attention_scores); a unit's score is the mean over its
+  beyond the window on calibration rows (consa.evaluation.attention_scores); a unit's score is the mean over its
   heads.
-- `duo`: DuoAttention's method (consa.duo): a real-valued gate per KV head trained to keep the final
+- `duo`: DuoAttention's method (consa.evaluation.duo): a real-valued gate per KV head trained to keep the final
   hidden states of the full model under an L1 pull towards streaming; the lowest gates become SWA,
   a unit's score being the mean over its heads.
 
-Units come from the granularity's UnitGrid (consa.units), so nothing here branches on its name: the
+Units come from the granularity's UnitGrid (consa.core.units), so nothing here branches on its name: the
 layer rules order layers and fill the budget unit by unit along that order (a unit that covers part
 of a layer, such as a KV head, goes lowest head index first); score-based baselines rank units.
 """
@@ -179,7 +179,7 @@ def heuristic_loss_scores(model, calibration: torch.Tensor, granularity: str, wi
 
 def retrieval_head_scores(model, calibration: torch.Tensor, window: int, sink_tokens: int = 0,
                           labels: torch.Tensor | None = None) -> torch.Tensor:
-    """(L, K) attention mass beyond the window per KV head (see consa.attention_scores)."""
+    """(L, K) attention mass beyond the window per KV head (see consa.evaluation.attention_scores)."""
     from consa.evaluation.attention_scores import far_attention_scores
 
     return far_attention_scores(model, calibration, window, sink_tokens, labels=labels)

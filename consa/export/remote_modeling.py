@@ -8,7 +8,7 @@ family's model (Qwen3, Llama, ...) and install consa's hybrid attention with the
 gates. The attention itself is consa's, so consa must be installed; without it the import fails
 with a message saying so.
 
-`consa.export` copies this file and fills in BASE_MODEL_TYPE; consa itself never imports it.
+`consa.export.checkpoint` copies this file and fills in BASE_MODEL_TYPE; consa itself never imports it.
 """
 
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING

@@ -10,7 +10,7 @@ from consa.model.hybrid_attention import attention_modules
 @torch.no_grad()
 def group_heads(model, allocation):
     """Reorder each layer's KV heads (and their query groups) so FA heads come first; returns the
-    matching allocation. The model computes exactly the same function; consa.cache then selects FA
+    matching allocation. The model computes exactly the same function; consa.runtime.cache then selects FA
     and SWA heads by slicing (views) instead of gathering, which saves kernels on every decode step.
     Works for attention modules with q_proj / k_proj / v_proj / o_proj (Qwen2/3, Llama, Mistral)."""
     rows = []

@@ -177,7 +177,7 @@ def _select_heads(module, query, key, value, kv_heads: torch.Tensor):
 def hybrid_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """query (B, H, q, d); key/value (B, K, kv, d), KV heads not yet repeated. Returns (B, q, H, d)."""
     if hasattr(key, "hybrid_attend"):
-        # A consa.cache layer stands in for key/value: it stores FA and SWA heads apart
+        # A consa.runtime.cache layer stands in for key/value: it stores FA and SWA heads apart
         # (SWA heads only their window) and computes the attention over its own storage.
         return key.hybrid_attend(module, query, attention_mask, scaling=scaling), None
     kwargs.pop("sliding_window", None)  # the window comes from the allocation, not the config

@@ -1,7 +1,7 @@
 """Attention over a hybrid cache's storage in plain PyTorch: one query token against a cache
 (`decode_attention`), a run of queries against a sliding window (`banded_attention`), and SDPA for
-grouped-query heads (`grouped_sdpa`). consa.cache calls them; on CUDA one-token steps go through the
-fused Triton kernel (consa.decode_kernel) instead, and fresh long prompts through FlexAttention.
+grouped-query heads (`grouped_sdpa`). consa.runtime.cache calls them; on CUDA one-token steps go through the
+fused Triton kernel (consa.runtime.decode_kernel) instead, and fresh long prompts through FlexAttention.
 """
 
 import torch

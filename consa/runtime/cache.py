@@ -11,13 +11,13 @@ stores its FA heads and its SWA heads in separate tensors:
 `update()` returns the layer itself instead of key/value tensors; consa's registered attention
 function sees that (`hybrid_attend`) and lets the layer compute attention over its own storage:
 FA heads over the whole context, SWA heads over their window only, so decoding reads W tokens per
-SWA head instead of the whole context. One-token steps on CUDA run `consa.decode_kernel`: one launch
+SWA head instead of the whole context. One-token steps on CUDA run `consa.runtime.decode_kernel`: one launch
 stores the token and attends over both kinds of head, split over the context so the GPU is busy;
-other steps use the plain-PyTorch kernels of consa.attention_kernels.
+other steps use the plain-PyTorch kernels of consa.runtime.attention_kernels.
 
 Layer-granularity checkpoints exported with `layer_types` need none of this: a stock
 `DynamicCache(config=...)` already keeps sliding layers short. `make_cache` picks the right one;
-consa.runtime runs a model with it, consa.kv_accounting counts its bytes.
+consa.runtime.generation runs a model with it, consa.runtime.kv_accounting counts its bytes.
 """
 
 import functools
@@ -112,7 +112,7 @@ class HybridCacheLayer(CacheLayerMixin):
                 self.swa_k.index_select(2, idx), self.swa_v.index_select(2, idx), k0)
 
     # -- Cache API ----------------------------------------------------------------------------------
-    # Compiled decoder layers (consa.runtime.compile_layers) break their graphs here: the cache's bookkeeping is
+    # Compiled decoder layers (consa.runtime.generation.compile_layers) break their graphs here: the cache's bookkeeping is
     # host-side Python that must run every step, not be specialised into a graph.
     @torch.compiler.disable
     def update(self, key_states, value_states, *args, **kwargs):
@@ -277,7 +277,7 @@ class HybridCacheLayer(CacheLayerMixin):
         raise NotImplementedError("HybridCache cannot be cropped: SWA heads have dropped old tokens")
 
     # -- accounting ---------------------------------------------------------------------------------
-    # The counts follow consa.kv_accounting, so a cache and the allocation it serves agree by construction.
+    # The counts follow consa.runtime.kv_accounting, so a cache and the allocation it serves agree by construction.
     def held_tokens(self) -> tuple[int, int]:
         """(tokens per FA head, tokens per SWA head) held now."""
         return self.seen, swa_tokens(self.seen, self.window, self.sinks)
@@ -305,7 +305,7 @@ class HybridCache(Cache):
 
     @torch.compiler.disable
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        # Kept out of compiled layers (consa.runtime.compile_layers), like the layers' own update:
+        # Kept out of compiled layers (consa.runtime.generation.compile_layers), like the layers' own update:
         # host-side bookkeeping.
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
@@ -317,7 +317,7 @@ class HybridCache(Cache):
         hybrid = getattr(model, "consa_hybrid", None)
         if hybrid is None:
             raise ValueError("the model has no consa hybrid attention installed: load it with consa.load_hybrid "
-                             "or call consa.hybrid_attention.apply_allocation first")
+                             "or call consa.model.hybrid_attention.apply_allocation first")
         z = hybrid.z if hybrid.z is not None else torch.ones(hybrid.num_layers, hybrid.num_kv_heads)
         if not bool(((z == 0) | (z == 1)).all()):
             raise ValueError("HybridCache needs hard gates (every unit full or SWA), got soft gate values")

@@ -2,8 +2,8 @@
 makes it the model's default), `compile_layers` for fast decoding, and the small shims over
 transformers' renamed cache argument.
 
-The cache itself is consa.cache (HybridCache for kv_head hybrids; a stock DynamicCache built from
-`layer_types` for layer-granularity checkpoints); its bytes are counted by consa.kv_accounting.
+The cache itself is consa.runtime.cache (HybridCache for kv_head hybrids; a stock DynamicCache built from
+`layer_types` for layer-granularity checkpoints); its bytes are counted by consa.runtime.kv_accounting.
 """
 
 import functools

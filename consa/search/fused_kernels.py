@@ -4,7 +4,7 @@ At long context a search step spends about a fifth of its time in memory-bound e
 transformers runs one at a time (RMSNorm in fp32, SiLU x up, RoPE's rotate-half: bench/RESULTS.md),
 and autograd keeps their intermediates: an fp32 copy of the input per RMSNorm, SiLU's output next to
 both MLP projections. liger-kernel (the optional `fused` extra) has one Triton kernel for each, which
-keeps less: RMSNorm its input and one fp32 per row, SwiGLU its two inputs (consa.memory counts both).
+keeps less: RMSNorm its input and one fp32 per row, SwiGLU its two inputs (consa.search.memory counts both).
 
 They go onto the model's own modules (RoPE, a function of the modeling module, is wrapped there) and
 take over only for CUDA tensors, so the same model on the CPU runs transformers' code unchanged.

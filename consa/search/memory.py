@@ -1,7 +1,7 @@
 """How much device memory a search step needs, and so whether it must checkpoint activations.
 
 The weights are frozen, so a step holds: the weights (already resident when this is asked), the
-activations that the backward to the gates needs, and the loss's chunked logits (consa.objectives).
+activations that the backward to the gates needs, and the loss's chunked logits (consa.search.objectives).
 The activations dominate at long context and grow with batch x context x layers; per-layer
 activation checkpointing keeps only each layer's input and rebuilds one layer at a time in the
 backward (about one extra forward of that layer: ~30% more time when every layer is checkpointed),
@@ -9,7 +9,7 @@ which is why `auto` checkpoints only as many layers as the memory needs.
 
 Checkpointed layers can also keep their attention outputs (selective checkpointing), so that their
 backward does not run the attention forward again; the plan does so wherever that still fits. Should
-a step run out of memory anyway, the search redoes it with every layer checkpointed (consa.search).
+a step run out of memory anyway, the search redoes it with every layer checkpointed (consa.search.loop).
 
 The per-token figures below count what autograd saves in one decoder layer with soft gates (both
 the full and the sliding-window path run on every head) and frozen weights; tests/test_memory.py holds
@@ -37,7 +37,7 @@ def _query_width(cfg) -> int:
 
 def layer_activation_bytes(config, act_bytes: int, fused=(), qk_norm: bool = False) -> int:
     """Bytes autograd saves per token in one decoder layer for the backward to the gates, with soft gates and
-    frozen weights (so no linear layer keeps its input). fused: the ops consa.fused_kernels installed;
+    frozen weights (so no linear layer keeps its input). fused: the ops consa.search.fused_kernels installed;
     qk_norm: the attention normalizes q and k (Qwen3)."""
     cfg = _text_config(config)
     d = cfg.hidden_size
