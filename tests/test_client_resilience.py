@@ -208,3 +208,40 @@ def test_wait_gives_up_after_its_patience(monkeypatch):
     monkeypatch.setattr(jobs_cli.time, "sleep", lambda s: None)
     with pytest.raises(ConnectionFailed):
         jobs_cli.wait_with_progress(Client(f"http://127.0.0.1:{port}", "key", retries=0), "j1", patience_s=250)
+
+
+def test_jobs_download_waits_out_a_server_restart_and_resumes_with_range(tmp_path, monkeypatch, capsys):
+    """The server dies a third of the way into the artifact and comes back on the same port a moment
+    later: `consa jobs download` waits for it and asks only for the rest."""
+    listing = {"/v1/jobs/j1/artifacts": {"data": [{"name": "blob", "size": len(BLOB), "sha256": SHA}]}}
+    first = start(script={("GET", "/v1/jobs/j1/artifacts/blob"): ["cut"]}, jobs=listing)
+    port, later = first.server_address[1], []
+
+    def die_then_come_back():
+        first.shutdown()
+        first.server_close()
+        threading.Timer(1.0, lambda: later.append(start(port, jobs=listing))).start()
+
+    real_blob = Flaky._blob
+
+    def blob_then_die(self, cut):
+        real_blob(self, cut)
+        if cut:
+            threading.Thread(target=die_then_come_back).start()
+
+    monkeypatch.setattr(Flaky, "_blob", blob_then_die)
+    # No retries inside the client: the outage outlasts them, as a real restart outlasts its ~15 s.
+    monkeypatch.setattr(jobs_cli, "Client", lambda url, key: Client(url, key, timeout=5, retries=0))
+    monkeypatch.setenv("CONSA_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("CONSA_API_KEY", "key")
+    try:
+        code = jobs_cli.main(["jobs", "download", "j1", "blob", "-o", str(tmp_path / "blob"), "--interval", "0.5"])
+    finally:
+        for srv in later:
+            srv.shutdown()
+            srv.server_close()
+    assert code == 0 and (tmp_path / "blob").read_bytes() == BLOB
+    ranges = [h.get("Range") for m, p, h in later[0].seen if p.endswith("/blob")]
+    assert ranges == [f"bytes={len(BLOB) // 3}-"]  # only the rest, from the restarted server
+    err = capsys.readouterr().err
+    assert "server unavailable" in err and "server back" in err

@@ -26,6 +26,8 @@ def add_jobs_commands(subparsers) -> argparse.ArgumentParser:
     conn.add_argument("--key", default=None, help="API key (default: $CONSA_API_KEY)")
     conn.add_argument("--json", action="store_true", help="print the server's JSON instead of a summary")
     conn.add_argument("--interval", type=float, default=2.0, help="seconds between polls (--wait, --follow)")
+    conn.add_argument("--patience", type=float, default=3600.0,
+                      help="seconds to keep retrying while the server is unreachable (a restart): --wait, download")
 
     jobs = subparsers.add_parser("jobs", help="submit and follow allocation jobs on a consa server")
     jobs.set_defaults(func=run)
@@ -41,8 +43,6 @@ def add_jobs_commands(subparsers) -> argparse.ArgumentParser:
                    help="resubmitting with the same key returns the same job (default: a fresh one per "
                         "invocation, so retries after a dropped connection never submit twice)")
     p.add_argument("--wait", action="store_true", help="show progress until the job ends; exit 1 if it did not succeed")
-    p.add_argument("--patience", type=float, default=3600.0,
-                   help="with --wait: seconds to keep retrying while the server is unreachable (a restart)")
     p.set_defaults(jobs_func=cmd_submit)
 
     p = sub.add_parser("list", parents=[conn], help="list your jobs, newest first")
@@ -160,36 +160,40 @@ def cmd_submit(client: Client, args) -> int:
     return 0 if job["status"] == "succeeded" else EXIT_JOB_FAILED
 
 
+def patiently(call, patience_s: float, what: str, pause_s: float = 2.0):
+    """call() until the server answers it. A server that goes away (a restart, a deploy) is waited for
+    up to `patience_s` seconds, since a job lives in the server's database and goes on; a refusal
+    (4xx) passes through at once."""
+    down_since = None
+    while True:
+        try:
+            result = call()
+        except (ConnectionFailed, ApiError) as e:
+            if isinstance(e, ApiError) and (e.status not in RETRY_STATUS or e.code == "checksum_mismatch"):
+                raise  # refused, or the server is up and sent other bytes than it listed
+            now = time.monotonic()
+            if down_since is None:
+                down_since = now
+                print(f"\n{what}: server unavailable ({e}); still waiting", file=sys.stderr)
+            if now - down_since > patience_s:
+                raise
+            time.sleep(min(max(pause_s, 1.0) * 2, 30.0))
+            continue
+        if down_since is not None:
+            print(f"{what}: server back", file=sys.stderr)
+        return result
+
+
 def wait_with_progress(client: Client, job_id: str, poll_s: float = 2.0, patience_s: float = 3600.0) -> dict:
     """Poll until the job ends, drawing a tqdm bar per phase (search steps with loss and sparsity,
-    evaluation, export) on stderr.
-
-    A server that goes away (a restart, a deploy) is waited for up to `patience_s` seconds: the job
-    lives in the server's database and goes on, so losing the connection must not end the wait.
-    """
+    evaluation, export) on stderr, through server restarts of up to `patience_s` seconds."""
     from tqdm import tqdm  # comes with transformers; imported here so `consa jobs list` starts fast
 
     bars = PhaseBars(job_id, tqdm)
     status = None
-    down_since = None
     try:
         while True:
-            try:
-                job = client.get(job_id)
-            except (ConnectionFailed, ApiError) as e:
-                if isinstance(e, ApiError) and e.status not in RETRY_STATUS:
-                    raise
-                now = time.monotonic()
-                if down_since is None:
-                    down_since = now
-                    print(f"\n{job_id}: server unavailable ({e}); still waiting", file=sys.stderr)
-                if now - down_since > patience_s:
-                    raise
-                time.sleep(min(max(poll_s, 1.0) * 2, 30.0))
-                continue
-            if down_since is not None:
-                print(f"{job_id}: server back", file=sys.stderr)
-                down_since = None
+            job = patiently(lambda: client.get(job_id), patience_s, job_id, poll_s)
             if not bars.show(job) and job["status"] != status:
                 print(f"{job_id}: {job['status']}", file=sys.stderr)
             status = job["status"]
@@ -284,7 +288,7 @@ def cmd_logs(client: Client, args) -> int:
 def cmd_download(client: Client, args) -> int:
     from pathlib import Path
 
-    listed = {a["name"]: a for a in client.artifacts(args.job)}
+    listed = {a["name"]: a for a in patiently(lambda: client.artifacts(args.job), args.patience, args.job)}
     if args.name is not None:
         if args.name not in listed:
             names = ", ".join(listed) or "none yet"
@@ -299,8 +303,10 @@ def cmd_download(client: Client, args) -> int:
         wanted, dest = list(listed.values()), Path(args.output or args.job)
         dest.mkdir(parents=True, exist_ok=True)  # a directory even if it does not exist yet
     for a in wanted:
-        path = client.download(args.job, a["name"], dest, sha256=a.get("sha256"), size=a.get("size"),
-                               progress=not args.json and sys.stderr.isatty())
+        # A part file stays between tries, so each try after a restart asks only for the rest (Range).
+        path = patiently(lambda: client.download(args.job, a["name"], dest, sha256=a.get("sha256"), size=a.get("size"),
+                                                 progress=not args.json and sys.stderr.isatty()),
+                         args.patience, f"{args.job}/{a['name']}", args.interval)
         print(f"{path}  {a['size']} bytes  sha256 {a['sha256']}")
     return 0
 
