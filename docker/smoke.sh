@@ -12,15 +12,16 @@
 # Then: up, wait for health, `exec api consa keys create`, a job over HTTP for a tiny random Qwen3
 # (made inside the worker image) followed to the end, every artifact downloaded and its sha256
 # checked; `restart` and `down` + `up` keep the job, its events and artifacts; the worker killed
-# mid-job -> the job is queued again and resumes from its saved step; the API stopped mid-job -> the
-# job still finishes. It ends by removing what it started: the containers, network and volumes of
+# mid-job -> the job is queued again and resumes from its saved step; the worker stopped mid-job
+# (SIGTERM) -> it hands the job back within seconds and the job resumes from the step it stopped at;
+# the API stopped mid-job -> the job still finishes. It ends by removing what it started: the containers, network and volumes of
 # its Compose project, its temporary folder, the wheel it put in docker/wheels/ (and with --rmi the
 # images it built). Timings go to stdout as "TIMING name seconds" lines; the log to SMOKE_LOG if set.
 #
 # Settings (environment): SMOKE_PROJECT (Compose project name, consa-smoke), SMOKE_PORT (host port,
 # a free one), LOCAL_BASE (consa-local/debian:bookworm), DEBIAN_MIRROR (for debootstrap),
 # PIP_INDEX_URL, TORCH_INDEX_URL, SMOKE_TORCH_WHEEL (a CPU torch wheel for the worker image),
-# SMOKE_STEPS (steps of the kill/stop jobs, 400).
+# SMOKE_STEPS (steps of the kill/stop jobs, 150).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -58,7 +59,7 @@ export COMPOSE_PROJECT_NAME=${SMOKE_PROJECT:-consa-smoke}
 export LOCAL_BASE=${LOCAL_BASE:-consa-local/debian:bookworm}
 export POSTGRES_PASSWORD=${POSTGRES_PASSWORD:-smoke-$RANDOM$RANDOM}
 export CONSA_PORT=${SMOKE_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-STEPS=${SMOKE_STEPS:-400}
+STEPS=${SMOKE_STEPS:-150}
 API=http://127.0.0.1:$CONSA_PORT
 COMPOSE=("${COMPOSE_BIN[@]}" -f docker/compose.yaml -f docker/compose.local.yaml -f docker/compose.smoke.yaml)
 log "compose: $("${COMPOSE_BIN[@]}" version 2>/dev/null | head -n 1); project $COMPOSE_PROJECT_NAME; API on $API"
@@ -156,7 +157,7 @@ docker run --rm --entrypoint python consa-api:latest -c 'import importlib.util a
 # -- a tiny model and a text folder, made inside the worker image ----------------------------------------
 # As tests/tiny.py: a random Qwen3 (transformers' config) and a byte-level BPE tokenizer trained on the
 # Python standard library, whose files are also the job's dataset.
-docker run --rm --name "$COMPOSE_PROJECT_NAME-mkmodel" --user "$(id -u):$(id -g)" --entrypoint python \
+docker run --rm -i --name "$COMPOSE_PROJECT_NAME-mkmodel" --user "$(id -u):$(id -g)" --entrypoint python \
     -v "$CONSA_MODELS_DIR:/models" -v "$CONSA_DATASETS_DIR:/datasets" consa-worker:cpu - <<'PY' >&2
 import os, shutil
 from pathlib import Path
@@ -184,6 +185,7 @@ AutoModelForCausalLM.from_config(config).save_pretrained("/models/tiny-qwen3")
 PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained("/models/tiny-qwen3")
 print("tiny model:", sorted(os.listdir("/models/tiny-qwen3")))
 PY
+[ -f "$CONSA_MODELS_DIR/tiny-qwen3/config.json" ] || die "the tiny model was not made"
 chmod -R a+rX "$WORK"
 
 # -- helpers over HTTP ------------------------------------------------------------------------------------
@@ -293,42 +295,70 @@ log "down + up: job, events and artifacts kept"
 wait_ready 180
 
 # -- the worker killed mid-job: queued again, resumed from its saved state --------------------------------------------
+resumed_step() {  # the step the job's last attempt resumed from (0: none)
+    events_of "$1" | python3 -c '
+import json, sys
+steps = [e["data"]["resumed_from_step"] for e in json.load(sys.stdin) if (e.get("data") or {}).get("resumed_from_step")]
+print(steps[-1] if steps else 0)'
+}
+wait_resumed() {  # wait_resumed JOB TIMEOUT_S: until an attempt announced its resume point
+    local deadline=$((SECONDS + $2))
+    until [ "$(resumed_step "$1")" -gt 0 ]; do
+        [ $SECONDS -ge $deadline ] && die "job $1 did not resume within $2 s: $(api GET "/v1/jobs/$1")"
+        sleep 0.5
+    done
+}
 JOB2=$(submit "$STEPS" false)
 wait_job "$JOB2" 300 20 >/dev/null
 worker=$(container worker-cpu)
 log "job $JOB2 at step $(api GET "/v1/jobs/$JOB2" | field 'd["progress"]["step"]'); docker kill the worker"
+T0=$(now)
 docker kill "$worker" >/dev/null
 sleep 2
 if [ "$(docker inspect -f '{{.State.Running}}' "$worker")" != true ]; then
-    # A killed container is not restarted by its policy (Docker counts a kill as a manual stop).
+    # Docker counts a kill as a manual stop, so the restart policy leaves it down: start it, as an operator would.
     "${COMPOSE[@]}" start worker-cpu >/dev/null 2>&1
 fi
+wait_resumed "$JOB2" 300
+timing kill_to_resumed "$(since "$T0")"
 status=$(wait_job "$JOB2" 900)
 [ "$status" = succeeded ] || die "job $JOB2 ended $status after the worker was killed: $(api GET "/v1/jobs/$JOB2")"
-resumed=$(events_of "$JOB2" | python3 -c '
-import json, sys
-steps = [e["data"]["resumed_from_step"] for e in json.load(sys.stdin) if (e.get("data") or {}).get("resumed_from_step")]
-print(max(steps) if steps else 0)')
-[ "$resumed" -gt 0 ] || die "job $JOB2 did not resume from a saved step: $(events_of "$JOB2" | head -c 2000)"
 check_artifacts "$JOB2" >/dev/null
-log "worker killed: job $JOB2 queued again, resumed from step $resumed, succeeded"
-printf 'RESUMED %s\n' "$resumed"
+log "worker killed: job $JOB2 queued again, resumed from step $(resumed_step "$JOB2"), succeeded"
+printf 'RESUMED_AFTER_KILL %s\n' "$(resumed_step "$JOB2")"
+
+# -- the worker stopped mid-job (SIGTERM, warm shutdown): the job goes back to the queue at once ---------------------------
+JOB3=$(submit "$STEPS" false)
+wait_job "$JOB3" 300 20 >/dev/null
+log "job $JOB3 at step $(api GET "/v1/jobs/$JOB3" | field 'd["progress"]["step"]'); compose stop the worker"
+T0=$(now)
+"${COMPOSE[@]}" stop worker-cpu >/dev/null 2>&1
+timing worker_stop "$(since "$T0")"
+status=$(api GET "/v1/jobs/$JOB3" | field 'd["status"]')
+[ "$status" = queued ] || die "job $JOB3 is $status after its worker stopped, not queued again"
+"${COMPOSE[@]}" start worker-cpu >/dev/null 2>&1
+wait_resumed "$JOB3" 300
+status=$(wait_job "$JOB3" 900)
+[ "$status" = succeeded ] || die "job $JOB3 ended $status after the worker was stopped: $(api GET "/v1/jobs/$JOB3")"
+check_artifacts "$JOB3" >/dev/null
+log "worker stopped: job $JOB3 handed back, resumed from step $(resumed_step "$JOB3"), succeeded"
+printf 'RESUMED_AFTER_STOP %s\n' "$(resumed_step "$JOB3")"
 
 # -- the API stopped mid-job: the job still finishes ---------------------------------------------------------------------
-JOB3=$(submit "$STEPS" false)
-wait_job "$JOB3" 300 5 >/dev/null
+JOB4=$(submit "$STEPS" false)
+wait_job "$JOB4" 300 5 >/dev/null
 "${COMPOSE[@]}" stop api >/dev/null 2>&1
-log "API stopped while $JOB3 runs"
+log "API stopped while $JOB4 runs"
 deadline=$((SECONDS + 900))
-until [ "$("${COMPOSE[@]}" exec -T postgres psql -U consa -d consa -tAc "SELECT status FROM jobs WHERE id = '$JOB3'")" = succeeded ]; do
-    [ $SECONDS -ge $deadline ] && die "job $JOB3 did not finish while the API was stopped"
+until [ "$("${COMPOSE[@]}" exec -T postgres psql -U consa -d consa -tAc "SELECT status FROM jobs WHERE id = '$JOB4'")" = succeeded ]; do
+    [ $SECONDS -ge $deadline ] && die "job $JOB4 did not finish while the API was stopped"
     sleep 2
 done
 "${COMPOSE[@]}" start api >/dev/null 2>&1
 wait_healthy api 180
-[ "$(api GET "/v1/jobs/$JOB3" | field 'd["status"]')" = succeeded ] || die "job $JOB3 is not succeeded"
-check_artifacts "$JOB3" >/dev/null
-log "API stopped: job $JOB3 finished without it"
+[ "$(api GET "/v1/jobs/$JOB4" | field 'd["status"]')" = succeeded ] || die "job $JOB4 is not succeeded"
+check_artifacts "$JOB4" >/dev/null
+log "API stopped: job $JOB4 finished without it"
 
 # -- logs: every service wrote some ---------------------------------------------------------------------------------------
 for service in api worker-cpu postgres redis; do

@@ -374,3 +374,36 @@ def test_a_requeued_job_resumes_from_its_saved_state_or_starts_over_when_it_is_u
     assert "resumed from step 4 (attempt 2)" in messages and steps == [5, 6], results
     messages, steps = results["garbage"]
     assert any("unusable; starting from step 0" in m for m in messages) and steps == list(range(1, 7)), results
+
+
+# -- issue 21: a worker told to stop (SIGTERM, `docker stop`) hands its job back after the step it is in --
+def test_a_stopping_worker_hands_its_job_back_after_the_step_and_the_next_attempt_resumes_there(
+        sqlite_settings, tiny_model_dir, text_dir, monkeypatch):
+    from worker import runner
+
+    # Time-based saves only, an hour apart: the state written at the stop is the stop's own.
+    settings = sqlite_settings.model_copy(update={"checkpoint_every_steps": 0, "checkpoint_every_s": 3600})
+    job_id = tiny_job(settings, tiny_model_dir, text_dir, steps=6)
+    real = runner.JobRun.progress
+
+    def progress(self, record):
+        real(self, record)
+        if record.get("phase", "search") == "search" and record.get("step") == 3:
+            runner.STOPPING.set()  # what Celery's SIGTERM handler does (worker/tasks.py), during step 3
+
+    monkeypatch.setattr(runner.JobRun, "progress", progress)
+    try:
+        assert run_job(job_id, settings, worker="gpu0@host") == "queued"
+    finally:
+        runner.STOPPING.clear()
+    monkeypatch.undo()
+    row = job_row(settings, job_id)
+    assert (row.status, row.worker, row.attempts) == ("queued", None, 1)
+    assert run_job(job_id, settings, worker="gpu1@host") == "succeeded"
+    events = events_of(settings, job_id)
+    messages = [e.message for e in events]
+    assert "worker stopping: the job goes back to the queue" in messages
+    assert "resumed from step 3 (attempt 2)" in messages, messages
+    second = max(i for i, e in enumerate(events) if e.message.startswith("job running on"))
+    assert [e.data["step"] for e in events[second:] if e.type == "progress" and e.data.get("phase") == "search"] \
+        == [4, 5, 6]

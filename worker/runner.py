@@ -6,6 +6,9 @@ claim, heartbeats (progress), cancel checks, publishing artifacts, the terminal 
 search's resume point: its state is saved into the job's folder of the artifact store every
 CONSA_CHECKPOINT_EVERY_S seconds / _STEPS steps, and a later attempt of the job (its worker died and
 the reconciler queued it again) continues from there instead of from step 0.
+A worker told to stop (SIGTERM: Celery's warm shutdown, e.g. `docker stop`) does not wait for a search
+of hours: STOPPING is set, the search saves its state after the step it is in, and the job is handed
+back (queued again) to resume from that step on the next worker.
 The database is the truth.
 """
 
@@ -16,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from service.models import CANCEL_REQUESTED, CANCELLED, FAILED, RUNNING, SUCCEED
 from service.settings import Settings
 
 log = logging.getLogger("consa.worker")
+STOPPING = threading.Event()  # set by the worker's warm shutdown (worker/tasks.py)
 
 
 def run_job(job_id: str, settings: Settings, worker: str) -> str | None:
@@ -63,6 +68,7 @@ class JobRun:
         self.attempt = job.attempts  # this delivery's attempt: a later one (after a requeue) owns the row
         self.staging: Path | None = None
         self.state_path = artifacts.search_state_path(settings.artifact_dir, job.id)
+        self.in_search = True  # until the progress names a later phase: a stop hands the job back only then
 
     def event(self, type: str, message: str, data: dict | None = None) -> None:
         from consa.core.errors import Cancelled
@@ -106,8 +112,10 @@ class JobRun:
                                on_checkpoint=saver if saver.enabled else None,
                                checkpoint_every=1 if saver.enabled else 0)
             # A cancel that came during the last phase still wins over success.
-            return self.finish(CANCELLED if self.should_cancel() else SUCCEEDED)
+            return self.finish(CANCELLED if self.cancelled() else SUCCEEDED)
         except Cancelled:
+            if STOPPING.is_set() and not self.cancelled():
+                return self.hand_back()
             return self.finish(CANCELLED)
         except ConsaError as e:  # the user's model, data or settings: they can fix it
             return self.fail(error_code=e.code, error_type="user", error_message=str(e))
@@ -137,6 +145,17 @@ class JobRun:
             os.fsync(f.fileno())
         probe.unlink()
         return staging
+
+    def hand_back(self) -> str:
+        """The worker is stopping mid-search: queue the job again (the search state saved at the last
+        step stays, so the next attempt resumes there), as a restart of this worker would."""
+        from service.reconciler import settle_lost
+
+        job_events.log_event(self.session, job=self.job, type="info",
+                             message="worker stopping: the job goes back to the queue")
+        log.warning("job %s handed back: the worker is stopping", self.job.id)
+        settle_lost(self.settings, worker=self.job.worker)
+        return job_states.job_status(self.session, job_pk=self.job.pk)
 
     def fail(self, **error) -> str:
         """A failed job lists no artifacts: the partial ones of this attempt are removed, rows and files."""
@@ -182,10 +201,16 @@ class JobRun:
             return None
 
     def progress(self, record: dict) -> None:
+        self.in_search = record.get("phase") in (None, "search")
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
         heartbeats.record_progress(self.session, job=self.job, progress=clean)
 
     def should_cancel(self) -> bool:
+        # The worker stops: the search ends after this step (its state saved); the evaluation and the
+        # export, minutes at most, finish first (Celery's warm shutdown waits for them).
+        return (STOPPING.is_set() and self.in_search) or self.cancelled()
+
+    def cancelled(self) -> bool:
         # Anything but running *here* stops the job: cancel_requested, a row someone else ended, or a
         # row the reconciler gave to another worker (or attempt) because this one looked dead.
         return not job_states.runs_on(self.session, job_pk=self.job.pk, worker=self.job.worker, attempt=self.attempt)
@@ -217,7 +242,8 @@ class StateSaver:
         due_steps = self.every_steps and step - self.saved_step >= self.every_steps
         due_time = self.every_s and time.monotonic() - self.saved_at >= self.every_s
         finished = self.enabled and step == self.last_step  # the evaluation and export come after it
-        if due_steps or due_time or finished:
+        stopping = self.enabled and STOPPING.is_set()  # the job is handed back after this step
+        if due_steps or due_time or finished or stopping:
             self.save(state)
             self.saved_step, self.saved_at = step, time.monotonic()
 

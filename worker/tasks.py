@@ -8,7 +8,7 @@ minutes): /readyz and the reconciler tell a live worker from a dead one by it.
 import logging
 import threading
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from service.crud import heartbeats
 from service.db import sessionmaker_for
@@ -16,7 +16,7 @@ from service.queue import TASK_NAME
 from service.reconciler import settle_lost
 from service.settings import get_settings
 from worker.celery_app import celery_app
-from worker.runner import run_job
+from worker.runner import STOPPING, run_job
 
 log = logging.getLogger("consa.worker")
 _stop_beating = threading.Event()
@@ -46,6 +46,13 @@ def _on_ready(sender, **_):
     threading.Thread(target=_beat, args=(sender.hostname,), name="worker-heartbeat", daemon=True).start()
     # Import torch + transformers now, while idle, instead of inside the first job (seconds).
     import consa.search.loop  # noqa: F401
+
+
+@worker_shutting_down.connect
+def _on_shutting_down(sender=None, sig=None, how=None, **_):
+    # Sent from Celery's SIGTERM/SIGINT handler, in the main thread, while a job may be running there:
+    # the job saves its search state after the current step and goes back to the queue (worker/runner.py).
+    STOPPING.set()
 
 
 @worker_shutdown.connect

@@ -11,11 +11,12 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     rm -f "$pwfile"
     printf "listen_addresses = '*'\n" >> "$PGDATA/postgresql.conf"
     printf 'host all all all scram-sha-256\n' >> "$PGDATA/pg_hba.conf"
-    if [ -n "${POSTGRES_DB:-}" ] && [ "$POSTGRES_DB" != "$user" ]; then
+    db=${POSTGRES_DB:-$user}
+    if [ "$db" != postgres ]; then
         postgres --single -D "$PGDATA" -j postgres <<SQL >/dev/null
-CREATE DATABASE "$POSTGRES_DB" OWNER "$user";
+CREATE DATABASE "$db" OWNER "$user";
 SQL
     fi
-    echo "postgres-entrypoint: initialised $PGDATA (user $user, database ${POSTGRES_DB:-$user})"
+    echo "postgres-entrypoint: initialised $PGDATA (user $user, database $db)"
 fi
 exec "$@"
