@@ -76,16 +76,18 @@ def parse_args(argv=None):
     p.add_argument("--rope-theta", type=float, default=100000.0)
     # the run
     p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--batch", type=int, default=8, help="rows per step at --seq-len (shorter rows: as many tokens)")
+    p.add_argument("--seq-schedule", default="1024:0.15,2048:0.35",
+                   help="sequence-length warm-up: LEN:UNTIL,... (UNTIL = share of the budget); --seq-len after")
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr-frac", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=60, help="warm-up steps")
+    p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--minutes", type=float, default=None, help="training time budget (the lr schedule follows it)")
     p.add_argument("--steps", type=int, default=None, help="a fixed number of steps instead of --minutes")
     p.add_argument("--retrieval-ratio", type=float, default=0.2)
     p.add_argument("--answer-weight", type=float, default=0.25)
-    p.add_argument("--stall-step", type=int, default=200)
+    p.add_argument("--stall-step", type=int, default=0, help="0 = never restart")
     p.add_argument("--stall-loss", type=float, default=4.0)
     p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--val-rows", type=int, default=4)
@@ -102,6 +104,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.minutes is None) == (args.steps is None):
         p.error("give exactly one of --minutes and --steps")
+    args.seq_schedule = [(int(x.split(":")[0]), float(x.split(":")[1])) for x in args.seq_schedule.split(",") if x]
     return args
 
 
@@ -327,16 +330,17 @@ class TextStream:
             self._start()
             return next(self.it)
 
-    def row(self) -> np.ndarray:
+    def row(self, n: int | None = None) -> np.ndarray:
+        n = n or self.seq_len
         parts, have = [self.buf], len(self.buf)
-        while have < self.seq_len:
+        while have < n:
             ids = self._more()
             self.tokens_read += len(ids)
             parts.append(ids)
             have += len(ids)
         flat = np.concatenate(parts)
-        self.buf = flat[self.seq_len:]
-        return flat[:self.seq_len]
+        self.buf = flat[n:]
+        return flat[:n]
 
     def close(self):
         self.pool.terminate()
@@ -359,14 +363,14 @@ class Batches:
         self.rng = random.Random(a.seed)
         self.n_retrieval = 0
 
-    def next(self):
+    def next(self, seq: int):
         ids, labels, ans = [], [], []
-        for _ in range(self.a.batch):
+        for _ in range(max(1, self.a.batch * self.a.seq_len // seq)):  # the same tokens per step at every length
             if self.rng.random() < self.a.retrieval_ratio:
-                r, lab, an = retrieval_row(self.tok, self.filler, self.a.seq_len, seed=self.rng.randrange(1 << 30))
+                r, lab, an = retrieval_row(self.tok, self.filler, seq, seed=self.rng.randrange(1 << 30))
                 self.n_retrieval += 1
             else:
-                r = torch.from_numpy(self.stream.row().astype(np.int64))
+                r = torch.from_numpy(self.stream.row(seq).astype(np.int64))
                 lab, an = r.clone(), torch.zeros_like(r, dtype=torch.bool)
             ids.append(r)
             labels.append(lab)
@@ -439,6 +443,10 @@ def make_optimizer(model, a, lr, device):
                              lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
+def seq_at(a, progress: float) -> int:
+    return next((n for n, until in a.seq_schedule if progress < until), a.seq_len)
+
+
 def lr_at(a, peak, step, progress):
     warm = min(1.0, (step + 1) / a.warmup)
     cos = a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -474,7 +482,7 @@ def train(a, tokenizer, vocab, device, out: Path):
         loss_fn = torch.compile(token_nll, dynamic=False) if use_compile else token_nll
         opt = make_optimizer(model, a, peak, device)
         batches = Batches(a, tokenizer, stream, filler)
-        curve, ema, step, t0, tokens, last_save, stalled = [], None, 0, None, 0, time.time(), False
+        curve, ema, step, t0, tokens, last_save, stalled, cur_seq = [], None, 0, None, 0, time.time(), False, None
         while True:
             if a.steps:
                 progress = step / a.steps
@@ -485,7 +493,11 @@ def train(a, tokenizer, vocab, device, out: Path):
             lr = lr_at(a, peak, step, progress)
             for g in opt.param_groups:
                 g["lr"] = lr
-            ids, labels, ans = batches.next()
+            seq = seq_at(a, progress)
+            if seq != cur_seq:
+                log(f"step {step + 1}: rows of {seq} tokens, {max(1, a.batch * a.seq_len // seq)} per step")
+                cur_seq = seq
+            ids, labels, ans = batches.next(seq)
             ids, labels, ans = ids.to(device, non_blocking=True), labels.to(device), ans.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 h = model.hidden(ids)
@@ -508,7 +520,7 @@ def train(a, tokenizer, vocab, device, out: Path):
                 log(f"first step (compile) done at {t0 - started:.0f}s")
             lm_v = lm.item()
             ema = lm_v if ema is None else 0.95 * ema + 0.05 * lm_v
-            row = {"step": step, "tokens": tokens, "loss": round(lm_v, 4), "loss_ema": round(ema, 4),
+            row = {"step": step, "tokens": tokens, "seq": seq, "loss": round(lm_v, 4), "loss_ema": round(ema, 4),
                    "lr": round(lr, 7), "seconds": round(time.time() - started, 1)}
             if am.sum() > 0:
                 row["answer_loss"] = round(answer.item(), 3)
@@ -518,12 +530,12 @@ def train(a, tokenizer, vocab, device, out: Path):
                     vn = token_nll(model.hidden(v)[:, :-1], model.model.embed_tokens.weight, v[:, 1:])
                 row["val_loss"] = round(vn.mean().item(), 4)
                 row["grad_norm"] = round(gnorm.item(), 3)
-                tps = (tokens - a.batch * a.seq_len) / max(1e-9, time.time() - t0) if step > 1 else 0
+                tps = (tokens - ids.numel()) / max(1e-9, time.time() - t0) if step > 1 else 0
                 log(f"step {step} loss {lm_v:.4f} (ema {ema:.4f}) val {row['val_loss']:.4f} lr {lr:.2e} "
                     f"gnorm {gnorm.item():.2f} {tps / 1e3:.0f}k tok/s, text {stream.tokens_read / 1e6:.1f}M tokens read, "
                     f"{batches.n_retrieval} retrieval rows")
             curve.append(row)
-            if step == a.stall_step and ema > a.stall_loss:
+            if a.stall_step and step == a.stall_step and ema > a.stall_loss:
                 log(f"stalled: loss {ema:.3f} > {a.stall_loss} at step {step}; restarting at lr {peak / 2}")
                 stalled = True
                 break
