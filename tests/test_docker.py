@@ -1,6 +1,11 @@
-"""docker/: no Docker engine runs here, so the compose file is checked against the compose-spec JSON
-schema plus the rules this deployment relies on, and every command the images run is checked
-against the package (the module, attribute or file it names exists; the migration really runs)."""
+"""docker/: the compose files are checked against the compose-spec JSON schema plus the rules this
+deployment relies on, and every command the images run is checked against the package (the module,
+attribute or file it names exists; the migration really runs). These run everywhere.
+
+Where a Docker engine answers, `test_smoke_stack_end_to_end` (marker `docker`) runs docker/smoke.sh:
+the images built, the stack up, a job through it, restarts, a killed and a stopped worker, a stopped
+API, and everything torn down. Without an engine (CI) it skips and says why; `-m "not docker"` leaves
+it out where one runs."""
 
 import importlib
 import importlib.util
@@ -8,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -26,6 +32,24 @@ SCHEMA = json.loads((Path(__file__).parent / "data" / "compose_spec.json").read_
 @pytest.fixture(scope="module")
 def compose():
     return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def merge(base, override):
+    """Compose's merge of an override file, as far as these files use it: mappings merge key by key,
+    anything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {k: merge(base[k], v) if k in base else v for k, v in override.items()} | \
+               {k: v for k, v in base.items() if k not in override}
+    return override
+
+
+@pytest.fixture(scope="module")
+def local_stack(compose):
+    """compose.yaml + compose.local.yaml + compose.smoke.yaml, as docker/smoke.sh starts them."""
+    merged = compose
+    for name in ("compose.local.yaml", "compose.smoke.yaml"):
+        merged = merge(merged, yaml.safe_load((DOCKER / name).read_text()))
+    return merged
 
 
 def dockerfile(name: str) -> str:
@@ -146,14 +170,90 @@ def test_images_run_as_non_root_and_copy_real_paths(name):
                 f"{name}.dockerignore leaves {src} out of the build context"
 
 
-def test_api_image_has_no_cuda_and_worker_image_has_cuda():
-    api_base = instructions("api.Dockerfile", "FROM")[0]
-    assert "slim" in api_base and "cuda" not in api_base
-    assert "download.pytorch.org/whl/cpu" in dockerfile("api.Dockerfile")  # the CPU torch wheel
+def test_api_image_has_no_torch_and_worker_image_has_cuda_by_default():
+    api = dockerfile("api.Dockerfile")
+    api_base = re.search(r"ARG BASE=(\S+)", api).group(1)
+    assert api_base == "python:3.12-slim" and instructions("api.Dockerfile", "FROM") == ["${BASE}"]
+    # The project without its dependencies, over its dependencies minus torch; the build checks it.
+    assert "pip install --no-deps ." in api and "startswith('torch')" in api and "! python -c 'import torch'" in api
+    assert "download.pytorch.org" not in api
     worker = dockerfile("worker.Dockerfile")
     base = re.search(r"ARG BASE=(\S+)", worker).group(1)
-    assert "cuda" in base
-    assert re.search(r"ARG FLASH_ATTN=0", worker) and "flash-attn" in worker
+    assert "cuda" in base and base.startswith("pytorch/pytorch:")
+    assert instructions("worker.Dockerfile", "FROM") == ["${BASE}"]
+    assert re.search(r"ARG VARIANT=gpu\b", worker) and re.search(r"ARG FLASH_ATTN=0", worker) and "flash-attn" in worker
+    # The cpu variant: a wheel from docker/wheels/, else the CPU index; never PyPI's (CUDA) torch.
+    assert re.search(r"ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu", worker)
+    assert "COPY docker/wheels/ /tmp/wheels/" in worker and (DOCKER / "wheels" / "README.md").is_file()
+
+
+@pytest.mark.parametrize("name", ["api.Dockerfile", "worker.Dockerfile", "local/postgres.Dockerfile",
+                                  "local/redis.Dockerfile"])
+def test_base_image_and_package_index_are_build_arguments(name):
+    text = dockerfile(name)
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("FROM "))
+    assert re.match(r"ARG BASE=\S+$", lines[first - 1]) and lines[first] == "FROM ${BASE}", name
+    if not name.startswith("local/"):
+        assert re.search(r"^ARG PIP_INDEX_URL=https://pypi\.org/simple$", text, re.M), name
+
+
+def test_root_dockerignore_matches_the_per_dockerfile_ones():
+    # The classic builder (docker-compose 1.x, DOCKER_BUILDKIT=0) reads only the context's .dockerignore.
+    root = (ROOT / ".dockerignore").read_text()
+    for name in ("api.Dockerfile.dockerignore", "worker.Dockerfile.dockerignore"):
+        assert (DOCKER / name).read_text() == root, name
+    for path in ("pyproject.toml", "README.md", "consa/", "service/", "worker/", "docker/wheels/", "docker/local/"):
+        assert f"!{path}" in root.splitlines(), path
+
+
+def test_api_healthcheck_is_liveness_not_readiness(compose):
+    test = " ".join(compose["services"]["api"]["healthcheck"]["test"])
+    assert "/healthz" in test and "/readyz" not in test
+    assert "/healthz" in dockerfile("api.Dockerfile").split("HEALTHCHECK", 1)[1]
+
+
+def test_workers_have_fixed_distinct_hostnames_an_init_and_a_warm_stop(compose, local_stack):
+    # A restarted worker finds the job its previous process left by its name (celery@HOSTNAME).
+    for stack in (compose, local_stack):
+        workers = {n: s for n, s in stack["services"].items() if n.startswith("worker")}
+        names = [s["hostname"] for s in workers.values()]
+        assert len(names) == len(set(names)) == len(workers)
+        for name, spec in workers.items():
+            assert spec["init"] is True and spec.get("stop_signal", "SIGTERM") == "SIGTERM", name
+            assert spec["stop_grace_period"] and spec["shm_size"], name
+
+
+def test_local_stack_needs_no_gpu_and_no_docker_hub(local_stack):
+    jsonschema.Draft201909Validator(SCHEMA).validate(local_stack)
+    services = local_stack["services"]
+    active = {n: s for n, s in services.items() if "gpu" not in s.get("profiles", [])}
+    assert set(active) == {"api", "migrate", "worker-cpu", "redis", "postgres"}
+    assert services["worker-gpu0"]["profiles"] == ["gpu"]
+    for name, spec in active.items():
+        assert "deploy" not in spec, f"{name} reserves a device"
+        # Every image is built here, on the local base: nothing to pull.
+        assert "build" in spec and spec["image"].startswith(("consa-", "consa-local/")), name
+        assert spec["build"]["args"]["BASE"] == "${LOCAL_BASE:-consa-local/debian:bookworm}", name
+        assert (DOCKER / spec["build"]["context"] / spec["build"]["dockerfile"]).is_file(), name
+    assert services["worker-cpu"]["build"]["args"]["VARIANT"] == "cpu"
+    # The CPU worker is the GPU worker's twin: same command, settings, volumes and start order.
+    gpu, cpu = services["worker-gpu0"], services["worker-cpu"]
+    assert cpu["command"] == gpu["command"] and cpu["volumes"] == gpu["volumes"]
+    assert cpu["depends_on"] == gpu["depends_on"]
+    assert {k: v for k, v in cpu["environment"].items() if not k.startswith("CONSA_CHECKPOINT")} == gpu["environment"]
+    # The stand-ins take the official images' settings and healthchecks unchanged.
+    assert services["postgres"]["environment"]["POSTGRES_DB"] == "consa"
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+
+
+def test_smoke_script_parses_and_ends_what_it_starts():
+    script = (DOCKER / "smoke.sh").read_text()
+    subprocess.run(["bash", "-n", str(DOCKER / "smoke.sh")], check=True)
+    assert "trap teardown EXIT" in script and "down -v --remove-orphans" in script
+    assert "exec -T api consa keys create" in script and "sha256sum" in script
+    for check in ("restart", "docker kill", "stop worker-cpu", "stop api"):
+        assert check in script, check
 
 
 def test_image_commands_exist_in_the_package(compose):
@@ -213,7 +313,7 @@ def test_healthcheck_commands_are_valid(compose, tmp_path):
 
 def test_documented_consa_commands_parse():
     """Every `consa ...` line in docs/DEPLOY.md and the compose file's header parses with the real CLI."""
-    from consa.cli import build_parser
+    from consa.cli.commands import build_parser
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["consa"] == "consa.cli:main"
@@ -224,3 +324,43 @@ def test_documented_consa_commands_parse():
     for line in lines:
         line = re.sub(r"\s+#.*$", "", re.sub(r"\[[^\]]*\]", "", line))  # optional parts, comments
         build_parser().parse_args(shlex.split(line.replace("JOB", "job_x")))
+
+
+# -- the real thing, where a Docker engine runs ------------------------------------------------------------
+def _docker_engine() -> str | None:
+    """Why the smoke test cannot run here, or None when it can."""
+    if shutil.which("docker") is None:
+        return "no docker client on PATH (install Docker: `apt-get install docker.io`, then start dockerd)"
+    try:
+        info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
+                              timeout=20)
+    except subprocess.TimeoutExpired:
+        return "the Docker engine did not answer within 20 s"
+    if info.returncode != 0 or not info.stdout.strip():
+        return "no Docker engine answers (`docker info` fails): start dockerd to run docker/smoke.sh"
+    compose_v2 = subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    if not (compose_v2 or shutil.which("docker-compose") or shutil.which("podman-compose")):
+        return "no Compose implementation (the compose plugin, Debian's docker-compose, or podman-compose)"
+    return None
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_smoke_stack_end_to_end(tmp_path):
+    reason = _docker_engine()
+    if reason:
+        pytest.skip(reason)
+    # A project name of its own, so a smoke run someone started by hand is left alone.
+    env = os.environ | {"SMOKE_PROJECT": f"consa-pytest-{os.getpid()}"}
+    run = subprocess.run(["bash", str(DOCKER / "smoke.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=3500)
+    (tmp_path / "smoke.log").write_text(run.stderr)
+    assert run.returncode == 0, run.stderr[-6000:]
+    timings = dict(line.split()[1:3] for line in run.stdout.splitlines() if line.startswith("TIMING "))
+    assert {"build", "up_to_api_healthy", "job_wall", "kill_to_resumed", "worker_stop"} <= set(timings)
+    assert float(timings["worker_stop"]) < 60  # handed back after a step, not the 2-minute grace period
+    resumed = {k: int(v) for k, v in (line.split()[:2] for line in run.stdout.splitlines() if line.startswith("RESUMED_"))}
+    assert resumed["RESUMED_AFTER_KILL"] > 0 and resumed["RESUMED_AFTER_STOP"] > 0
+    sizes = {line.split()[1]: int(line.split()[2]) for line in run.stdout.splitlines() if line.startswith("SIZE ")}
+    assert sizes["consa-api:latest"] <= 1.2e9
