@@ -1,6 +1,7 @@
 # The API image: FastAPI + the database migrations + the `consa` CLI, without torch and without CUDA.
-# Jobs never run here (the worker image does that): the project is installed with --no-deps over its
-# dependencies minus torch, read from pyproject.toml (the core's plus the `service` extra's).
+# Jobs never run here (the worker image does that): the project is installed with --no-deps over the
+# `service` extra's requirements read from pyproject.toml, without the core's torch, transformers and
+# safetensors, which only the worker uses (the API reads consa.core's settings, which import none).
 # Build from the repository root:  docker build -f docker/api.Dockerfile -t consa-api .
 #
 # Build arguments (the defaults are the official images and PyPI; a user with Docker Hub changes nothing):
@@ -24,15 +25,17 @@ ENV PATH=/opt/venv/bin:$PATH VIRTUAL_ENV=/opt/venv
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
-# The dependencies first (a layer that stays cached until pyproject.toml changes), torch left out.
+# The dependencies first (a layer that stays cached until pyproject.toml changes).
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-deps = [d for d in p['dependencies'] + p['optional-dependencies']['service'] if not d.replace(' ', '').startswith('torch')]; \
+deps = [d for d in p['optional-dependencies']['service'] if not d.replace(' ', '').startswith('torch')]; \
 open('/tmp/requirements.txt', 'w').write(chr(10).join(deps))" \
     && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 COPY consa ./consa
 COPY service ./service
 COPY worker ./worker
-RUN pip install --no-deps . && ! python -c 'import torch' 2>/dev/null
+# The API and `consa keys` import without torch (the build fails otherwise).
+RUN pip install --no-deps . && ! python -c 'import torch' 2>/dev/null \
+    && python -c 'import service.main, service.keys, consa.cli'
 
 # Non-root; /data holds artifacts (a named volume) and must belong to this user before the volume
 # is first mounted, so Docker copies the ownership into the fresh volume.

@@ -115,7 +115,7 @@ if ! docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
     mkdir -p "$rootfs/etc/ssl/certs"
     bundle=/etc/ssl/certs/ca-certificates.crt
     [ -f "$bundle" ] && cp "$bundle" "$rootfs/etc/ssl/certs/host-ca-bundle.crt"
-    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/lib/apt/lists/*
     ca=/etc/ssl/certs/host-ca-bundle.crt
     tar -C "$rootfs" -c . | docker import -c "ENV PIP_CERT=$ca REQUESTS_CA_BUNDLE=$ca SSL_CERT_FILE=$ca" \
         -c 'CMD ["bash"]' - "$LOCAL_BASE" >/dev/null
