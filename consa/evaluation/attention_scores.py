@@ -32,8 +32,9 @@ class FarMassProbe:
         self.query_mask = None  # (B, T) bool: which queries count in the current batch
 
     @torch.no_grad()
-    def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """query (B, H, T, d), key (B, K, T, d) after RoPE; prefill of whole rows (no cache)."""
+    def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float, softcap=None) -> None:
+        """query (B, H, T, d), key (B, K, T, d) after RoPE; prefill of whole rows (no cache). softcap: the
+        family's attention logit soft-cap (Gemma 2), applied as its attention applies it."""
         b, h, t, _ = query.shape
         k_heads = key.shape[1]
         groups = h // k_heads
@@ -45,6 +46,8 @@ class FarMassProbe:
             causal = k_pos[None, :] <= q_pos  # (c, T)
             far = causal & (k_pos[None, :] <= q_pos - self.window) & (k_pos[None, :] >= self.sink_tokens)
             logits = (q @ k.transpose(-1, -2)) * scaling  # (B, H, c, T)
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
             probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
             far_mass = (probs * far).sum(-1)  # (B, H, c)
             weight = self.query_mask[:, start:start + q.shape[2]].float()[:, None]  # (B, 1, c)
@@ -60,8 +63,14 @@ class FarMassProbe:
 def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     probe = getattr(module, "consa_far_mass_probe", None)
     if probe is not None:
-        probe.observe(module.layer_idx, query, key, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        probe.observe(module.layer_idx, query, key, scaling if scaling is not None else query.shape[-1] ** -0.5,
+                      kwargs.get("softcap"))
     kwargs.pop("sliding_window", None)
+    if kwargs.get("softcap") is not None:  # Gemma 2: no SDPA path for soft-capped logits
+        from consa.model.hybrid_attention import eager_attention
+
+        out = eager_attention(query, key, value, attention_mask, scaling, kwargs["softcap"], dropout)
+        return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
 

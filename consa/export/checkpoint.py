@@ -24,6 +24,7 @@ import torch
 from consa.export.duo_format import DUO_TSV, write_duo_tsv
 from consa.core.errors import ConsaError, UnsupportedModelError
 from consa.model.hybrid_attention import apply_allocation, model_shape, uninstall
+from consa.model.loading import stock_attention
 from consa.core.manifest import Allocation
 
 LAYER_FORMATS = ("auto", "layer_types", "consa")
@@ -244,9 +245,14 @@ def load_hybrid(path, *, device="cpu", dtype=None, backend: str = "auto", hybrid
     if section is None:
         raise ConsaError(f"{path} is not a consa hybrid checkpoint (its config.json has no 'consa' section)")
     allocation = Allocation.from_dict(section["allocation"])
-    kwargs = {"dtype": dtype or "auto", "attn_implementation": "sdpa"}
     if config.get("model_type") == HYBRID_MODEL_TYPE:
-        kwargs["config"] = _base_config(path, config)
+        base = _base_config(path, config)
+    else:
+        from transformers import AutoConfig
+
+        base = AutoConfig.from_pretrained(path)
+    # SDPA, or eager for a family without it (Gemma 2), as stock transformers would run the layer format
+    kwargs = {"dtype": dtype or "auto", "config": base, "attn_implementation": stock_attention(base)}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
     if section["format"] == "consa":
         apply_allocation(model, allocation, backend)

@@ -8,6 +8,11 @@ reads the row of `module.layer_idx` and mixes, per KV head and its GQA query gro
     out = z * FA(q, k, v) + (1 - z) * SWA(q, k, v)
 
 With hard gates (every z is 0 or 1) only one of the two is computed per head.
+
+Families that soft-cap their attention logits (Gemma 2: `softcap` arrives in the kwargs) cannot use
+SDPA: both sides then run `eager_attention` (transformers' eager order of operations, so full
+attention gives the stock model's logits exactly), or FlexAttention with a soft-capping score_mod
+where the SWA kernels would run (CUDA, no padding, long prefill).
 """
 
 import functools
@@ -91,8 +96,19 @@ def swa_block_mask(q_len: int, kv_len: int, window: int, sink_tokens: int, devic
     return _block_masks[key]
 
 
-def flex_sliding_window(query, key, value, window: int, sink_tokens: int = 0, scaling=None, compile: bool = True):
-    """query (B, H, q, d), key/value (B, K, kv, d) -> (B, H, q, d): one kernel, window blocks only."""
+@functools.cache
+def _softcap_score_mod(softcap: float):
+    """FlexAttention's score_mod for logit soft-capping (the score arrives already scaled)."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
+
+
+def flex_sliding_window(query, key, value, window: int, sink_tokens: int = 0, scaling=None, compile: bool = True,
+                        softcap: float | None = None):
+    """query (B, H, q, d), key/value (B, K, kv, d) -> (B, H, q, d): one kernel, window blocks only.
+    softcap: soft-cap the scaled logits (Gemma 2)."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -106,23 +122,69 @@ def flex_sliding_window(query, key, value, window: int, sink_tokens: int = 0, sc
         attend = _compiled_flex
     block_mask = swa_block_mask(query.shape[2], key.shape[2], window, sink_tokens, query.device)
     gqa = query.shape[1] != key.shape[1]
-    return attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+    score_mod = None if softcap is None else _softcap_score_mod(float(softcap))
+    return attend(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
 
 
-def _flex_swa(hybrid, module, query, key, value, scaling):
-    out = flex_sliding_window(query, key, value, hybrid.window, hybrid.sink_tokens, scaling)
+def _flex_swa(hybrid, module, query, key, value, scaling, softcap=None):
+    out = flex_sliding_window(query, key, value, hybrid.window, hybrid.sink_tokens, scaling, softcap=softcap)
     return out.transpose(1, 2).contiguous()  # (B, q, H, d)
 
 
-def _flash_swa(hybrid, query, key, value, scaling):
+def _flash_swa(hybrid, query, key, value, scaling, softcap=None):
     from flash_attn import flash_attn_func  # optional extra `gpu`; never imported otherwise
 
     # flash-attn wants (B, T, H, d); window_size=(left, right) counts tokens before the query.
+    capped = {} if softcap is None else {"softcap": softcap}  # flash-attn >= 2.6
     out = flash_attn_func(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-        softmax_scale=scaling, causal=True, window_size=(hybrid.window - 1, 0),
+        softmax_scale=scaling, causal=True, window_size=(hybrid.window - 1, 0), **capped,
     )
     return out
+
+
+# -- eager attention: logit soft-capping (Gemma 2), which SDPA cannot do ------------------------------
+def causal_keep(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """(q_len, kv_len) bool causal mask; queries are the last q_len of kv_len positions."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return torch.arange(kv_len, device=device)[None, :] <= q_pos
+
+
+def eager_attention(query, key, value, mask=None, scaling=None, softcap=None, dropout: float = 0.0):
+    """query (B, H, q, d), key/value (B, K, kv, d) -> (B, H, q, d), as transformers' eager kernel computes it:
+    scores * scaling, softcap * tanh(scores / softcap), plus the mask, softmax in fp32, cast back.
+
+    mask: bool (True = attend) or additive float, broadcastable to (B, H, q, kv); None = causal.
+    """
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # transformers' repeat_kv: each KV head next to its query group
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = causal_keep(query.shape[2], key.shape[2], query.device)
+    if mask.dtype == torch.bool:  # the additive mask transformers' eager_mask builds from it
+        mask = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(scores.dtype).min)
+    scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if dropout:
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
+    return torch.matmul(probs, value)
+
+
+def _softcap_full(hybrid, module, query, key, value, attention_mask, scaling, softcap, dropout):
+    """Full attention with soft-capped logits; returns (B, q, H, d)."""
+    if hybrid is not None and not dropout and _use_kernel(hybrid, query, key, attention_mask, "flex") \
+            and query.shape[2] == key.shape[2]:
+        try:  # a causal block mask: the window spans the whole sequence
+            out = flex_sliding_window(query, key, value, key.shape[2], 0, scaling, softcap=softcap)
+            return out.transpose(1, 2).contiguous()
+        except Exception as e:
+            warnings.warn(f"FlexAttention failed ({type(e).__name__}: {e}); using eager attention instead")
+            hybrid.backend = "sdpa"
+    return eager_attention(query, key, value, attention_mask, scaling, softcap, dropout).transpose(1, 2).contiguous()
 
 
 @functools.cache
@@ -146,13 +208,13 @@ def _use_kernel(hybrid, query, key, attention_mask, name) -> bool:
     return name == "flex" and query.shape[2] == key.shape[2] and query.shape[2] >= 1024
 
 
-def _swa_attention(hybrid, module, query, key, value, attention_mask, scaling, **kwargs):
+def _swa_attention(hybrid, module, query, key, value, attention_mask, scaling, softcap=None, **kwargs):
     """Sliding-window attention for the given heads; returns (B, q, H, d)."""
     if _use_kernel(hybrid, query, key, attention_mask, "flash"):
-        return _flash_swa(hybrid, query, key, value, scaling)
+        return _flash_swa(hybrid, query, key, value, scaling, softcap)
     if _use_kernel(hybrid, query, key, attention_mask, "flex"):
         try:
-            return _flex_swa(hybrid, module, query, key, value, scaling)
+            return _flex_swa(hybrid, module, query, key, value, scaling, softcap)
         except Exception as e:  # a compile failure must not kill an hours-long job: fall back, say so
             warnings.warn(f"FlexAttention failed ({type(e).__name__}: {e}); using SDPA with masks instead")
             hybrid.backend = "sdpa"
@@ -163,6 +225,9 @@ def _swa_attention(hybrid, module, query, key, value, attention_mask, scaling, *
             keep = keep & attention_mask[..., -kv_len:]
         else:  # additive float mask
             keep = keep & (attention_mask[..., -kv_len:] == 0)
+    if softcap is not None:
+        dropout = kwargs.get("dropout", 0.0)
+        return eager_attention(query, key, value, keep, scaling, softcap, dropout).transpose(1, 2).contiguous()
     out, _ = sdpa_attention_forward(module, query, key, value, keep, scaling=scaling, **kwargs)
     return out
 
@@ -179,13 +244,17 @@ def hybrid_attention_forward(module, query, key, value, attention_mask, dropout=
     if hasattr(key, "hybrid_attend"):
         # A consa.runtime.cache layer stands in for key/value: it stores FA and SWA heads apart
         # (SWA heads only their window) and computes the attention over its own storage.
-        return key.hybrid_attend(module, query, attention_mask, scaling=scaling), None
+        return key.hybrid_attend(module, query, attention_mask, scaling=scaling, softcap=kwargs.get("softcap")), None
     kwargs.pop("sliding_window", None)  # the window comes from the allocation, not the config
     kwargs.pop("is_causal", None)
+    softcap = kwargs.pop("softcap", None)  # Gemma 2's attention logit soft-capping: no SDPA
     hybrid = getattr(module, "consa_hybrid", None)
     z = None if hybrid is None or hybrid.z is None else hybrid.z[module.layer_idx]  # (K,)
-    full = lambda q, k, v: sdpa_attention_forward(module, q, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]  # noqa: E731
-    swa = lambda q, k, v: _swa_attention(hybrid, module, q, k, v, attention_mask, scaling, dropout=dropout, **kwargs)  # noqa: E731
+    if softcap is None:
+        full = lambda q, k, v: sdpa_attention_forward(module, q, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]  # noqa: E731
+    else:
+        full = lambda q, k, v: _softcap_full(hybrid, module, q, k, v, attention_mask, scaling, softcap, dropout)  # noqa: E731
+    swa = lambda q, k, v: _swa_attention(hybrid, module, q, k, v, attention_mask, scaling, softcap, dropout=dropout, **kwargs)  # noqa: E731
 
     layer = module.layer_idx
     if z is None or hybrid.all_full[layer]:

@@ -35,6 +35,18 @@ def load_model(model: str, revision: str | None = None, device="cpu", dtype=torc
     return lm.to(device).eval(), tokenizer
 
 
+def stock_attention(config) -> str:
+    """The stock attention to build a family with: SDPA, or eager where transformers has no SDPA path for it
+    (Gemma 2: its attention logit soft-capping). consa's hybrid attention replaces either once installed."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return "sdpa"
+    return "sdpa" if getattr(model_class, "_supports_sdpa", True) else "eager"
+
+
 def weight_dtype(config, device="cpu") -> torch.dtype:
     """The dtype a search holds the frozen weights in (see SearchConfig.dtype): frozen weights need no
     fp32 master copy, so "auto" halves their memory on a GPU; CPUs get fp32 (bf16 matmuls are slow there)."""

@@ -20,7 +20,7 @@ import torch
 
 from consa.model.devices import data_parallel, env_world_size, pick_device
 from consa.model.hybrid_attention import decoder_layers
-from consa.model.loading import LOAD_ERRORS, load_error, load_model, weight_dtype
+from consa.model.loading import LOAD_ERRORS, load_error, load_model, stock_attention, weight_dtype
 
 # auto shards when the frozen weights alone would take more than this share of one GPU's memory.
 SHARE_OF_DEVICE = 0.5
@@ -108,7 +108,7 @@ def load_sharded(config, device):
     except LOAD_ERRORS as e:
         raise load_error(config.model, e) from None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=stock_attention(cfg))
     shard(model, device)
     model.to_empty(device=device)
     _rebuild_rotary(model, device)

@@ -65,6 +65,7 @@ class HybridCacheLayer(CacheLayerMixin):
         self.num_kv_heads = len(full_heads)
         self.seen = 0  # tokens written so far (host-side; graph decoding uses `graph_position`)
         self.graph = None  # dict shared by all layers while decoding inside a CUDA graph (HybridCache.set_graph_position)
+        self.softcap = None  # the attention logit soft-cap of the current call (Gemma 2)
         self.fa_k = self.fa_v = self.swa_k = self.swa_v = self.swa_pos = None
 
     # -- storage ------------------------------------------------------------------------------------
@@ -123,11 +124,15 @@ class HybridCacheLayer(CacheLayerMixin):
         return self, self
 
     @torch.compiler.disable
-    def hybrid_attend(self, module, query, attention_mask=None, scaling=None, **kwargs):
-        """query (B, H, q, d) for the new tokens -> (B, q, H, d), then the new tokens are committed."""
+    def hybrid_attend(self, module, query, attention_mask=None, scaling=None, softcap=None, **kwargs):
+        """query (B, H, q, d) for the new tokens -> (B, q, H, d), then the new tokens are committed.
+        softcap: soft-capped attention logits (Gemma 2), computed eagerly; the fused kernel has none."""
         k_new, v_new = self._new_k, self._new_v
         self._new_k = self._new_v = None
         B, H, q_len, d = query.shape
+        self.softcap = softcap
+        if softcap is not None:
+            self.fused = False
         graph = self.graph is not None and q_len == 1
         if self.fused and q_len == 1 and (graph or attention_mask is None):
             return self._attend_fused(query, k_new, v_new, scaling, graph)
@@ -173,19 +178,19 @@ class HybridCacheLayer(CacheLayerMixin):
             shared = self._graph_shared()
             self.fa_k.index_copy_(2, shared["position"], k)
             self.fa_v.index_copy_(2, shared["position"], v)
-            return decode_attention(q, self.fa_k, self.fa_v, shared["fa_valid"], scale)
+            return decode_attention(q, self.fa_k, self.fa_v, shared["fa_valid"], scale, self.softcap)
         self._reserve(start + q_len)
         self.fa_k[:, :, start:start + q_len] = k
         self.fa_v[:, :, start:start + q_len] = v
         keys, values = self.fa_k[:, :, :start + q_len], self.fa_v[:, :, :start + q_len]
         if q_len == 1 and mask is None:
-            return decode_attention(q, keys, values, None, scale)
+            return decode_attention(q, keys, values, None, scale, self.softcap)
         if mask is None and start == 0:
-            return grouped_sdpa(q, keys, values, is_causal=True, scale=scale)
+            return grouped_sdpa(q, keys, values, is_causal=True, scale=scale, softcap=self.softcap)
         if mask is None:  # a chunk after a prefix: causal with an offset
             q_pos = torch.arange(start, start + q_len, device=q.device)[:, None]
             mask = (torch.arange(start + q_len, device=q.device)[None, :] <= q_pos)[None, None]
-        return grouped_sdpa(q, keys, values, mask[..., :start + q_len], scale=scale)
+        return grouped_sdpa(q, keys, values, mask[..., :start + q_len], scale=scale, softcap=self.softcap)
 
     def _attend_window(self, q, k, v, mask, scale, graph):
         """SWA heads: attend over sinks + the last W tokens, then keep only those in the buffer."""
@@ -198,21 +203,21 @@ class HybridCacheLayer(CacheLayerMixin):
             else:
                 slot = torch.tensor([self._slot(start)], device=q.device)
                 self._write_window(slot, torch.tensor([start], device=q.device), k, v)
-            if start + 1 >= self.sinks + self.window:  # every slot holds a visible token: no mask, one kernel
+            if start + 1 >= self.sinks + self.window and self.softcap is None:  # every slot visible: one kernel
                 return F.scaled_dot_product_attention(q, self.swa_k, self.swa_v, scale=scale, enable_gqa=True)
-            return decode_attention(q, self.swa_k, self.swa_v, self.swa_pos >= 0, scale)
+            return decode_attention(q, self.swa_k, self.swa_v, self.swa_pos >= 0, scale, self.softcap)
         # Several queries (prefill or a chunk): attend over the held window + the new tokens in order.
         if start == 0 and mask is None and q.is_cuda and q_len >= PREFILL_CHUNK:
             # A fresh prompt on the GPU: one FlexAttention call whose block mask skips the key
             # blocks outside each query block's window (and keeps the sinks).
-            out = flex_sliding_window(q, k, v, self.window, self.sinks, scale)
+            out = flex_sliding_window(q, k, v, self.window, self.sinks, scale, softcap=self.softcap)
         else:
             sink_k, sink_v, span_k, span_v, k0 = self._ordered_window()
             keys_k, keys_v = torch.cat([sink_k, span_k, k], 2), torch.cat([sink_v, span_v, v], 2)
             ns = min(self.sinks, start + q_len)  # the first ns of the sequence are sinks
             out = banded_attention(q, start, keys_k[:, :, ns:], keys_v[:, :, ns:], k0, self.window,
                                    keys_k[:, :, :ns] if ns else None, keys_v[:, :, :ns] if ns else None,
-                                   mask, scale)
+                                   mask, scale, softcap=self.softcap)
         # Keep what later tokens can still see: the sinks and the last W positions.
         keep = [p for p in range(start, start + q_len) if p < self.sinks or p >= start + q_len - self.window]
         pos = torch.tensor(keep, dtype=torch.long, device=q.device)
