@@ -98,6 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--max-file-bytes", type=int, default=400_000)
     p.add_argument("--tok-workers", type=int, default=max(1, min(10, (os.cpu_count() or 2) - 2)))
     p.add_argument("--shards", type=int, default=3)
+    p.add_argument("--init-from", default=None, help="start from this saved testbed's weights (a continuation; "
+                   "the optimizer starts fresh, with --warmup)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
     p.add_argument("--device", default="auto")
@@ -472,7 +474,16 @@ def train(a, tokenizer, vocab, device, out: Path):
     deadline = started + a.minutes * 60 if a.minutes else None  # the schedule runs from the first step to here
     while True:  # one attempt per peak lr (a stall restarts at half)
         torch.manual_seed(a.seed)
-        model = Qwen3LM(a, vocab).to(device)
+        model = Qwen3LM(a, vocab)
+        if a.init_from:
+            from safetensors.torch import load_file
+
+            state = {}
+            for f in sorted(Path(a.init_from).glob("model*.safetensors")):
+                state.update(load_file(str(f)))
+            model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+            log(f"weights from {a.init_from} ({len(state)} tensors)")
+        model = model.to(device)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"model: {a.layers} layers x {a.kv_heads} KV heads ({a.heads} query heads, head_dim {a.head_dim}), "
             f"hidden {a.hidden}, ff {a.ff}, vocab {vocab}: {n_params / 1e6:.2f}M parameters; peak lr {peak}")
