@@ -1,4 +1,5 @@
-"""Artifact files on disk: <artifact_dir>/<job id>/<name>, written atomically, described by size + sha256."""
+"""Artifact files on disk: <artifact_dir>/<job id>/<name>, written atomically, described by size + sha256.
+What each file is (its media type, whether the dashboard shows it) is declared in consa.core.artifacts."""
 
 import hashlib
 import mimetypes
@@ -7,6 +8,8 @@ import re
 import shutil
 from pathlib import Path
 
+from consa.core.artifacts import ARTIFACTS
+
 # One path segment of safe characters: no "/", no "..", no hidden files. Checked before any disk access.
 # A plain regular expression (no look-ahead) so the OpenAPI spec can state the same rule as the server.
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*"
@@ -14,23 +17,32 @@ NAME_MAX_LENGTH = 255
 _NAME = re.compile(NAME_PATTERN)
 
 mimetypes.add_type("text/markdown", ".md")
-mimetypes.add_type("application/octet-stream", ".safetensors")
 
 
 def valid_name(name: str) -> bool:
     return len(name) <= NAME_MAX_LENGTH and bool(_NAME.fullmatch(name))
 
 
+# A file the registry does not declare is served under the type its name suggests, when it is one of these.
+_GUESSABLE = ("application/json", "image/png", "application/x-tar", "application/gzip", "text/markdown")
 # Every media type content_type() can answer (the download's documented content types).
-MEDIA_TYPES = ("application/json", "image/png", "application/x-tar", "application/gzip", "text/markdown",
-               "application/octet-stream")
+MEDIA_TYPES = tuple(dict.fromkeys([*_GUESSABLE, *(a.media_type for a in ARTIFACTS.values()),
+                                   "application/octet-stream"]))
 
 
 def content_type(name: str) -> str:
+    """The registry's media type for a declared artifact; for any other name, a guess from its ending."""
+    if name in ARTIFACTS:
+        return ARTIFACTS[name].media_type
     if name.endswith(".tar.gz"):
         return "application/gzip"
     guessed = mimetypes.guess_type(name)[0]
-    return guessed if guessed in MEDIA_TYPES else "application/octet-stream"
+    return guessed if guessed in _GUESSABLE else "application/octet-stream"
+
+
+def shown_as(name: str) -> str | None:
+    """How the dashboard shows the artifact ("image", "table"), or None: listed for download only."""
+    return ARTIFACTS[name].shown_as if name in ARTIFACTS else None
 
 
 def job_dir(root: Path, job_id: str) -> Path:

@@ -7,7 +7,7 @@ from dataclasses import MISSING
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_serializer
 
-from consa.core.config import setting_fields
+from consa.core.config import RunOptions, SearchConfig, setting_fields
 from service import models
 
 Status = Literal["queued", "running", "cancel_requested", "succeeded", "failed", "cancelled"]
@@ -22,10 +22,11 @@ _API_HELP = {
 }
 
 
-def _search_fields() -> dict:
-    """One request field per consa.SearchConfig setting, with its default, bounds, choices and help."""
+def _fields(settings) -> dict:
+    """One request field per setting of a settings dataclass (consa.core.config: SearchConfig,
+    RunOptions), with its default, bounds, choices and help."""
     out = {}
-    for name, kind, default, meta, optional in setting_fields():
+    for name, kind, default, meta, optional in setting_fields(settings):
         annotation = Literal[meta["choices"]] if "choices" in meta else kind
         bounds = {k: meta[k] for k in ("ge", "gt", "le", "max_length") if k in meta}
         if kind is str and default is MISSING:
@@ -36,19 +37,17 @@ def _search_fields() -> dict:
     return out
 
 
-# What a job adds to the search: the evaluation switch and the caller's labels.
-_JOB_OPTIONS = {
-    "evaluate": (bool, Field(False, description="Evaluate the allocation against baselines after the search.")),
-    "metadata": (dict[str, str], Field(default_factory=dict, max_length=16,
-                                       description="Up to 16 string pairs, returned with the job.")),
-}
+# What only a job has: the caller's labels, returned with it and never passed to the library.
+_METADATA = {"metadata": (dict[str, str], Field(default_factory=dict, max_length=16,
+                                                description="Up to 16 string pairs, returned with the job."))}
 
-# The search settings come from consa.config.SearchConfig, their one source; the worker maps a job's
-# config back by the same names (worker/runner.py: JobRun.search_config). extra="forbid": a misspelt
+# The search settings come from consa.core.config.SearchConfig and the run's options (evaluate, ...)
+# from consa.core.config.RunOptions, their one source each; the worker maps a job's config back by the
+# same names (worker/runner.py: search_config_of, RunOptions.from_dict). extra="forbid": a misspelt
 # field is an error, not a silent default.
 JobCreate = create_model("JobCreate", __config__=ConfigDict(extra="forbid"), __module__=__name__,
                          __doc__="What to search for. Everything but `model` and `sparsity` has a default.",
-                         **_search_fields(), **_JOB_OPTIONS)
+                         **_fields(SearchConfig), **_fields(RunOptions), **_METADATA)
 
 
 class Progress(BaseModel):
@@ -144,6 +143,8 @@ class ArtifactInfo(BaseModel):
     sha256: str = Field(description="Hex digest of the bytes; also the download's ETag.")
     content_type: str
     url: str
+    shown_as: str | None = Field(None, description="How the dashboard shows it: `image` (the allocation's "
+                                                   "heatmap), `table` (the evaluation); null: download only.")
 
 
 class ArtifactList(BaseModel):

@@ -11,7 +11,7 @@ from service.deps import JobDep, SessionDep, SettingsDep
 from service.problems import PROBLEM_RESPONSES, ProblemError, responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
-# A JSON artifact (manifest.json, evaluation.json) is a JSON document, so a client parses it as one.
+# A JSON artifact (the manifest, the evaluation's records) is a JSON document, so a client parses it as one.
 _BYTES = {"type": "string", "format": "binary"}
 # The spec states the name rule; the server checks it itself so a bad name gets 400 with the reason.
 ArtifactName = Annotated[str, Path(description="The artifact's file name, as listed.", json_schema_extra={
@@ -25,7 +25,8 @@ def list_artifacts(job: JobDep, session: SessionDep, settings: SettingsDep, requ
     Host header, which a client or a proxy controls."""
     base = settings.public_url.rstrip("/")
     data = [schemas.ArtifactInfo(name=a.name, size=a.size, sha256=a.sha256, content_type=a.content_type,
-                                 url=base + request.app.url_path_for("download_artifact", job_id=job.id, name=a.name))
+                                 url=base + request.app.url_path_for("download_artifact", job_id=job.id, name=a.name),
+                                 shown_as=artifacts.shown_as(a.name))
             for a in artifact_records.list_artifacts(session, job=job)]
     return schemas.ArtifactList(data=data)
 

@@ -218,18 +218,18 @@ async function jobPage() {
         el("td", {}, a.name), el("td", { class: "num" }, bytes(a.size)),
         el("td", { class: "mono", title: a.sha256 }, a.sha256.slice(0, 16) + "…"),
         el("td", {}, el("button", { onclick: () => download(a) }, "Download")))));
-    const heat = artifacts.find((a) => a.name === "heatmap.png");
+    // Which artifact is the heatmap and which the evaluation: the API says (`shown_as`, from the
+    // artifact registry, consa.core.artifacts), so no file name is written here.
+    const heat = artifacts.find((a) => a.shown_as === "image");
     if (heat) {
-      const blob = await (await api(base + "/artifacts/heatmap.png")).blob();
+      const blob = await (await api(base + "/artifacts/" + encodeURIComponent(heat.name))).blob();
       const img = el("img", { id: "heatmap-img", alt: "FA/SWA allocation heatmap", src: URL.createObjectURL(blob) });
       document.getElementById("heatmap").replaceChildren(img);
     }
-    // The evaluation table: prefer the markdown one (made for reading), then JSON, then CSV.
-    const evals = artifacts.filter((a) => a.name.startsWith("evaluation"));
-    const evaluation = [".md", ".json", ".csv", ".tsv"].map((ext) => evals.find((a) => a.name.endsWith(ext))).find(Boolean);
+    const evaluation = artifacts.find((a) => a.shown_as === "table");
     if (evaluation) {
       const text = await (await api(base + "/artifacts/" + encodeURIComponent(evaluation.name))).text();
-      document.getElementById("evaluation").replaceChildren(evaluationTable(evaluation.name, text));
+      document.getElementById("evaluation").replaceChildren(evaluationTable(evaluation.content_type, text));
     }
   }
 
@@ -270,11 +270,11 @@ async function jobPage() {
   await refresh();
 }
 
-// The evaluation artifact as a table: JSON (a list of rows, or {name: {metric: value}}), CSV, or
-// a markdown pipe table; anything else is shown as text.
-function evaluationTable(name, text) {
+// The evaluation artifact as a table, read by its media type: JSON (a list of rows, or
+// {name: {metric: value}}) or a markdown pipe table; anything else is shown as text.
+function evaluationTable(contentType, text) {
   let rows = null;
-  if (name.endsWith(".json")) {
+  if (contentType === "application/json") {
     let data = JSON.parse(text);
     if (data && !Array.isArray(data) && Array.isArray(data.rows)) data = data.rows;
     if (Array.isArray(data)) rows = data;
@@ -287,12 +287,7 @@ function evaluationTable(name, text) {
     }
   }
   const lines = text.trim().split("\n");
-  if (name.endsWith(".csv") || name.endsWith(".tsv")) {
-    const sep = name.endsWith(".tsv") ? "\t" : ",";
-    const cells = lines.map((l) => l.split(sep));
-    return table(cells[0], cells.slice(1));
-  }
-  if (name.endsWith(".md") && lines.some((l) => l.trim().startsWith("|"))) {
+  if (contentType === "text/markdown" && lines.some((l) => l.trim().startsWith("|"))) {
     const cells = lines.filter((l) => l.trim().startsWith("|") && !/^\s*\|[\s:|-]+\|\s*$/.test(l))
       .map((l) => l.trim().replace(/^\||\|$/g, "").split("|").map((c) => c.trim()));
     return table(cells[0], cells.slice(1));
