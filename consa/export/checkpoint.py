@@ -7,11 +7,14 @@ Two directory formats, both with the allocation in `config.json` under `consa` (
 - "consa" (KV-head granularity, sink tokens, or families with no per-layer types): model type
   "consa_hybrid" plus a modeling file beside the weights (consa/remote_modeling.py), so stock
   `from_pretrained` refuses to run it as full attention unless `trust_remote_code=True`, which
-  installs consa's hybrid attention. `load_hybrid(path)` reads both formats.
+  installs consa's hybrid attention. `load_hybrid(path)` reads both formats. Importing this module
+  registers "consa_hybrid" with transformers' Auto classes, so that in a process with consa the
+  tokenizer and the model of a consa-format directory load with no remote code and no prompt.
 
 Weights keep the source checkpoint's dtype (bf16 stays bf16) and are sharded as transformers shards.
 """
 
+import functools
 import json
 import shutil
 import tarfile
@@ -212,6 +215,50 @@ def _try_tokenizer(path):
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError):
         return None
+
+
+# -- the Auto classes, in a process that imported consa --------------------------------------------------------
+# Without consa, a consa-format directory is remote code: AutoConfig (and so AutoTokenizer, which always reads
+# the config first) asks before running it, and AutoModelForCausalLM refuses it without trust_remote_code. With
+# consa imported, model type "consa_hybrid" is registered here as local code, the way transformers registers
+# custom architectures: AutoConfig and AutoTokenizer read such a directory with no prompt, and
+# AutoModelForCausalLM builds the hybrid (consa's classes, the same as the shipped file's) with or without
+# trust_remote_code. Neither path can give full attention: the registered model installs the allocation.
+@functools.cache
+def _registered_classes(base_model_type: str):
+    from transformers import AutoModelForCausalLM
+
+    from consa.export.remote_modeling import hybrid_classes
+
+    config_class, model_class = hybrid_classes(base_model_type)
+    AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    return config_class, model_class
+
+
+def _register_auto_classes() -> None:
+    from transformers import AutoConfig, PreTrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if HYBRID_MODEL_TYPE in CONFIG_MAPPING:
+        return
+
+    class ConsaHybridAutoConfig(PreTrainedConfig):
+        """Reads a consa-format config.json as its base family's hybrid config."""
+
+        model_type = HYBRID_MODEL_TYPE
+
+        @classmethod
+        def from_dict(cls, config_dict, **kwargs):
+            base = (config_dict.get("consa") or {}).get("base_model_type")
+            if base not in CONFIG_MAPPING or base == HYBRID_MODEL_TYPE:
+                raise ValueError(f"this consa checkpoint names base model type {base!r}, which this transformers "
+                                 "version does not know")
+            return _registered_classes(base)[0].from_dict(config_dict, **kwargs)
+
+    AutoConfig.register(HYBRID_MODEL_TYPE, ConsaHybridAutoConfig)
+
+
+_register_auto_classes()
 
 
 def _base_config(path: Path, config: dict):

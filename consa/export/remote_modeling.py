@@ -8,7 +8,8 @@ family's model (Qwen3, Llama, ...) and install consa's hybrid attention with the
 gates. The attention itself is consa's, so consa must be installed; without it the import fails
 with a message saying so.
 
-`consa.export.checkpoint` copies this file and fills in BASE_MODEL_TYPE; consa itself never imports it.
+`consa.export.checkpoint` copies this file and fills in BASE_MODEL_TYPE; it also registers `hybrid_classes`
+with transformers' Auto classes, so that a process that imported consa needs no remote code at all.
 """
 
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
