@@ -40,6 +40,21 @@ def _add_eval_parser(sub):
     p.add_argument("--num-sequences", type=int, default=16)
     p.add_argument("--retrieval-docs", type=int, default=0, help="multi-key retrieval documents to score")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ruler-lengths", default="", metavar="N,N,...",
+                   help="also score RULER's synthetic long-context tasks (needles, variable tracking, common and "
+                        "frequent words; haystack from --data) at these context lengths, e.g. 1024,2048")
+    p.add_argument("--ruler-tasks", default="", help="comma list of RULER tasks (default: all; see consa.evaluation.ruler)")
+    p.add_argument("--ruler-samples", type=int, default=10, help="RULER prompts per task and length")
+    p.add_argument("--lm-eval-task-dir", default=None, metavar="DIR",
+                   help="write the evaluated rows as an lm-evaluation-harness task there (--include_path DIR "
+                        "--tasks consa_rows) and print, under lm_eval, the numbers lm-eval gives for them")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes a comma list of token counts, got {text!r}") from None
 
 
 def cmd_search(args) -> int:
@@ -109,10 +124,21 @@ def cmd_eval(args) -> int:
     from consa.model.loading import load_model
 
     allocation = load_allocation(args.allocation) if args.allocation else None
+    ruler_lengths = _int_list(args.ruler_lengths, "--ruler-lengths")
     model, tokenizer = load_model(args.model, args.revision, pick_device(args.device))
-    result = evaluation.evaluate(model, tokenizer, allocation, data=args.data, seq_len=args.seq_len,
-                                 num_sequences=args.num_sequences, retrieval_docs=args.retrieval_docs,
-                                 seed=args.seed)
+    eval_set = evaluation.build_eval_set(tokenizer, args.data, seq_len=args.seq_len, num_sequences=args.num_sequences,
+                                         retrieval_docs=args.retrieval_docs, seed=args.seed,
+                                         ruler_lengths=ruler_lengths, ruler_samples=args.ruler_samples,
+                                         ruler_tasks=[t for t in args.ruler_tasks.split(",") if t] or None)
+    result = evaluation.evaluate(model, tokenizer, allocation, data=eval_set)
+    if args.lm_eval_task_dir:
+        from consa.evaluation import harness
+
+        task = harness.write_lm_eval_task(tokenizer, eval_set.rows, args.lm_eval_task_dir)
+        granularity = allocation.granularity if allocation is not None else None
+        result["lm_eval"] = {**{k: v for k, v in task.items() if k != "docs"},
+                             "command": harness.lm_eval_command(task["include_path"], remote_code=granularity == "kv_head" or bool(getattr(allocation, "sink_tokens", 0))),
+                             **harness.lm_eval_reference(model, tokenizer, allocation, task["docs"])}
     print(json.dumps(result, indent=1))
     return 0
 

@@ -17,6 +17,7 @@ TABLE_COLUMNS = (
     ("loss", "loss", "{:.4f}"),
     ("loss_pos_ge_window", "loss ≥W", "{:.4f}"),
     ("retrieval_acc", "retrieval", "{:.3f}"),
+    ("ruler_average", "RULER", "{:.1f}"),
     ("kv_bytes_ratio", "KV ratio", "{:.3f}"),
 )
 
@@ -27,7 +28,7 @@ def _slug(name: str) -> str:
 
 def compare(model, tokenizer, allocations: dict, *, data, seq_len: int = 4096, num_sequences: int = 16,
             retrieval_docs: int = 100, seed: int = 0, window: int | None = None, batch_size: int = 8,
-            out_dir=None, progress=print) -> list[dict]:
+            out_dir=None, progress=print, should_cancel=None) -> list[dict]:
     """Evaluate each allocation (name -> Allocation, or None for the unmodified model) on one EvalSet.
 
     Returns one record per allocation: {"name", "method", "granularity", "sparsity", **evaluate(...)};
@@ -39,7 +40,8 @@ def compare(model, tokenizer, allocations: dict, *, data, seq_len: int = 4096, n
         window = next((a.window for a in allocations.values() if a is not None), None)
     records = []
     for name, allocation in allocations.items():
-        result = evaluate(model, tokenizer, allocation, data=eval_set, window=window, batch_size=batch_size)
+        result = evaluate(model, tokenizer, allocation, data=eval_set, window=window, batch_size=batch_size,
+                          should_cancel=should_cancel)
         record = {"name": name,
                   "method": allocation.method if allocation is not None else "full",
                   "granularity": allocation.granularity if allocation is not None else None,

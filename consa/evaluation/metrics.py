@@ -9,7 +9,7 @@ of a comparison sees exactly the same tokens.
 import inspect
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +26,14 @@ class EvalSet:
     query_depths: list  # relative depth (0..1) of the queried key in each doc
     seq_len: int
     seed: int
+    ruler: list = field(default_factory=list)  # RulerSample prompts (consa.evaluation.ruler), any lengths
 
 
 def build_eval_set(tokenizer, data, *, seq_len: int, num_sequences: int, retrieval_docs: int, seed: int = 0,
-                   num_keys: int = 4) -> EvalSet:
+                   num_keys: int = 4, ruler_lengths=(), ruler_samples: int = 4, ruler_tasks=None) -> EvalSet:
     """Held-out rows from `data` (path or an (N, T) tensor) and `retrieval_docs` seeded retrieval prompts
-    whose filler comes from the same text. The same seed gives the same prompts."""
+    whose filler comes from the same text. The same seed gives the same prompts. ruler_lengths: also
+    `ruler_samples` RULER prompts per task (`ruler_tasks`, default all) at each of these context lengths."""
     if isinstance(data, torch.Tensor):
         rows = data[:num_sequences, :seq_len]
         texts = None
@@ -51,7 +53,13 @@ def build_eval_set(tokenizer, data, *, seq_len: int, num_sequences: int, retriev
             doc = data_mod.retrieval_document(tokenizer, filler, seq_len, rng, num_keys=num_keys, query_index=q)
             docs.append(doc)
             depths.append(doc.depths[q])
-    return EvalSet(rows=rows, docs=docs, query_depths=depths, seq_len=seq_len, seed=seed)
+    ruler_prompts = []
+    if ruler_lengths:
+        from consa.evaluation import ruler
+
+        ruler_prompts = ruler.samples_from(tokenizer, rows if texts is None else texts, ruler_lengths,
+                                           tasks=ruler_tasks, samples=ruler_samples, seed=seed)
+    return EvalSet(rows=rows, docs=docs, query_depths=depths, seq_len=seq_len, seed=seed, ruler=ruler_prompts)
 
 
 # -- loss -------------------------------------------------------------------------------------------
@@ -193,12 +201,14 @@ def needle_grid(correct: list[bool], depths: list[float], bins: int = 10) -> dic
 # -- everything at once -----------------------------------------------------------------------------
 def evaluate(model, tokenizer, allocation, *, data, seq_len: int = 4096, num_sequences: int = 16,
              retrieval_docs: int = 100, seed: int = 0, window: int | None = None, batch_size: int = 8,
-             depth_bins: int = 10, num_keys: int = 4, kv_dtype_bytes: int = 2, backend: str = "auto") -> dict:
+             depth_bins: int = 10, num_keys: int = 4, kv_dtype_bytes: int = 2, backend: str = "auto",
+             should_cancel=None) -> dict:
     """Evaluate `allocation` (None = the unmodified model) with hard gates on the model's device.
 
     data: a text path, an (N, T) token tensor, or an EvalSet from build_eval_set (then the counts
     and seed given here are ignored). window: used for the position split when allocation is None.
-    Leaves the model with all units full attention.
+    An EvalSet with RULER prompts adds `ruler` (scores per length and task) and `ruler_average`;
+    should_cancel() is asked between them. Leaves the model with all units full attention.
     """
     started = time.time()
     eval_set = data if isinstance(data, EvalSet) else build_eval_set(
@@ -218,6 +228,11 @@ def evaluate(model, tokenizer, allocation, *, data, seq_len: int = 4096, num_seq
             report["needle_grid"] = needle_grid(correct, eval_set.query_depths, depth_bins)
         else:
             report["retrieval_acc"] = None
+        if eval_set.ruler:
+            from consa.evaluation import ruler
+
+            report["ruler"] = ruler.evaluate_model(model, tokenizer, eval_set.ruler, should_cancel)
+            report["ruler_average"] = ruler.average(report["ruler"])
     finally:
         if hybrid is not None:
             hybrid.set_gates(None)

@@ -21,6 +21,9 @@ CHECKPOINT_DIR = CHECKPOINT.name.removesuffix(".tar")  # exported here, then pac
 
 # A job's evaluation: enough rows and retrieval prompts to rank allocations, small next to the search.
 EVAL_SEQUENCES, EVAL_RETRIEVAL_DOCS = 16, 64
+# ... and RULER's synthetic tasks at the search's seq_len (consa.evaluation.ruler), where it is long enough
+# for them to say something: prompts per task, and the shortest seq_len they run at.
+EVAL_RULER_SAMPLES, EVAL_RULER_MIN_SEQ_LEN = 4, 1024
 
 
 @dataclass
@@ -115,7 +118,7 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
         check_cancel("the evaluation")
         say("info", "evaluating the allocation against full attention and the baselines")
         run.evaluation = evaluate_allocation(model, tokenizer, allocation, config, eval_set=eval_set, duo_steps=duo_steps,
-                                             baselines=baselines, on_event=say,
+                                             baselines=baselines, on_event=say, should_cancel=should_cancel,
                                              on_scored=lambda done, total: phase_progress("evaluation", done, total))
         from consa.evaluation.compare import markdown_table
 
@@ -144,8 +147,9 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
 
 
 def evaluate_allocation(model, tokenizer, allocation, config: SearchConfig, *, eval_set=None, baselines=None,
-                        duo_steps: int | None = None, on_event=None, on_scored=None) -> list[dict]:
-    """The allocation (as "learned") next to full attention and the baselines, on the same rows.
+                        duo_steps: int | None = None, on_event=None, on_scored=None, should_cancel=None) -> list[dict]:
+    """The allocation (as "learned") next to full attention and the baselines, on the same rows, with
+    RULER's tasks at seq_len when it is at least EVAL_RULER_MIN_SEQ_LEN.
     `duo_steps`: the duo baseline's training steps (default: the search's). on_scored(done, total) after
     each allocation is scored."""
     from consa.evaluation.baselines import baseline_names
@@ -163,6 +167,14 @@ def evaluate_allocation(model, tokenizer, allocation, config: SearchConfig, *, e
         except DataError as e:  # retrieval documents need room for their keys; score the loss alone
             say("warning", f"evaluation without retrieval: {e}")
             eval_set = build_eval_set(tokenizer, config.text_source, retrieval_docs=0, **sizes)
+        if config.seq_len >= EVAL_RULER_MIN_SEQ_LEN:
+            from consa.evaluation.ruler import samples_from
+
+            try:
+                eval_set.ruler = samples_from(tokenizer, config.text_source, [config.seq_len],
+                                              samples=EVAL_RULER_SAMPLES, seed=config.seed)
+            except DataError as e:
+                say("warning", f"evaluation without RULER: {e}")
     names = baseline_names(config.granularity) if baselines is None else list(baselines)
     allocations = {"full": None, "learned": allocation}
     allocations |= baseline_allocations(names, model, tokenizer, sparsity=config.sparsity,
@@ -178,4 +190,5 @@ def evaluate_allocation(model, tokenizer, allocation, config: SearchConfig, *, e
         if on_scored is not None:
             on_scored(len(scored), len(allocations))
 
-    return compare(model, tokenizer, allocations, data=eval_set, window=allocation.window, progress=scored_one)
+    return compare(model, tokenizer, allocations, data=eval_set, window=allocation.window, progress=scored_one,
+                   should_cancel=should_cancel)
