@@ -8,6 +8,8 @@ any screen ran; `pick_default` the rule that keeps or replaces the default over 
 import math
 import statistics
 
+from consa.evaluation import baselines as consa_baselines
+
 # Search variants: SearchConfig overrides on top of its defaults; the method is `learned-<name>`.
 VARIANTS = {
     "lm": {"objective": "lm"},
@@ -33,19 +35,14 @@ VARIANTS = {
     "distill-q4": {"objective": "distill", "retrieval_queries": 4},
 }
 
-# The baselines the bench runs, in the order it runs them: name -> whether it scores the model first (on
-# calibration rows, once per seed: those run once per --seeds seed; the others once). This is the one
-# place the bench lists baseline names; when consa has a baselines registry, build this from it (its
-# names and which of them score the model) plus the bench-only ALIASES.
-BASELINES = {
-    "interleave-1:1": False, "interleave-3:1": False, "interleave-5:1": False, "bottom": False, "top": False,
-    "even": False, "random": False,
-    "heuristic-loss": True, "retrieval-heads": True, "duo": True, "retrieval-heads-answers": True,
-}
-SCORED = tuple(name for name, scored in BASELINES.items() if scored)
 # Bench-only variants of a baseline: retrieval-heads scored at the answers of retrieval rows (the
 # attention that retrieves) instead of every query of calibration text.
 ALIASES = {"retrieval-heads-answers": "retrieval-heads"}
+# The baselines the bench runs, in the order it runs them: consa's registry, then the aliases; name -> whether
+# it scores the model first (on calibration rows, once per seed: those run once per --seeds seed; the others once).
+BASELINES = {**{name: b.scores is not None for name, b in consa_baselines.BASELINES.items()},
+             **{alias: consa_baselines.BASELINES[name].scores is not None for alias, name in ALIASES.items()}}
+SCORED = tuple(name for name, scored in BASELINES.items() if scored)
 
 LOSS_WEIGHT = 20.0  # screen_score: 1% more loss costs as much as 20% of full attention's retrieval
 
