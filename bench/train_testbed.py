@@ -463,7 +463,7 @@ def train(a, tokenizer, vocab, device, out: Path):
     stream = TextStream(files, tok_json, a.seq_len, a.tok_workers, a.seed)
     log(f"text: {len(files)} .py files under {', '.join(a.data)}")
     filler = []
-    while len(filler) < max(a.seq_len * 64, 262144):  # retrieval filler: code from the same stream
+    while len(filler) < a.seq_len * 64:  # retrieval filler: code from the same stream
         filler.extend(stream.row().tolist())
     val = data_mod.pack_tokens(tokenizer, data_mod.iter_texts(a.eval_data, seed=0), a.seq_len,
                                max_sequences=max(a.val_rows, a.eval_rows))
