@@ -225,6 +225,7 @@ def test_delete_frees_a_finished_job_and_refuses_a_live_one(server):
     ({"seq_len": 1 << 20}, "seq_len", "limit_exceeded"),
     ({"batch_size": 4096}, "batch_size", "limit_exceeded"),
     ({"steps": 20_000, "seq_len": 32_768, "batch_size": 64}, "steps", "limit_exceeded"),  # tokens per job
+    ({"evaluate": True, "duo_steps": 1_000_000}, "duo_steps", "limit_exceeded"),  # the duo baseline's training
 ])
 def test_hostile_or_oversized_input_is_a_4xx_problem(server, fields, field, code):
     with server.client(server.alice) as client:

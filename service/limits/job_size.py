@@ -9,12 +9,15 @@ from service.settings import Settings
 
 def check_limits(settings: Settings, body) -> None:
     """The job's size against the server's bounds: each of steps, seq_len, batch_size, their product
-    (training tokens), and the metadata's JSON size."""
-    for field, bound in (("steps", settings.max_steps), ("seq_len", settings.max_seq_len),
-                         ("batch_size", settings.max_batch_size)):
-        if getattr(body, field) > bound:
-            raise field_error(422, ["body", field], f"at most {bound} on this server "
-                                                    f"(CONSA_MAX_{field.upper()})", "limit_exceeded")
+    (training tokens), the duo baseline's training steps (an evaluation option), and the metadata's
+    JSON size."""
+    for field, bound, variable in (("steps", settings.max_steps, "CONSA_MAX_STEPS"),
+                                   ("seq_len", settings.max_seq_len, "CONSA_MAX_SEQ_LEN"),
+                                   ("batch_size", settings.max_batch_size, "CONSA_MAX_BATCH_SIZE"),
+                                   ("duo_steps", settings.max_steps, "CONSA_MAX_STEPS")):
+        value = getattr(body, field)
+        if value is not None and value > bound:
+            raise field_error(422, ["body", field], f"at most {bound} on this server ({variable})", "limit_exceeded")
     tokens = body.steps * body.seq_len * body.batch_size
     if tokens > settings.max_tokens_per_job:
         raise field_error(422, ["body", "steps"], f"steps x seq_len x batch_size = {tokens} training tokens; "
