@@ -131,13 +131,22 @@ def test_every_search_setting_is_a_jobs_submit_flag():
     submit = jobs_cli.add_jobs_commands(parser.add_subparsers(dest="command")).\
         _subparsers._group_actions[0].choices["submit"]
     flags = {opt for action in submit._actions for opt in action.option_strings}
-    for name, *_ in setting_fields():
+    from consa.core.config import RunOptions
+
+    for name, *_ in [*setting_fields(), *setting_fields(RunOptions)]:
         assert "--" + name.replace("_", "-") in flags, name
     # Left out, a setting stays None so the server's defaults apply; bounds are checked at parse time.
     args = parser.parse_args(["jobs", "submit", "--model", "m", "--sparsity", "0.5"])
     assert all(getattr(args, name) is None for name, *_ in setting_fields() if name not in ("model", "sparsity"))
     with pytest.raises(SystemExit):
         parser.parse_args(["jobs", "submit", "--model", "m", "--sparsity", "1.5"])
+
+
+def test_run_options_given_to_jobs_submit_reach_the_job(cli, jobs_server):
+    code, out, err = cli("submit", *submit_args(jobs_server), "--no-heatmap", "--wait", "--interval", "0.2")
+    assert code == 0, err
+    names = {a["name"] for a in Client(jobs_server.url, jobs_server.alice).artifacts(out.split()[0])}
+    assert "manifest.json" in names and "heatmap.png" not in names
 
 
 def test_cancel_and_follow_logs_until_the_end(cli, jobs_server):

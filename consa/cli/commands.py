@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from consa.cli.settings_args import add_setting_args
+from consa.core.artifacts import ARTIFACTS, CHECKPOINT
 from consa.core.config import RunOptions, SearchConfig, setting_names
 from consa.core.errors import Cancelled, ConsaError
 from consa.core.config import GRANULARITIES
@@ -26,9 +27,9 @@ def _add_search_parser(sub):
                    help="run one search data-parallel over N GPUs (N processes, one per GPU, under "
                         "torch.distributed.run: the same as `torchrun --nproc-per-node N -m consa search ...`; "
                         "with --device cpu, N CPU processes)")
-    p.add_argument("--out", required=True, help="output directory: manifest.json, gates.safetensors, heatmap.png, ...")
+    p.add_argument("--out", required=True, help=f"output directory: {', '.join(ARTIFACTS)}, as the run options ask")
     add_setting_args(p, RunOptions)
-    p.add_argument("--checkpoint", action="store_true", help="export the hybrid model (checkpoint/ + checkpoint.tar)")
+    p.add_argument("--checkpoint", action="store_true", help=f"export the hybrid model ({CHECKPOINT.name})")
 
 
 def _add_eval_parser(sub):

@@ -136,9 +136,9 @@ def _job_line(job: dict) -> str:
 def cmd_submit(client: Client, args) -> int:
     from consa.core.config import setting_names
 
-    params = {name: getattr(args, name) for name in setting_names() if getattr(args, name) is not None}
-    if args.evaluate:
-        params["evaluate"] = True
+    # Search settings and run options alike: what the flags left out (None) the server decides.
+    names = setting_names(SearchConfig) + setting_names(RunOptions)
+    params = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.metadata:
         bad = [m for m in args.metadata if "=" not in m]
         if bad:
