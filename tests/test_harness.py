@@ -25,6 +25,15 @@ METRICS = ("token_loss", "token_perplexity", "word_perplexity", "byte_perplexity
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, by far on a busy 2-core machine (threads wait on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def consa_eval(*args) -> dict:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

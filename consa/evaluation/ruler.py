@@ -112,8 +112,15 @@ class _Source:
         self.words = [w for w in words if w][:max_words]
         if not self.words:
             raise DataError("RULER tasks need text for their haystack: the data holds none")
-        vocab = sorted({w.lower() for w in (re.sub(r"[^A-Za-z]", " ", " ".join(self.words))).split() if len(w) >= 3})
-        self.vocab = vocab
+        self.vocab = sorted({w.lower() for w in re.sub(r"[^A-Za-z]", " ", " ".join(self.words)).split() if len(w) >= 3})
+
+    @staticmethod
+    def words_for(length: int) -> int:
+        return 2 * length + 1000  # a prompt of `length` tokens holds fewer words than that
+
+    def view(self, length: int) -> "_Source":
+        """The text a prompt of `length` tokens draws from: the same whatever other lengths are asked."""
+        return _Source([" ".join(self.words)], self.words_for(length))
 
     def haystack(self, n: int, start: int) -> list:
         """n words from `start` on, wrapping around (RULER repeats its essays when they are too short)."""
@@ -319,9 +326,10 @@ def build_samples(tokenizer, texts, lengths, *, tasks=None, samples: int = 4, se
     lengths = sorted({int(n) for n in lengths})
     if not lengths or lengths[0] <= 0:
         raise ValueError(f"RULER lengths must be positive token counts, got {lengths}")
-    source = _Source(texts, max_words=2 * lengths[-1] + 1000)
+    everything = _Source(texts, max_words=_Source.words_for(lengths[-1]))
     out = []
     for length in lengths:
+        source = everything.view(length)
         for task in tasks:
             kind = TASKS[task]["kind"]
             budget_new = TOKENS_TO_GENERATE[kind] if max_new_tokens is None else max_new_tokens
