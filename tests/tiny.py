@@ -36,8 +36,12 @@ def tiny_config(model_type: str = "qwen3", vocab_size: int = 300, layers: int = 
 
 
 def build_model(model_type: str = "qwen3", seed: int = 0, **config):
+    """SDPA, or eager for a family without it (Gemma 2), as consa and stock transformers load it."""
+    from consa.model.loading import stock_attention
+
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(model_type, **config), attn_implementation="sdpa").eval()
+    cfg = tiny_config(model_type, **config)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=stock_attention(cfg)).eval()
 
 
 def save_tiny(path, model_type: str = "qwen3", seed: int = 0, **config) -> Path:
