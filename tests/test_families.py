@@ -274,5 +274,5 @@ def test_the_readme_table_claims_only_what_is_tested():
             if not cell.lower().startswith("yes"):
                 assert notes, f"{family}: {cell!r} without a footnote saying why"
             for note in notes:
-                assert re.search(rf"^\[{note}\] \S", table, re.M), f"footnote [{note}] is not written"
+                assert re.search(rf"^- \[{note}\] \S", table, re.M), f"footnote [{note}] is not written"
     assert {row[0] for row in body} >= set(FAMILIES)
