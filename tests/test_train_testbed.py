@@ -42,6 +42,7 @@ def test_swa_mask_is_consas_window_rule():
     assert torch.equal(tt.swa_mask(40, 7, "cpu"), swa_visible(i[:, None], i[None, :], 7))
 
 
+@pytest.mark.slow
 def test_toy_run_writes_a_loadable_testbed(tmp_path):
     stdlib = Path(os.__file__).parent
     data, held = tmp_path / "data", tmp_path / "held"
