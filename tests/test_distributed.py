@@ -48,6 +48,7 @@ def test_rows_of_n_ranks_are_the_rows_of_one_process_with_n_times_the_batch():
         assert torch.equal(together, split)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_learn_identical_gates_and_an_exact_allocation(tiny_model_dir, text_dir, tmp_path):
     from consa.search.distributed import _free_port
     from consa.search.loop import run_search
@@ -84,6 +85,7 @@ def test_a_worker_runs_rank_zero_itself_with_helper_processes(tiny_model_dir, te
 
 
 @pytest.mark.parametrize("launch", ["torchrun", "--gpus"])
+@pytest.mark.slow
 def test_torchrun_search_writes_one_exact_manifest(tiny_model_dir, text_dir, tmp_path, launch):
     out = tmp_path / "run"
     search = ["search", "--model", str(tiny_model_dir), "--sparsity", "0.5", "--data", str(text_dir),
@@ -110,6 +112,7 @@ def test_search_gpus_refuses_what_the_machine_cannot_do(tiny_model_dir, text_dir
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_service_worker_owning_two_devices_runs_the_job_over_both(tmp_path, tiny_model_dir, text_dir):
     """CONSA_GPUS_PER_JOB=2: the worker is rank 0 with one helper rank (gloo on CPU here); the job says so."""
     from service_fixtures import Server, server_env, wait_for

@@ -71,6 +71,7 @@ def broker_and_server(request, tmp_path, tiny_model_dir, text_dir):
         drop_database(POSTGRES_URL, db_name)
 
 
+@pytest.mark.slow
 def test_jobs_lost_by_redis_and_submitted_while_it_is_down_all_run(broker_and_server):
     redis_server, srv = broker_and_server
     small = {"model": srv.model, "dataset": srv.data, "sparsity": 0.5, "window": 16, "seq_len": 64, "steps": 2}

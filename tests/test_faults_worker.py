@@ -39,6 +39,7 @@ def ready(srv) -> dict:
     return httpx.get(srv.url + "/readyz", timeout=10).json()
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_job_is_restarted_and_the_job_resumes_from_its_checkpoint(srv):
     with srv.client(srv.alice) as client:
         job = client.post("/v1/jobs", json={"model": srv.model, "dataset": srv.data, "sparsity": 0.5, "window": 16,

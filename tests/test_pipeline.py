@@ -24,6 +24,7 @@ def _config(model_dir, dataset, **kw):
                                   steps=3), **kw})
 
 
+@pytest.mark.slow
 def test_every_artifact_and_phase_of_a_job(tiny_model_dir, body_jsonl, tmp_path):
     published, records, events = [], [], []
     run = run_allocation(_config(tiny_model_dir, body_jsonl, text_field="body"), tmp_path, evaluate=True,

@@ -53,6 +53,7 @@ PATTERNS = {  # 4 layers x 2 KV heads, True = full
 
 @pytest.mark.parametrize("model_type,granularity,sinks", [
     ("qwen3", "kv_head", 0), ("qwen3", "kv_head", 2), ("llama", "kv_head", 0), ("qwen2", "layer", 0)])
+@pytest.mark.slow
 def test_cached_greedy_matches_recompute(model_type, granularity, sinks):
     model = tiny.build_model(model_type)
     allocation = allocation_for(model, PATTERNS[granularity], sink_tokens=sinks, granularity=granularity)

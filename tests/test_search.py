@@ -150,6 +150,7 @@ def _cli(*args):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_search_writes_an_exact_manifest(tiny_model_dir, text_dir, tmp_path):
     out = tmp_path / "run"
     proc = _cli("search", "--model", tiny_model_dir, "--sparsity", 0.5, "--granularity", "kv_head", "--window", 8,
@@ -173,6 +174,7 @@ def test_cli_bad_input_is_a_clear_error(tiny_model_dir, text_dir, tmp_path, args
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_unknown_model_and_unswappable_model(tmp_path, text_dir):
     proc = _cli("search", "--model", tmp_path / "nope", "--sparsity", 0.5, "--data", text_dir, "--out", tmp_path)
     assert proc.returncode == 2 and "cannot load model" in proc.stderr and "Traceback" not in proc.stderr

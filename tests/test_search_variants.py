@@ -77,6 +77,7 @@ def test_refinement_swaps_misranked_units_and_stays_exact():
     assert swaps == 0 and torch.equal(same, cost)
 
 
+@pytest.mark.slow
 def test_refined_search_records_its_swaps(tiny_model_dir, text_dir):
     cfg = dict(model=str(tiny_model_dir), sparsity=0.5, granularity="kv_head", window=4, dataset=str(text_dir),
                seq_len=32, steps=4, refine_swaps=2)

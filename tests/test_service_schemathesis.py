@@ -70,6 +70,7 @@ def schemathesis(live, config_path, phases: str) -> subprocess.CompletedProcess:
         cwd=config_path.parent, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_failure_on_the_live_server(live, tmp_path):
     for path, phases in [(config(tmp_path, job_id=live.read_job, delete_job_id=live.delete_job),
                           "examples,coverage,fuzzing"),

@@ -45,6 +45,7 @@ def _search(config, tmp_path, name):
     return [torch.load(tmp_path / f"{name}.rank{r}.pt") for r in range(2)]
 
 
+@pytest.mark.slow
 def test_two_ranks_with_sharded_weights_learn_the_gates_of_two_ranks_with_whole_copies(tiny_model_dir, text_dir,
                                                                                         tmp_path):
     whole = _search(_config(tiny_model_dir, text_dir, shard_weights="off"), tmp_path, "whole")
