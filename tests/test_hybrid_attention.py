@@ -151,3 +151,50 @@ def test_allocation_shape_must_match_the_model():
 def test_bad_window_is_refused():
     with pytest.raises(ValueError, match="window"):
         install(tiny.build_model("qwen3"), window=0)
+
+
+GEMMA2 = dict(query_pre_attn_scalar=8, attn_logit_softcapping=1.0, initializer_range=0.1)  # a cap that bites
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_gemma2_soft_capped_swa_equals_its_own_sliding_layers(soft):
+    """Gemma 2 soft-caps its logits (no SDPA): consa's SWA side, hard or soft gates, is transformers' eager
+    sliding attention with the cap."""
+    model = tiny.build_model("gemma2", layer_types=["full_attention"] * 4, **GEMMA2)
+    native = tiny.build_model("gemma2", layer_types=["sliding_attention"] * 4, sliding_window=WINDOW, **GEMMA2)
+    uncapped = tiny.build_model("gemma2", layer_types=["sliding_attention"] * 4, sliding_window=WINDOW,
+                                **{**GEMMA2, "attn_logit_softcapping": None})
+    assert model.config._attn_implementation == native.config._attn_implementation == "eager"
+    x = _tokens(length=32)
+    install(model, window=WINDOW).set_gates(torch.zeros(4, 2, requires_grad=soft))
+    with torch.no_grad():
+        ours, theirs = model(x).logits, native(x).logits
+        assert (theirs - uncapped(x).logits).abs().max() > 1e-2  # the cap acts
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_gemma2_padding_mask_is_respected():
+    model = tiny.build_model("gemma2", layer_types=["full_attention"] * 4, **GEMMA2)
+    install(model, window=WINDOW).set_gates(torch.tensor([[1.0, 0.0]] * 4))
+    x = _tokens(length=30, batch=1)
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), x], 1)
+    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 30, dtype=torch.long)], 1)
+    with torch.no_grad():
+        alone = model(x).logits[:, -1]
+        left_padded = model(padded, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits[:, -1]
+    torch.testing.assert_close(alone, left_padded, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window,sinks", [(16, 0), (16, 2), (64, 0)])
+def test_flex_soft_cap_equals_eager(window, sinks):
+    """The score_mod FlexAttention gets for Gemma 2 (run uncompiled here; the GPU compiles the same function)."""
+    from consa.core.window import swa_visible
+    from consa.model.hybrid_attention import eager_attention, flex_sliding_window
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 64, 8, generator=g) * 3 for n in (4, 2, 2))
+    pos = torch.arange(64)
+    keep = swa_visible(pos[:, None], pos[None, :], window, sinks)
+    out = flex_sliding_window(q, k, v, window, sinks, scaling=0.3, compile=False, softcap=2.0)
+    torch.testing.assert_close(out, eager_attention(q, k, v, keep, 0.3, 2.0), atol=1e-5, rtol=1e-4)
+    assert (out - eager_attention(q, k, v, keep, 0.3, None)).abs().max() > 1e-2

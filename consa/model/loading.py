@@ -31,15 +31,26 @@ def load_model(model: str, revision: str | None = None, device="cpu", dtype=torc
             lm = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=dtype)
     except LOAD_ERRORS as e:
         raise load_error(model, e) from None
+    if soft_capped(lm.config) and lm.config._attn_implementation != "eager":
+        lm.set_attn_implementation("eager")  # SDPA would drop the soft cap (transformers 5.17 lets it)
     tokenizer.model_max_length = int(1e12)  # documents are packed into seq_len rows, never fed whole
     return lm.to(device).eval(), tokenizer
 
 
+def soft_capped(config) -> bool:
+    """Whether a model soft-caps its attention logits (Gemma 2), which SDPA cannot do."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "attn_logit_softcapping", None) is not None
+
+
 def stock_attention(config) -> str:
-    """The stock attention to build a family with: SDPA, or eager where transformers has no SDPA path for it
-    (Gemma 2: its attention logit soft-capping). consa's hybrid attention replaces either once installed."""
+    """The stock attention to build a family with: SDPA, or eager where SDPA cannot run it: attention logit
+    soft-capping (Gemma 2; transformers 5.25 has no SDPA path for it, 5.17 runs SDPA and drops the cap) or a
+    family without SDPA. consa's hybrid attention replaces either once installed."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    if soft_capped(config):
+        return "eager"
     try:
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
