@@ -2,10 +2,10 @@
 deployment relies on, and every command the images run is checked against the package (the module,
 attribute or file it names exists; the migration really runs). These run everywhere.
 
-Where a Docker engine answers, `test_smoke_stack_end_to_end` (marker `docker`) runs docker/smoke.sh:
-the images built, the stack up, a job through it, restarts, a killed and a stopped worker, a stopped
-API, and everything torn down. Without an engine (CI) it skips and says why; `-m "not docker"` leaves
-it out where one runs."""
+`test_smoke_stack_end_to_end` (marker `docker`) runs docker/smoke.sh: the images built, the stack up,
+a job through it, restarts, a killed and a stopped worker, a stopped API, and everything torn down
+(about 10 minutes). It runs when asked for, `pytest -m docker tests/test_docker.py` (or
+CONSA_DOCKER_SMOKE=1), and a Docker engine answers; otherwise it skips and says why (CI has no engine)."""
 
 import importlib
 import importlib.util
@@ -348,7 +348,13 @@ def _docker_engine() -> str | None:
 @pytest.mark.docker
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_smoke_stack_end_to_end(tmp_path):
+def test_smoke_stack_end_to_end(tmp_path, request):
+    markexpr = request.config.getoption("markexpr") or ""
+    asked = os.environ.get("CONSA_DOCKER_SMOKE") == "1" or (re.search(r"\bdocker\b", markexpr)
+                                                              and not re.search(r"\bnot\s+docker\b", markexpr))
+    if not asked:
+        pytest.skip("the Docker smoke test builds and runs the whole stack (~10 min): run it with "
+                    "`python3 -m pytest -m docker tests/test_docker.py` (or CONSA_DOCKER_SMOKE=1)")
     reason = _docker_engine()
     if reason:
         pytest.skip(reason)
