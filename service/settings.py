@@ -4,7 +4,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -27,7 +27,38 @@ class Settings(BaseSettings):
     queue: str = "gpu"
     """Celery queue the jobs go to; one worker process per GPU consumes it."""
     artifact_dir: Path | None = None
-    """Where job artifacts are stored. Empty: <var_dir>/artifacts."""
+    """Where job artifacts are stored (the local store), or a worker's local scratch space (the s3 store: files
+    are staged here, then uploaded). Empty: <var_dir>/artifacts."""
+
+    # -- the artifact store (service/store/) --
+    artifact_store: Literal["local", "s3"] = "local"
+    """`local`: files under artifact_dir, shared by the API and the workers (one host, or a shared volume).
+    `s3`: objects in an S3-compatible bucket, so a worker shares no filesystem with the API. Credentials come
+    from boto3's standard chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role)."""
+    s3_bucket: str = ""
+    """The bucket (s3 store); it must exist."""
+    s3_prefix: str = ""
+    """Prepended to every key: objects are `<prefix><job id>/<name>` (e.g. `consa/`)."""
+    s3_endpoint_url: str = ""
+    """The S3 API's URL for a store that is not AWS (MinIO, Ceph RGW, Swift s3api: http://minio:9000). Empty: AWS."""
+    s3_public_endpoint_url: str = ""
+    """The URL clients reach the store at, for presigned downloads, when it differs from s3_endpoint_url."""
+    s3_region: str = ""
+    """The bucket's region. Empty: AWS_REGION / AWS_DEFAULT_REGION / the AWS config file."""
+    s3_addressing_style: Literal["", "auto", "path", "virtual"] = ""
+    """Bucket in the path or in the host name. Empty: `path` with s3_endpoint_url (MinIO, Swift), else boto3's auto."""
+    s3_part_size_mb: int = Field(32, ge=5, le=5120)
+    """Multipart upload part size (MiB; larger when a file would need more than 10,000 parts). One part is in
+    memory at a time."""
+    s3_presigned_downloads: bool = False
+    """Downloads answer 302 with a presigned URL of the object (the client fetches the bytes from the store,
+    not through the API). Off: the API streams them from the store."""
+    s3_presign_ttl_s: int = Field(300, ge=1, le=7 * 24 * 3600)
+    """How long a presigned download URL is valid."""
+    s3_stale_upload_s: int = 24 * 3600
+    """The reconciler aborts multipart uploads begun longer ago than this (their worker died mid-upload)."""
+    orphan_sweep_interval_s: float = 3600.0
+    """How often the reconciler removes stored files of jobs that no longer exist and stale uploads. 0: never."""
     model_roots: Annotated[list[Path], NoDecode] = []
     """Directories a job's local model path must lie under (os.pathsep or comma separated)."""
     data_roots: Annotated[list[Path], NoDecode] = []
@@ -113,6 +144,8 @@ class Settings(BaseSettings):
         self.database_url = self.database_url or f"sqlite:///{self.var_dir / 'consa.db'}"
         self.broker_url = self.broker_url or f"sqla+sqlite:///{self.var_dir / 'broker.db'}"
         self.artifact_dir = self.artifact_dir or self.var_dir / "artifacts"
+        if self.artifact_store == "s3" and not self.s3_bucket:
+            raise ValueError("CONSA_ARTIFACT_STORE=s3 needs CONSA_S3_BUCKET")
         self.model_roots = [p.expanduser().resolve() for p in self.model_roots]
         self.data_roots = [p.expanduser().resolve() for p in self.data_roots]
         return self

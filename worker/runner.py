@@ -30,6 +30,7 @@ from service.crud import artifact_records, heartbeats, job_events, job_records, 
 from service.db import sessionmaker_for
 from service.models import CANCEL_REQUESTED, CANCELLED, FAILED, RUNNING, SUCCEEDED, Job, utcnow
 from service.settings import Settings
+from service.store import get_store
 
 log = logging.getLogger("consa.worker")
 STOPPING = threading.Event()  # set by the worker's warm shutdown (worker/tasks.py)
@@ -67,7 +68,10 @@ class JobRun:
         self.params = job.params
         self.attempt = job.attempts  # this delivery's attempt: a later one (after a requeue) owns the row
         self.staging: Path | None = None
-        self.state_path = artifacts.search_state_path(settings.artifact_dir, job.id)
+        self.store = get_store(settings)  # service/store/: the local folder, or an S3 bucket (another host's API)
+        # Where the search writes its resume state: in the local store itself; for s3 a local copy, pushed
+        # to the bucket after every save and pulled back by the next attempt, on whichever host it runs.
+        self.state_path = self.store.state_file(job.id)
         self.in_search = True  # until the progress names a later phase: a stop hands the job back only then
 
     def event(self, type: str, message: str, data: dict | None = None) -> None:
@@ -82,6 +86,7 @@ class JobRun:
         if job_states.finish_job(self.session, job=self.job, status=status, attempt=self.attempt, **error):
             try:
                 self.state_path.unlink(missing_ok=True)  # the job ended: nothing will resume from it
+                self.store.delete_state(self.job.id)
             except OSError:  # a broken store: the job's terminal status matters more than the stray file
                 log.warning("job %s: could not remove its search state", self.job.id)
         return job_states.job_status(self.session, job_pk=self.job.pk)
@@ -101,7 +106,8 @@ class JobRun:
                 return job_states.job_status(self.session, job_pk=self.job.pk)
             resume_from, gpus = self.resume_point(config), self.settings.gpus_per_job
             saver = StateSaver(self.state_path, self.settings.checkpoint_every_steps, self.settings.checkpoint_every_s,
-                               start_step=int(resume_from["step"]) if resume_from else 0, last_step=config.steps)
+                               start_step=int(resume_from["step"]) if resume_from else 0, last_step=config.steps,
+                               on_saved=self.push_state)
             if gpus > 1:
                 self.event("info", f"search data-parallel over {gpus} GPUs", {"gpus": gpus})
             # This process is rank 0 (progress, cancel, outputs); helpers() runs ranks 1..N-1 beside it.
@@ -144,7 +150,16 @@ class JobRun:
             f.flush()
             os.fsync(f.fileno())
         probe.unlink()
+        self.store.probe(self.job.id)  # the s3 store: a write to the bucket (a local store: the probe above)
         return staging
+
+    def push_state(self, path: Path) -> None:
+        """After each save of the search state: make it durable in the store. A failed push (the store is
+        away for a moment) costs only resume progress: the search goes on, the next save tries again."""
+        try:
+            self.store.push_state(self.job.id, path)
+        except OSError as e:
+            log.warning("job %s: the search state could not be stored (%s); the search goes on", self.job.id, e)
 
     def hand_back(self) -> str:
         """The worker is stopping mid-search: queue the job again (the search state saved at the last
@@ -162,14 +177,20 @@ class JobRun:
         if not job_states.is_attempt(self.session, job_pk=self.job.pk, attempt=self.attempt):
             return job_states.job_status(self.session, job_pk=self.job.pk)  # another attempt owns the files now
         artifact_records.delete_artifacts(self.session, job=self.job)
-        artifacts.remove_job_files(self.settings.artifact_dir, self.job.id)
+        self.remove_files()
         return self.finish(FAILED, **error)
+
+    def remove_files(self, keep_search_state: bool = False) -> None:
+        try:
+            self.store.delete_job(self.job.id, keep_search_state=keep_search_state)
+        except OSError as e:  # the rows are what the API lists; the orphan sweep or a later attempt cleans up
+            log.warning("job %s: could not remove its stored files (%s)", self.job.id, e)
 
     def resume_point(self, config) -> dict | None:
         """The state an earlier attempt of this job saved, announced as an event; None: start at step 0."""
         from consa.search.loop import load_gate_state
 
-        if self.attempt <= 1 or not self.state_path.exists():
+        if self.attempt <= 1 or not self.store.pull_state(self.job.id, self.state_path):
             if self.attempt > 1:
                 self.event("info", f"attempt {self.attempt}: no saved search state; starting from step 0")
             return None
@@ -222,7 +243,7 @@ class JobRun:
             # A worker that froze past its heartbeat, lost the job to a requeue and woke up: the files
             # in the job's folder are the new attempt's now.
             raise Cancelled("this attempt of the job was superseded")
-        size, sha256 = artifacts.publish(path, self.settings.artifact_dir, self.job.id, name)
+        size, sha256 = self.store.put(self.job.id, name, path)  # sha256 computed while the bytes stream
         artifact_records.add_artifact(self.session, job=self.job, name=name, size=size, sha256=sha256,
                           content_type=artifacts.content_type(name))
 
@@ -232,8 +253,10 @@ class StateSaver:
     `every_steps` steps or `every_s` seconds have passed since the last write. The write is atomic (a
     temporary file, fsync, rename), so a kill at any moment leaves the previous state or the new one."""
 
-    def __init__(self, path: Path, every_steps: int, every_s: float, start_step: int = 0, last_step: int | None = None):
+    def __init__(self, path: Path, every_steps: int, every_s: float, start_step: int = 0, last_step: int | None = None,
+                 on_saved=None):
         self.path, self.every_steps, self.every_s, self.last_step = Path(path), every_steps, every_s, last_step
+        self.on_saved = on_saved  # called with the path after each write (JobRun.push_state: into the store)
         self.enabled = bool(every_steps or every_s)
         self.saved_step, self.saved_at = start_step, time.monotonic()  # a resumed search's state is on disk
 
@@ -252,6 +275,8 @@ class StateSaver:
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         save_gate_state(state, self.path)  # atomic and fsynced
+        if self.on_saved is not None:
+            self.on_saved(self.path)
         log.info("search state saved at step %d", state["step"])
 
 

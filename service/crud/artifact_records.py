@@ -28,3 +28,11 @@ def list_artifacts(session: Session, *, job: Job) -> list[Artifact]:
 
 def get_artifact(session: Session, *, job: Job, name: str) -> Artifact | None:
     return session.scalar(select(Artifact).where(Artifact.job_pk == job.pk, Artifact.name == name))
+
+
+def existing_job_ids(session: Session, *, job_ids: list[str]) -> set[str]:
+    """Which of these job ids have a row (the reconciler's orphan sweep: files of the others go)."""
+    found: set[str] = set()
+    for i in range(0, len(job_ids), 500):
+        found.update(session.scalars(select(Job.id).where(Job.id.in_(job_ids[i:i + 500]))))
+    return found

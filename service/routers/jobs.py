@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.exc import IntegrityError
 
-from service import artifacts, schemas
+from service import schemas
 from service.crud import job_records, job_states, outbox
 from service.deps import ApiKeyDep, JobDep, SessionDep, SettingsDep
 from service.limits.job_size import check_limits
@@ -16,6 +16,7 @@ from service.limits.nul_bytes import NO_NUL_SCHEMA, reject_nul
 from service.locations import resolve_dataset, resolve_model
 from service.problems import PROBLEM_RESPONSES, ProblemError, responses
 from service.queue import enqueue
+from service.store import get_store
 
 log = logging.getLogger("consa.service")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -123,5 +124,8 @@ def delete_job(job: JobDep, session: SessionDep, settings: SettingsDep):
     if not job_records.delete_job(session, job=job):
         raise ProblemError(409, f"job {job_id} is {job.status}; cancel it and delete it once it has ended",
                            code="job_not_finished")
-    artifacts.remove_job_files(settings.artifact_dir, job_id)  # after the rows: a crash leaves files, not links
+    try:  # after the rows: a crash leaves files (the reconciler's orphan sweep removes them), not links
+        get_store(settings).delete_job(job_id)
+    except OSError as e:
+        log.warning("job %s deleted; its files stay for the orphan sweep: %s", job_id, e)
     return schemas.JobDeleted(id=job_id)
