@@ -49,7 +49,10 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     worker: Mapped[str | None] = mapped_column(String(255))
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far: also each attempt's token
+    # Of those, attempts a stopping worker handed back (SIGTERM, a restart): they are not lost attempts,
+    # so CONSA_MAX_ATTEMPTS counts attempts - handbacks.
+    handbacks: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -97,3 +100,4 @@ class Worker(Base):
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     idle_since: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))  # None while it runs a job
+    device: Mapped[str | None] = mapped_column(String(200))  # "cpu", "cuda:NVIDIA H200": the estimate's device kind

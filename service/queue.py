@@ -38,7 +38,9 @@ def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
         task_default_queue=settings.queue,
         task_acks_late=True,
         task_reject_on_worker_lost=False,  # a killed job is settled by the reconciler, never re-run blindly
-        task_time_limit=settings.task_time_limit_s,  # hard limit: the worker process is killed past it
+        # The runner ends a job at task_time_limit_s itself (any pool; the solo pool has no Celery time
+        # limit); a prefork pool's hard limit stays a backstop a little later, for a step that hangs.
+        task_time_limit=settings.task_time_limit_s + 600,
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
         worker_pool="solo",

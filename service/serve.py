@@ -2,7 +2,10 @@
 
 serve() migrates the database, starts one real Celery worker as a child process (solo pool, queue
 from CONSA_QUEUE), keeps it alive (a worker that dies is started again), and serves the API with
-uvicorn until stopped. The API's lifespan runs the reconciler (service/reconciler.py), which settles
+uvicorn until stopped. The worker never outlives it: stopped, it stops its worker (SIGTERM: the job
+is handed back), and killed (SIGKILL, OOM), its worker gets SIGTERM from the kernel (PR_SET_PDEATHSIG,
+Linux) or notices the parent gone (worker/tasks.py), hands its job back, and exits; a restarted
+`consa serve` runs the job again from where it stopped. The API's lifespan runs the reconciler (service/reconciler.py), which settles
 the job a dead worker left behind. `consa serve` reaches this module through the `consa.commands`
 entry point (pyproject.toml), so the library never imports the service.
 """
@@ -20,6 +23,8 @@ from service.settings import Settings, get_settings
 log = logging.getLogger("consa.service")
 
 WORKER_NAME = "consa@%h"
+PARENT_PID_ENV = "CONSA_SERVE_PID"  # the worker's parent; it stops itself when that process is gone
+STOP_GRACE_S = 10.0  # how long a stopping worker may take to hand its job back before it is killed
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)  # a worker that keeps dying is restarted less and less often
 
 
@@ -52,7 +57,8 @@ class WorkerSupervisor:
 
     def _spawn(self) -> None:
         # The worker inherits the environment, so it reads the same CONSA_* settings as this process.
-        self.proc = subprocess.Popen(self.command, env=os.environ.copy())
+        env = os.environ.copy() | {PARENT_PID_ENV: str(os.getpid())}
+        self.proc = subprocess.Popen(self.command, env=env, preexec_fn=die_with_parent(os.getpid()))
         log.info("worker pid %d started", self.proc.pid)
 
     def _watch(self) -> None:
@@ -69,7 +75,7 @@ class WorkerSupervisor:
             self.restarts += 1
             self._spawn()
 
-    def stop(self, grace_s: float = 10.0) -> None:
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         # SIGTERM is Celery's warm shutdown, which would wait for a running job to finish (hours).
         # Give it a moment, then stop it; the reconciler settles the job it held.
         self._stopping.set()
@@ -82,6 +88,28 @@ class WorkerSupervisor:
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
+
+
+def die_with_parent(parent: int):
+    """A preexec_fn: the child gets SIGTERM when this process dies, however it dies (Linux's
+    PR_SET_PDEATHSIG; elsewhere None, and the worker's parent watch does it). libc is resolved here,
+    before the fork: the child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    PR_SET_PDEATHSIG = 1
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the call: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -71,7 +71,9 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 7 * 24 * 3600
     """Redis redelivers an unacknowledged task after this long; keep it above the longest job."""
     task_time_limit_s: int = 24 * 3600
-    """A job still running after this long is killed with its worker process (Celery's hard time limit)."""
+    """A job attempt still running after this long fails (`time_limit_exceeded`): the runner checks it at every
+    step and every unit of the evaluation and export, whatever the pool (Celery's own limit, a backstop 10 min
+    later, works only with the prefork pool)."""
 
     # -- liveness and the reconciler (service/reconciler.py) --
     worker_heartbeat_s: float = 10.0

@@ -64,7 +64,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
-    def start(self, timeout: float = 90) -> "Server":
+    def start(self, timeout: float = 90, probe: str = "/readyz") -> "Server":
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", f"from service.serve import serve; serve('127.0.0.1', {self.port})"],
@@ -74,7 +74,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"consa serve exited {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                if httpx.get(self.url + probe, timeout=2).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
@@ -189,3 +189,54 @@ def wait_until(predicate, timeout: float, what: str, poll_s: float = 0.2):
             return value
         time.sleep(poll_s)
     raise AssertionError(f"not within {timeout}s: {what}")
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own (initdb + pg_ctl on a free port, in a temporary folder), to
+    stop and start at will: never the machine's shared one. As root, the server runs as `postgres`."""
+
+    def __init__(self):
+        import tempfile
+
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="consa-pg-"))
+        self.data, self.log = self.dir / "data", self.dir / "server.log"
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self.as_user = []
+        if os.geteuid() == 0:
+            import shutil
+
+            shutil.chown(self.dir, "postgres", "postgres")
+            self.dir.chmod(0o755)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+
+    def _run(self, *args: str, timeout: float = 60) -> None:
+        subprocess.run([*self.as_user, *args], check=True, capture_output=True, timeout=timeout)
+
+    def init(self) -> "PrivatePostgres":
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", timeout=120)
+        return self.start()
+
+    def start(self) -> "PrivatePostgres":
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "start")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        import shutil
+
+        try:
+            self.stop("immediate")
+        except Exception:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def fault_record(scenario: str, **numbers) -> None:
+    """One measured line of a fault test (`pytest -s` shows it); bench/service_faults.py --faults collects them."""
+    import json
+
+    print("FAULT_RECORD " + json.dumps({"scenario": scenario, **numbers}), flush=True)

@@ -6,10 +6,16 @@ claim, heartbeats (progress), cancel checks, publishing artifacts, the terminal 
 search's resume point: its state is saved into the job's folder of the artifact store every
 CONSA_CHECKPOINT_EVERY_S seconds / _STEPS steps, and a later attempt of the job (its worker died and
 the reconciler queued it again) continues from there instead of from step 0.
-A worker told to stop (SIGTERM: Celery's warm shutdown, e.g. `docker stop`) does not wait for a search
-of hours: STOPPING is set, the search saves its state after the step it is in, and the job is handed
-back (queued again) to resume from that step on the next worker.
-The database is the truth.
+A worker told to stop (SIGTERM: Celery's warm shutdown, e.g. `docker stop`, `consa serve` stopping or
+dying) does not wait for a search of hours: STOPPING is set, the search saves its state after the step
+it is in (or the evaluation / export stops at its next unit: the search's final state is saved), and
+the job is handed back (queued again, not counted as a lost attempt) to resume there on the next worker.
+The database is the truth, and it may be away for a moment (a PostgreSQL restart, a failover): every
+database call of a job waits it out (rollback, reconnect through the pool's pre-ping, retry) for up to
+DB_PATIENCE_S, and the worker's heartbeat beats only the job this process runs (current_job), so a job whose
+attempt died in a way the process survived goes stale and the reconciler settles it.
+A job also ends at CONSA_TASK_TIME_LIMIT_S (checked at every step and every unit of the later phases,
+like a cancel), whatever the pool: Celery's own time limit needs the prefork pool, the workers run solo.
 """
 
 import datetime as dt
@@ -23,10 +29,11 @@ import threading
 import time
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session
 
 from service import artifacts
-from service.crud import artifact_records, heartbeats, job_events, job_records, job_states
+from service.crud import artifact_records, heartbeats, job_events, job_records, job_states, outbox
 from service.db import sessionmaker_for
 from service.models import CANCEL_REQUESTED, CANCELLED, FAILED, RUNNING, SUCCEEDED, Job, utcnow
 from service.settings import Settings
@@ -34,17 +41,33 @@ from service.store import get_store
 
 log = logging.getLogger("consa.worker")
 STOPPING = threading.Event()  # set by the worker's warm shutdown (worker/tasks.py)
+DB_PATIENCE_S = 120.0  # a job waits this long for a database that went away before it gives up
+_current: tuple[int, int] | None = None  # (job pk, attempt) this process runs now: what its heartbeat beats
+
+
+def current_job() -> tuple[int, int] | None:
+    """The job (pk, attempt) this process is running, or None: the heartbeat thread beats only it."""
+    return _current
 
 
 def run_job(job_id: str, settings: Settings, worker: str) -> str | None:
     """Run the job if this delivery may; return its final status, or None when it was not ours to run."""
     with sessionmaker_for(settings.database_url)() as session:
+        if STOPPING.is_set():  # a stopping worker starts nothing (Celery may still hand it a message)
+            outbox.mark_unsent(session, job_id=job_id)
+            log.info("not starting %s: this worker is stopping; the outbox sends it again", job_id)
+            return None
         job = job_states.claim_job(session, job_id=job_id, worker=worker)
         if job is None:
             _not_claimed(session, job_id, settings)
             return None
         log.info("running %s on %s", job.id, worker)
-        return JobRun(session, job, settings).run()
+        global _current
+        _current = (job.pk, job.attempts)
+        try:
+            return JobRun(session, job, settings).run()
+        finally:
+            _current = None
 
 
 def _not_claimed(session: Session, job_id: str, settings: Settings) -> None:
@@ -65,6 +88,9 @@ def _not_claimed(session: Session, job_id: str, settings: Settings) -> None:
 class JobRun:
     def __init__(self, session: Session, job: Job, settings: Settings):
         self.session, self.job, self.settings = session, job, settings
+        # Detached: a rollback (the database went away) must not expire it, or reading job.pk would query.
+        if job in session:
+            session.expunge(job)
         self.params = job.params
         self.attempt = job.attempts  # this delivery's attempt: a later one (after a requeue) owns the row
         self.staging: Path | None = None
@@ -72,24 +98,52 @@ class JobRun:
         # Where the search writes its resume state: in the local store itself; for s3 a local copy, pushed
         # to the bucket after every save and pulled back by the next attempt, on whichever host it runs.
         self.state_path = self.store.state_file(job.id)
-        self.in_search = True  # until the progress names a later phase: a stop hands the job back only then
+        self.in_search = True  # until the progress names a later phase
+        self.saver: StateSaver | None = None
+        # CONSA_TASK_TIME_LIMIT_S, from this attempt's start, checked like a cancel (every step, every
+        # unit of the evaluation and export): the solo pool has no Celery time limit.
+        self.deadline = time.monotonic() + settings.task_time_limit_s
+        self.timed_out = False
+
+    def db(self, call, **kwargs):
+        """`call(session, **kwargs)`, waiting out a database that is down or restarting: roll back the
+        broken transaction, wait (0.5 s doubling to 5 s), try again; after DB_PATIENCE_S the error stands
+        (the job then goes stale and the reconciler settles it)."""
+        deadline, delay = time.monotonic() + DB_PATIENCE_S, 0.5
+        while True:
+            try:
+                return call(self.session, **kwargs)
+            except (OperationalError, InterfaceError, PendingRollbackError, DBAPIError) as e:
+                if isinstance(e, DBAPIError) and not isinstance(e, (OperationalError, InterfaceError)) \
+                        and not e.connection_invalidated:
+                    raise  # a real error in the statement, not the connection
+                try:
+                    self.session.rollback()
+                except Exception:  # the connection is gone: the pool replaces it on the next checkout
+                    log.debug("rollback after a database error failed", exc_info=True)
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("job %s: database unavailable (%s); retrying in %.1fs", self.job.id,
+                            type(e.orig if isinstance(e, DBAPIError) else e).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def event(self, type: str, message: str, data: dict | None = None) -> None:
         from consa.core.errors import Cancelled
 
-        job_events.log_event(self.session, job=self.job, type=type, message=message, data=data)
+        self.db(job_events.log_event, job=self.job, type=type, message=message, data=data)
         # Events come between the steps of the evaluation and export too: a cancel stops them there.
         if self.should_cancel():
             raise Cancelled(f"cancelled during: {message}")
 
     def finish(self, status: str, **error) -> str:
-        if job_states.finish_job(self.session, job=self.job, status=status, attempt=self.attempt, **error):
+        if self.db(job_states.finish_job, job=self.job, status=status, attempt=self.attempt, **error):
             try:
                 self.state_path.unlink(missing_ok=True)  # the job ended: nothing will resume from it
                 self.store.delete_state(self.job.id)
             except OSError:  # a broken store: the job's terminal status matters more than the stray file
                 log.warning("job %s: could not remove its search state", self.job.id)
-        return job_states.job_status(self.session, job_pk=self.job.pk)
+        return self.db(job_states.job_status, job_pk=self.job.pk)
 
     def run(self) -> str:
         from consa.core.config import RunOptions
@@ -103,11 +157,12 @@ class JobRun:
             self.staging = self.writable_staging()
             config = self.search_config()
             if config is None:
-                return job_states.job_status(self.session, job_pk=self.job.pk)
+                return self.db(job_states.job_status, job_pk=self.job.pk)
             resume_from, gpus = self.resume_point(config), self.settings.gpus_per_job
-            saver = StateSaver(self.state_path, self.settings.checkpoint_every_steps, self.settings.checkpoint_every_s,
-                               start_step=int(resume_from["step"]) if resume_from else 0, last_step=config.steps,
-                               on_saved=self.push_state)
+            self.saver = saver = StateSaver(self.state_path, self.settings.checkpoint_every_steps,
+                                            self.settings.checkpoint_every_s,
+                                            start_step=int(resume_from["step"]) if resume_from else 0,
+                                            last_step=config.steps, on_saved=self.push_state)
             if gpus > 1:
                 self.event("info", f"search data-parallel over {gpus} GPUs", {"gpus": gpus})
             # This process is rank 0 (progress, cancel, outputs); helpers() runs ranks 1..N-1 beside it.
@@ -120,6 +175,12 @@ class JobRun:
             # A cancel that came during the last phase still wins over success.
             return self.finish(CANCELLED if self.cancelled() else SUCCEEDED)
         except Cancelled:
+            if self.timed_out and not self.cancelled():
+                limit = self.settings.task_time_limit_s
+                return self.fail(error_code="time_limit_exceeded", error_type="user",
+                                 error_message=f"the job ran longer than this server allows ({limit} s, "
+                                               "CONSA_TASK_TIME_LIMIT_S); submit it with fewer steps, a shorter "
+                                               "seq_len or without evaluate")
             if STOPPING.is_set() and not self.cancelled():
                 return self.hand_back()
             return self.finish(CANCELLED)
@@ -162,21 +223,21 @@ class JobRun:
             log.warning("job %s: the search state could not be stored (%s); the search goes on", self.job.id, e)
 
     def hand_back(self) -> str:
-        """The worker is stopping mid-search: queue the job again (the search state saved at the last
-        step stays, so the next attempt resumes there), as a restart of this worker would."""
-        from service.reconciler import settle_lost
-
-        job_events.log_event(self.session, job=self.job, type="info",
+        """The worker is stopping: queue the job again (the search state saved at the last step stays,
+        so the next attempt resumes there). Not a lost attempt: a graceful restart never fails a job."""
+        self.db(job_events.log_event, job=self.job, type="info",
                              message="worker stopping: the job goes back to the queue")
         log.warning("job %s handed back: the worker is stopping", self.job.id)
-        settle_lost(self.settings, worker=self.job.worker)
-        return job_states.job_status(self.session, job_pk=self.job.pk)
+        if self.db(job_states.hand_back_job, job=self.job, attempt=self.attempt):
+            # This attempt's partial artifacts go; its search state stays for the next one.
+            self.remove_files(keep_search_state=True)
+        return self.db(job_states.job_status, job_pk=self.job.pk)
 
     def fail(self, **error) -> str:
         """A failed job lists no artifacts: the partial ones of this attempt are removed, rows and files."""
-        if not job_states.is_attempt(self.session, job_pk=self.job.pk, attempt=self.attempt):
-            return job_states.job_status(self.session, job_pk=self.job.pk)  # another attempt owns the files now
-        artifact_records.delete_artifacts(self.session, job=self.job)
+        if not self.db(job_states.is_attempt, job_pk=self.job.pk, attempt=self.attempt):
+            return self.db(job_states.job_status, job_pk=self.job.pk)  # another attempt owns the files now
+        self.db(artifact_records.delete_artifacts, job=self.job)
         self.remove_files()
         return self.finish(FAILED, **error)
 
@@ -197,14 +258,17 @@ class JobRun:
         try:
             state = load_gate_state(self.state_path)
             step = int(state["step"])
-            if not 0 < step < config.steps or state["log_alpha"].numel() == 0:
+            # step == steps: the search had ended (the job died in its evaluation or export); the
+            # search runs no step and finalizes to the same allocation.
+            if not 0 < step <= config.steps or state["log_alpha"].numel() == 0:
                 raise ValueError(f"step {step} of {config.steps}")
         except Exception as e:  # a state that does not fit: the search starts over rather than fail
             log.warning("job %s: unusable search state (%s); starting from step 0", self.job.id, e)
             self.event("warning", f"attempt {self.attempt}: the saved search state is unusable; starting from step 0")
             return None
-        self.event("info", f"resumed from step {step} (attempt {self.attempt})",
-                   data={"resumed_from_step": step, "attempt": self.attempt})
+        after = " (the search had ended: it is not run again)" if step == config.steps else ""
+        self.event("info", f"resumed from step {step} (attempt {self.attempt}){after}",
+                   data={"resumed_from_step": step, "attempt": self.attempt, "search_done": step == config.steps})
         return state
 
     def search_config(self):
@@ -224,27 +288,35 @@ class JobRun:
     def progress(self, record: dict) -> None:
         self.in_search = record.get("phase") in (None, "search")
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
-        heartbeats.record_progress(self.session, job=self.job, progress=clean)
+        self.db(heartbeats.record_progress, job=self.job, progress=clean)
 
     def should_cancel(self) -> bool:
         # The worker stops: the search ends after this step (its state saved); the evaluation and the
-        # export, minutes at most, finish first (Celery's warm shutdown waits for them).
-        return (STOPPING.is_set() and self.in_search) or self.cancelled()
+        # export stop at their next unit when the search's final state is saved (the next attempt resumes
+        # after the search), else they finish first (Celery's warm shutdown waits for them).
+        if time.monotonic() > self.deadline:
+            self.timed_out = True
+            return True
+        return (STOPPING.is_set() and (self.in_search or self.search_saved())) or self.cancelled()
+
+    def search_saved(self) -> bool:
+        return self.saver is not None and self.saver.enabled and self.saver.saved_step >= (self.saver.last_step or 0) \
+            and self.state_path.exists()
 
     def cancelled(self) -> bool:
         # Anything but running *here* stops the job: cancel_requested, a row someone else ended, or a
         # row the reconciler gave to another worker (or attempt) because this one looked dead.
-        return not job_states.runs_on(self.session, job_pk=self.job.pk, worker=self.job.worker, attempt=self.attempt)
+        return not self.db(job_states.runs_on, job_pk=self.job.pk, worker=self.job.worker, attempt=self.attempt)
 
     def publish(self, name: str, path: Path) -> None:
         from consa.core.errors import Cancelled
 
-        if not job_states.is_attempt(self.session, job_pk=self.job.pk, attempt=self.attempt):
+        if not self.db(job_states.is_attempt, job_pk=self.job.pk, attempt=self.attempt):
             # A worker that froze past its heartbeat, lost the job to a requeue and woke up: the files
             # in the job's folder are the new attempt's now.
             raise Cancelled("this attempt of the job was superseded")
         size, sha256 = self.store.put(self.job.id, name, path)  # sha256 computed while the bytes stream
-        artifact_records.add_artifact(self.session, job=self.job, name=name, size=size, sha256=sha256,
+        self.db(artifact_records.add_artifact, job=self.job, name=name, size=size, sha256=sha256,
                           content_type=artifacts.content_type(name))
 
 

@@ -165,7 +165,11 @@ class Search:
             self.optimizer.state[self.gate.log_alpha] = {"step": torch.tensor(float(state["adam_step"])),
                                                          "exp_avg": state["exp_avg"].to(self.device),
                                                          "exp_avg_sq": state["exp_avg_sq"].to(self.device)}
-        return int(state.get("step", 0))
+        step = int(state.get("step", 0))
+        if step > 0:  # the temperature of the last step taken: a state saved at the end runs no step,
+            # and finalize's gate_prob_full / expected sparsity read it
+            self.gate.beta = annealed_beta(step - 1, self.config.steps, self.config.temperature_final)
+        return step
 
     def state(self, step: int) -> dict:
         """What a resumed search needs to continue exactly at `step`."""

@@ -29,17 +29,27 @@ def record_progress(session: Session, *, job: Job, progress: dict) -> str:
     return job_status(session, job_pk=job.pk)
 
 
-def beat_worker(session: Session, *, worker: str) -> int:
-    """A worker is alive: beat the jobs it runs and its own row. Returns how many jobs it runs."""
+def beat_worker(session: Session, *, worker: str, job: tuple[int, int] | None = None, device: str | None = None) -> int:
+    """A worker is alive: beat its own row and the one job its process runs now, `job` = (pk, attempt),
+    only while that attempt still holds it. Never every job that names the worker: an attempt that died
+    while its process lived on (a database outage broke it) must go stale for the reconciler to settle
+    it. Returns 1 when it beat a job, else 0."""
     now = utcnow()
-    running = session.execute(update(Job).where(Job.worker == worker, Job.status.in_((RUNNING, CANCEL_REQUESTED)))
-                              .values(heartbeat_at=now), execution_options=PLAIN).rowcount
+    running = 0
+    if job is not None:
+        pk, attempt = job
+        running = session.execute(update(Job).where(Job.pk == pk, Job.worker == worker, Job.attempts == attempt,
+                                                    Job.status.in_((RUNNING, CANCEL_REQUESTED)))
+                                  .values(heartbeat_at=now), execution_options=PLAIN).rowcount
     row = session.get(Worker, worker)
     if row is None:
-        session.add(Worker(name=worker, started_at=now, heartbeat_at=now, idle_since=None if running else now))
+        session.add(Worker(name=worker, started_at=now, heartbeat_at=now, idle_since=None if job else now,
+                           device=device))
     else:
         row.heartbeat_at = now
-        row.idle_since = None if running else (row.idle_since or now)
+        row.idle_since = None if job else (row.idle_since or now)
+        if device is not None:
+            row.device = device
     session.commit()
     return running
 

@@ -6,6 +6,7 @@ and the workers can race without either overwriting the other:
       └──cancel──► cancelled
     running, cancel_requested whose worker died: queued again (attempts left), failed (worker_lost),
     or cancelled (it was cancel_requested)
+    running whose worker is told to stop (SIGTERM): handed back, queued again; not a lost attempt
 """
 
 import datetime as dt
@@ -108,14 +109,14 @@ def settle_lost_jobs(session: Session, *, max_attempts: int, stale_before: dt.da
         if job.status == CANCEL_REQUESTED:
             values = dict(status=CANCELLED, finished_at=utcnow())
             kind, message = "cancelled", f"job cancelled: its worker {job.worker} stopped"
-        elif job.attempts < max_attempts:
+        elif lost_attempts(job) < max_attempts:
             # Partial artifacts of the lost attempt go; the caller removes their files.
             values = dict(status=QUEUED, worker=None, progress=None, started_at=None, enqueued_at=None)
             kind, message = "requeued", (f"worker {job.worker} lost; job queued again "
-                                         f"(attempt {job.attempts + 1} of {max_attempts})")
+                                         f"(attempt {lost_attempts(job) + 1} of {max_attempts})")
         else:
             values = dict(status=FAILED, finished_at=utcnow(), error_code="worker_lost", error_type="system",
-                          error_message=f"the worker running this job stopped ({job.attempts} attempts); "
+                          error_message=f"the worker running this job stopped ({lost_attempts(job)} attempts); "
                                         "submit the job again")
             kind, message = "failed", "job failed: worker lost"
         if session.execute(same.values(**values), execution_options=PLAIN).rowcount != 1:
@@ -127,6 +128,26 @@ def settle_lost_jobs(session: Session, *, max_attempts: int, stale_before: dt.da
         session.commit()
         outcome[kind].append(job.id)
     return outcome
+
+
+def lost_attempts(job: Job) -> int:
+    """Attempts that count against CONSA_MAX_ATTEMPTS: every claim but those a stopping worker handed back."""
+    return job.attempts - (job.handbacks or 0)
+
+
+def hand_back_job(session: Session, *, job: Job, attempt: int) -> bool:
+    """A worker told to stop (SIGTERM: a restart, `docker stop`) gives its running job back to the queue
+    (the search state it saved stays, the next attempt resumes from it). Unlike a lost worker's job, this
+    attempt does not count against CONSA_MAX_ATTEMPTS. Only the attempt that runs the job can hand it back."""
+    done = _set_status(session, job_pk=job.pk, old=(RUNNING,), new=QUEUED, _attempt=attempt, worker=None,
+                       progress=None, started_at=None, enqueued_at=None, handbacks=Job.handbacks + 1)
+    if done:
+        session.execute(delete(Artifact).where(Artifact.job_pk == job.pk))
+        add_event(session, job_pk=job.pk, type="status",
+                  message=f"worker {job.worker} stopping; job queued again (handed back: not a lost attempt)",
+                  data={"status": QUEUED, "handed_back": True})
+    session.commit()
+    return done
 
 
 # -- reads of the status ------------------------------------------------------------------------

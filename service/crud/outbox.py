@@ -16,6 +16,14 @@ def mark_enqueued(session: Session, *, job_id: str) -> None:
     session.commit()
 
 
+def mark_unsent(session: Session, *, job_id: str) -> None:
+    """A queued job's message was taken by a worker that may not run it (it is stopping): send it again
+    on the reconciler's next pass, to whichever worker is there then."""
+    session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(enqueued_at=None),
+                    execution_options=PLAIN)
+    session.commit()
+
+
 def jobs_to_publish(session: Session, *, created_before: dt.datetime, republish_before: dt.datetime | None,
                     limit: int = 100) -> list[str]:
     """Queued jobs never published (older than `created_before`, so the request that made them had its
