@@ -467,3 +467,30 @@ def _get(url: str) -> int:
             return resp.status
     except OSError:
         return 0
+
+
+# -- models on workers of other hosts ----------------------------------------------------------------
+def test_a_worker_without_the_model_fails_the_job_with_a_clear_message(tmp_path, text_dir):
+    """The API accepts a path under its model roots; the worker that lacks the folder (another host without
+    the shared model mount) fails the job as the user's error, with a message that says what to check."""
+    from service.crud import api_keys, job_events, job_records
+    from service.db import sessionmaker_for
+    from service.schemas import JobCreate
+    from service.serve import prepare
+    from worker.runner import run_job
+
+    settings = Settings(var_dir=tmp_path / "var")
+    prepare(settings)
+    model = str(tmp_path / "models" / "qwen3-not-mounted-here")
+    params = dict(JobCreate(model=model, sparsity=0.5, steps=2, seq_len=64, window=16).model_dump(exclude={"metadata"}),
+                  dataset=str(text_dir))
+    with sessionmaker_for(settings.database_url)() as session:
+        key = api_keys.get_api_key(session, key=api_keys.create_api_key(session, name="k"))
+        job_id = job_records.create_job(session, api_key_id=key.id, model=model, params=params, meta={}).id
+    assert run_job(job_id, settings, worker="gpu0@elsewhere") == "failed"
+    with sessionmaker_for(settings.database_url)() as session:
+        job = job_records.get_job(session, job_id=job_id)
+        assert (job.error_type, job.error_code) == ("user", "model_not_loadable")
+        assert "not on the worker" in job.error_message and "CONSA_MODEL_ROOTS" in job.error_message
+        assert "Traceback" not in job.error_message
+        assert not [e for e in job_events.list_events(session, job=job, limit=100)[0] if e.type == "progress"]

@@ -279,6 +279,14 @@ class JobRun:
                         error_message=f"{self.params['model']!r} names a local folder of the worker, not a hub "
                                       "model; give an absolute path under a model root")
             return None
+        if Path(self.params["model"]).is_absolute() and not Path(self.params["model"]).exists():
+            # The API checked the path against its model roots, but the model is read here, on the worker:
+            # on another host it must see the same folder (the shared, read-only model mount).
+            self.finish(FAILED, error_code="model_not_loadable", error_type="user",
+                        error_message=f"model {self.params['model']!r} is not on the worker that ran the job: no such "
+                                      "folder. Check the path; if it is right, the server's workers lack the shared "
+                                      "model folder (CONSA_MODEL_ROOTS): ask its operator")
+            return None
         try:
             return search_config_of(self.params)
         except ValueError as e:  # the request passed the API's checks but not the library's
