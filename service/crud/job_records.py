@@ -3,11 +3,11 @@
 import datetime as dt
 import secrets
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from service.crud.job_events import add_event
-from service.models import CANCEL_REQUESTED, QUEUED, RUNNING, TERMINAL, Artifact, Job, JobEvent, utcnow
+from service.models import CANCEL_REQUESTED, QUEUED, RUNNING, TERMINAL, ApiKey, Artifact, Job, JobEvent, utcnow
 
 
 def new_job_id() -> str:
@@ -62,6 +62,18 @@ def list_jobs(session: Session, *, api_key_id: int, limit: int, after: str | Non
         query = query.where(Job.pk < cursor.pk)
     rows = list(session.scalars(query.order_by(Job.pk.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
+
+
+def lock_key_for_submit(session: Session, *, api_key_id: int) -> None:
+    """Hold the key's row until this transaction ends, so that counting the key's active jobs and inserting
+    its new one cannot interleave with another submit of the same key (the quota is exact under concurrent
+    submits). PostgreSQL: SELECT ... FOR UPDATE on the key's row. SQLite: a write to the row, which takes
+    the database's one write lock (waited for, up to the busy timeout) before the count reads."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(ApiKey).where(ApiKey.id == api_key_id).values(name=ApiKey.name),
+                        execution_options={"synchronize_session": False})
+    else:
+        session.execute(select(ApiKey.id).where(ApiKey.id == api_key_id).with_for_update())
 
 
 def count_active_jobs(session: Session, *, api_key_id: int) -> int:

@@ -49,6 +49,8 @@ def create_job(body: schemas.JobCreate, request: Request, response: Response, se
     params = body.model_dump(exclude={"metadata"})
     params["model"] = resolve_model(settings, body.model)
     params["dataset"] = resolve_dataset(settings, body.dataset)
+    # The count and the insert under the key's lock (released by create_job's commit): exact under a burst.
+    job_records.lock_key_for_submit(session, api_key_id=key.id)
     active = job_records.count_active_jobs(session, api_key_id=key.id)
     if active >= settings.max_active_jobs_per_key:
         raise ProblemError(429, f"this key has {active} queued or running jobs, the most allowed "
