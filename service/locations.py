@@ -24,8 +24,9 @@ def resolve_model(settings: Settings, model: str) -> str:
         # resolve() follows symlinks and "..", so a link inside a root cannot point outside it.
         path = Path(model).expanduser().resolve()
         if not _under(path, settings.model_roots):
-            roots = ", ".join(map(str, settings.model_roots)) or "none configured (CONSA_MODEL_ROOTS)"
-            raise field_error(422, loc, f"model path is outside the allowed model roots ({roots})", "model_path_not_allowed")
+            # The roots are the server's layout: named to its operator (CONSA_MODEL_ROOTS), never to a client.
+            raise field_error(422, loc, "model path is outside the server's model roots (CONSA_MODEL_ROOTS); "
+                                        "ask its operator where models go", "model_path_not_allowed")
         return str(path)
     if not _HUB_ID.fullmatch(model) or ".." in model:
         raise field_error(422, loc, "expected a hub model ID (org/name) or an absolute local path", "invalid_model")
@@ -46,7 +47,6 @@ def resolve_dataset(settings: Settings, dataset: str | None) -> str:
                           "dataset_path_not_allowed")
     path = Path(dataset).expanduser().resolve()
     if not _under(path, settings.data_roots):
-        roots = ", ".join(map(str, settings.data_roots)) or "none configured (CONSA_DATA_ROOTS)"
-        raise field_error(422, loc, f"dataset path is outside the allowed data roots ({roots})",
-                          "dataset_path_not_allowed")
+        raise field_error(422, loc, "dataset path is outside the server's data roots (CONSA_DATA_ROOTS); "
+                                    "ask its operator where datasets go", "dataset_path_not_allowed")
     return str(path)

@@ -89,6 +89,7 @@ def _openapi(app: FastAPI) -> dict:
         from fastapi.openapi.utils import get_openapi
 
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        _state_limits(schema, app.state.settings)
         for path in schema["paths"].values():
             for operation in path.values():
                 for status, response in operation.get("responses", {}).items():
@@ -97,6 +98,23 @@ def _openapi(app: FastAPI) -> dict:
                         content["application/problem+json"] = content.pop("application/json", {})
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _state_limits(schema: dict, settings: Settings) -> None:
+    """This server's bounds on a job (CONSA_MAX_STEPS, _SEQ_LEN, _BATCH_SIZE) as the request schema's maxima,
+    so a client (or schemathesis) knows a schema-valid request is within them; a default above a bound is
+    the bound on this server. The product bound
+    (CONSA_MAX_TOKENS_PER_JOB) and the metadata's byte size are not expressible in JSON Schema."""
+    fields = {"steps": settings.max_steps, "seq_len": settings.max_seq_len, "batch_size": settings.max_batch_size,
+              "duo_steps": settings.max_steps}
+    properties = schema.get("components", {}).get("schemas", {}).get("JobCreate", {}).get("properties", {})
+    for name, bound in fields.items():
+        prop = properties.get(name, {})
+        for branch in [prop, *prop.get("anyOf", [])]:
+            if branch.get("type") == "integer":
+                branch["maximum"] = min(branch.get("maximum", bound), bound)
+        if isinstance(prop.get("default"), int) and prop["default"] > bound:
+            prop["default"] = bound  # a field left out gets the bound here (limits.job_size.check_limits)
 
 
 def __getattr__(name):

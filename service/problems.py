@@ -53,6 +53,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:
+            # FastAPI's own 400: a body it could not parse (invalid UTF-8, JSON nested past the parser's
+            # depth). The routes raise ProblemError, never a bare 400.
+            return problem_response(request, 400, "the request body is not valid JSON (UTF-8, nested at most "
+                                                  "a few hundred levels)", code="malformed_json")
         return problem_response(request, exc.status_code, str(exc.detail), code=_CODES.get(exc.status_code),
                                 headers=getattr(exc, "headers", None))
 

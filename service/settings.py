@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     A job whose worker died resumes from it, so a 6-hour search killed at hour 5 loses about a minute."""
     checkpoint_every_steps: int = 500
     """...and at least every this many steps (whichever comes first); 0: by time only. Both 0: never."""
+    min_free_disk_mb: int = 1024
+    """/readyz answers 503 (`checks.artifacts`) while the artifact store has less free space than this: every
+    job would fail writing its checkpoint. 0: not checked."""
     gpus_per_job: int = 1
     """GPUs a worker runs each job's search over, data-parallel (consa.distributed): the worker must see
     this many (cuda:0..N-1, e.g. through its container's device reservation)."""

@@ -152,6 +152,10 @@ class JobRun:
         from consa.recipe.pipeline import run_allocation
         from consa.search.distributed import helpers
 
+        from consa.core.data import confine_reads
+
+        # The API checked the dataset's path; the files inside a dataset folder are checked as they are read.
+        confine_reads(self.settings.data_roots or None)
         try:
             # Before the search, not after hours of it: a full or read-only store fails the job now.
             self.staging = self.writable_staging()

@@ -36,6 +36,23 @@ class TextSource:
     text_field: str | None = None  # the column of a jsonl / parquet / arrow / `datasets` source
 
 
+_confined_to: list[Path] | None = None  # confine_reads(): the folders every file read must lie under
+
+
+def confine_reads(roots) -> None:
+    """From now on, in this process, read a dataset's files only where they really lie under one of
+    `roots` (symlinks resolved): a server's worker confines jobs to its data roots, so a link inside a
+    dataset folder cannot make it read a file elsewhere. None: no confinement (the default)."""
+    global _confined_to
+    _confined_to = None if roots is None else [Path(r).resolve() for r in roots]
+
+
+def _check_confined(f: Path, top: Path) -> None:
+    if _confined_to is not None and not any(f.resolve().is_relative_to(root) for root in _confined_to):
+        where = f.relative_to(top) if f.is_relative_to(top) else f.name
+        raise DataError(f"{where} in the dataset links outside the allowed data roots; it is not read")
+
+
 def iter_texts(path, max_files: int | None = None, seed: int = 0, suffixes=None, text_field: str | None = None):
     """Yield documents from a file, a directory of text files, a .jsonl with a `text` field, or (with
     the `data` extra) parquet / arrow / .jsonl.zst files, a directory saved by `datasets`
@@ -51,6 +68,8 @@ def iter_texts(path, max_files: int | None = None, seed: int = 0, suffixes=None,
             return
         raise DataError(f"dataset path does not exist: {path}")
     if path.is_dir() and _is_saved_dataset(path):
+        for f in (p for p in path.rglob("*") if p.is_file()):
+            _check_confined(f, path)
         yield from _iter_dataset(path, "disk", text_field)
         return
     if path.is_dir():
@@ -64,6 +83,8 @@ def iter_texts(path, max_files: int | None = None, seed: int = 0, suffixes=None,
     # (package data in site-packages), or the `datasets` extra may be missing: such a file is skipped
     # with a warning there. A folder of dataset files only, or a single file, fails on it.
     mixed = any(not _builder(f) for f in files)
+    for f in files:
+        _check_confined(f, path)
     for f in files[:max_files]:
         if _builder(f):
             try:

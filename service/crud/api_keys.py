@@ -42,3 +42,8 @@ def revoke_api_keys(session: Session, *, name: str) -> int:
                              .values(revoked_at=utcnow()), execution_options=PLAIN)
     session.commit()
     return result.rowcount
+
+
+def key_is_active(session: Session, *, api_key_id: int) -> bool:
+    """The key exists and is not revoked (an open event stream asks on every poll)."""
+    return bool(session.scalar(select(ApiKey.revoked_at.is_(None)).where(ApiKey.id == api_key_id)))

@@ -16,6 +16,9 @@ def check_limits(settings: Settings, body) -> None:
                                    ("batch_size", settings.max_batch_size, "CONSA_MAX_BATCH_SIZE"),
                                    ("duo_steps", settings.max_steps, "CONSA_MAX_STEPS")):
         value = getattr(body, field)
+        if value is not None and value > bound and field not in body.model_fields_set:
+            setattr(body, field, bound)  # a default above this server's bound: the bound (as its schema says)
+            continue
         if value is not None and value > bound:
             raise field_error(422, ["body", field], f"at most {bound} on this server ({variable})", "limit_exceeded")
     tokens = body.steps * body.seq_len * body.batch_size

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from service import schemas
-from service.crud import job_events, job_records, job_states
+from service.crud import api_keys, job_events, job_records, job_states
 from service.db import sessionmaker_for
 from service.deps import JobDep, SessionDep, SettingsDep
 from service.problems import PROBLEM_RESPONSES
@@ -48,6 +48,8 @@ def list_events(job: JobDep, session: SessionDep, settings: SettingsDep, request
 
 def _poll(database_url: str, job_id: str, api_key_id: int, after: int | None):
     with sessionmaker_for(database_url)() as session:
+        if not api_keys.key_is_active(session, api_key_id=api_key_id):  # revoked while streaming: stop now
+            return [], True
         job = job_records.get_job(session, job_id=job_id, api_key_id=api_key_id)
         if job is None:  # deleted while streamed: nothing more will come
             return [], True

@@ -1,6 +1,7 @@
 """Liveness, readiness and Prometheus metrics. No authentication: probes and scrapers have no keys."""
 
 import datetime as dt
+import os
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -23,13 +24,14 @@ def healthz():
 
 
 @router.get("/readyz", response_model=schemas.Health,
-            summary="The database and the broker are reachable, and a worker is alive",
+            summary="The database and the broker are reachable, a worker is alive, the artifact store has room",
             responses={503: {"model": schemas.Health}})
 def readyz(request: Request, settings: SettingsDep):
-    """503 when the database or the broker cannot be reached, or no worker has beaten its heartbeat
-    for `CONSA_STALE_AFTER_S` (jobs would be accepted but wait)."""
+    """503 when the database or the broker cannot be reached, no worker has beaten its heartbeat
+    for `CONSA_STALE_AFTER_S` (jobs would be accepted but wait), or the artifact store has less free
+    space than `CONSA_MIN_FREE_DISK_MB` (jobs would fail)."""
     checks = {"database": _check_database(settings.database_url), "broker": _check_broker(request.app.state.celery),
-              "worker": _check_worker(settings)}
+              "worker": _check_worker(settings), "artifacts": _check_disk(settings)}
     ok = all(v == "ok" for v in checks.values())
     body = schemas.Health(status="ok" if ok else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
@@ -52,6 +54,21 @@ def _check_worker(settings: Settings) -> str:
         return "ok" if alive else f"error: no worker has beaten its heartbeat in {settings.stale_after_s}s"
     except Exception as e:
         return f"error: {type(e).__name__}"
+
+
+def _check_disk(settings: Settings) -> str:
+    """The artifact store takes writes: free space at least CONSA_MIN_FREE_DISK_MB (statvfs, as a
+    non-root writer sees it). Says how much is free, never where."""
+    if settings.min_free_disk_mb <= 0:
+        return "ok"
+    try:
+        stat = os.statvfs(settings.artifact_dir)
+    except OSError as e:
+        return f"error: {e.strerror or type(e).__name__}"
+    free_mb = stat.f_bavail * stat.f_frsize // 2**20
+    if free_mb < settings.min_free_disk_mb:
+        return f"error: the artifact store has {free_mb} MB free, under CONSA_MIN_FREE_DISK_MB={settings.min_free_disk_mb}"
+    return "ok"
 
 
 def _check_broker(celery) -> str:

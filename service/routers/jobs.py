@@ -36,7 +36,7 @@ def create_job(body: schemas.JobCreate, request: Request, response: Response, se
                                                                          "body return the same job.")] = None):
     """Queue a search. Answers 202 with the job; poll it, or follow its events. 429 (with Retry-After)
     when the key already has its quota of queued and running jobs, or sends requests too fast."""
-    reject_nul(body.model_dump(mode="json"), ["body"])
+    reject_nul(body.model_dump(), ["body"])  # python mode: the JSON mode would mangle a lone surrogate in a key
     request_hash = _request_hash(body)
     if idempotency_key is not None:
         existing = job_records.get_job_by_idempotency_key(session, api_key_id=key.id,
@@ -91,15 +91,16 @@ def list_jobs(session: SessionDep, key: ApiKeyDep, settings: SettingsDep,
               status: Annotated[schemas.Status | None, Query()] = None,
               model: Annotated[str | None, Query(max_length=1000, json_schema_extra=NO_NUL_SCHEMA)] = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              after: Annotated[str | None, Query(max_length=40, description="Last job id of the previous page.",
+              after: Annotated[str | None, Query(max_length=40, description="Last job id of the previous page "
+                                                                           "(one naming no job of yours: an empty page).",
                                                  json_schema_extra=NO_NUL_SCHEMA)] = None):
     reject_nul({"model": model, "after": after}, ["query"])
     try:
         jobs, has_more = job_records.list_jobs(session, api_key_id=key.id,
                                                limit=min(limit, settings.max_page_size), after=after,
                                                status=status, model=model)
-    except LookupError:
-        raise ProblemError(400, f"unknown cursor job {after}", code="invalid_cursor") from None
+    except LookupError:  # a cursor naming no job of this key (deleted, or never one): nothing comes after it
+        jobs, has_more = [], False
     data = [schemas.Job.of(j) for j in jobs]
     return schemas.JobList(data=data, has_more=has_more, first_id=data[0].id if data else None,
                            last_id=data[-1].id if data else None)
