@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from consa.core.errors import DataError
+from consa.core.errors import Cancelled, DataError
 from consa.core.units import exact_swa_mask
 from consa.core.manifest import Allocation
 from consa.core.units import UnitGrid, unit_grid
@@ -140,7 +140,7 @@ def unit_scores(grid: UnitGrid, scores: torch.Tensor) -> torch.Tensor:
 # -- baselines that score the model ---------------------------------------------------------------
 @torch.no_grad()
 def heuristic_loss_scores(model, calibration: torch.Tensor, granularity: str, window: int,
-                          sink_tokens: int = 0, batch_size: int = 4) -> torch.Tensor:
+                          sink_tokens: int = 0, batch_size: int = 4, should_cancel=None) -> torch.Tensor:
     """Loss increase on `calibration` (N, T) token rows when each unit alone becomes SWA: (count,) per unit.
 
     Costs N_units + 1 passes over the rows; the scores do not depend on the sparsity, so compute them
@@ -169,6 +169,8 @@ def heuristic_loss_scores(model, calibration: torch.Tensor, granularity: str, wi
         base = loss_with(None)
         scores = []
         for unit in range(grid.count):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(f"cancelled at unit {unit} of the heuristic-loss baseline")
             alone = torch.ones(grid.count)
             alone[unit] = 0.0  # this unit alone slides
             scores.append(loss_with(grid.to_grid(alone).to(device)) - base)
@@ -186,7 +188,7 @@ def retrieval_head_scores(model, calibration: torch.Tensor, window: int, sink_to
 
 
 def duo_scores(model, calibration: torch.Tensor, window: int, sink_tokens: int = 0, *, tokenizer=None,
-               dataset=None, steps: int | None = None, seed: int = 0) -> torch.Tensor:
+               dataset=None, steps: int | None = None, seed: int = 0, should_cancel=None) -> torch.Tensor:
     """(L, K) DuoAttention gates. Trained on `dataset` (rows, labels) when given; else on passkey
     documents built from the calibration text when a tokenizer is at hand (their recipe); else on the
     calibration text itself, every token scored."""
@@ -203,7 +205,7 @@ def duo_scores(model, calibration: torch.Tensor, window: int, sink_tokens: int =
             except DataError:  # rows too short to hold the keys: distil on the text itself
                 pass
     return duo.duo_head_scores(model, rows, labels, window=window, sink_tokens=sink_tokens,
-                               steps=steps or duo.DEFAULT_STEPS, seed=seed)
+                               steps=steps or duo.DEFAULT_STEPS, seed=seed, should_cancel=should_cancel)
 
 
 # -- registry ---------------------------------------------------------------------------------------
@@ -238,13 +240,15 @@ BASELINES: dict[str, Baseline] = {b.name: b for b in (
     Baseline("even", swa=lambda grid, shape, sparsity, seed: (swa_even_quota(shape, sparsity), {}),
              finer_than_layers=True),
     Baseline("random", swa=_random_units),
-    Baseline("heuristic-loss", scores=lambda model, calibration, granularity, window, *, sink_tokens=0, **_:
-             heuristic_loss_scores(model, calibration, granularity, window, sink_tokens)),
+    Baseline("heuristic-loss", scores=lambda model, calibration, granularity, window, *, sink_tokens=0,
+             should_cancel=None, **_: heuristic_loss_scores(model, calibration, granularity, window, sink_tokens,
+                                                            should_cancel=should_cancel)),
     Baseline("retrieval-heads", scores=lambda model, calibration, granularity, window, *, sink_tokens=0, **_:
              retrieval_head_scores(model, calibration, window, sink_tokens)),
     Baseline("duo", scores=lambda model, calibration, granularity, window, *, sink_tokens=0, tokenizer=None,
-             dataset=None, steps=None, seed=0: duo_scores(model, calibration, window, sink_tokens, tokenizer=tokenizer,
-                                                          dataset=dataset, steps=steps, seed=seed)),
+             dataset=None, steps=None, seed=0, should_cancel=None: duo_scores(
+                 model, calibration, window, sink_tokens, tokenizer=tokenizer, dataset=dataset, steps=steps, seed=seed,
+                 should_cancel=should_cancel)),
 )}
 SCORED = tuple(name for name, b in BASELINES.items() if b.scores is not None)  # they score the model on rows
 
@@ -273,7 +277,7 @@ def baseline_names(granularity: str | None = None) -> list[str]:
 
 def baseline_scores(name: str, model, calibration: torch.Tensor, granularity: str, window: int, *,
                     sink_tokens: int = 0, tokenizer=None, dataset=None, steps: int | None = None,
-                    seed: int = 0) -> torch.Tensor:
+                    seed: int = 0, should_cancel=None) -> torch.Tensor:
     """The scores a scored baseline ranks units by (per unit, or per (layer, kv_head) cell).
 
     They do not depend on the sparsity: compute them once and pass them to build_baseline as `scores`.
@@ -282,13 +286,13 @@ def baseline_scores(name: str, model, calibration: torch.Tensor, granularity: st
     if b.scores is None:
         raise ValueError(f"{name!r} does not score the model: scored baselines are {', '.join(SCORED)}")
     return b.scores(model, calibration, granularity, window, sink_tokens=sink_tokens, tokenizer=tokenizer,
-                    dataset=dataset, steps=steps, seed=seed)
+                    dataset=dataset, steps=steps, seed=seed, should_cancel=should_cancel)
 
 
 def build_baseline(name: str, model_shape: tuple[int, int], sparsity: float, granularity: str, window: int, *,
                    seed: int = 0, sink_tokens: int = 0, model_name: str = "", model=None,
                    calibration: torch.Tensor | None = None, scores: torch.Tensor | None = None,
-                   tokenizer=None, steps: int | None = None) -> Allocation:
+                   tokenizer=None, steps: int | None = None, should_cancel=None) -> Allocation:
     """An Allocation of baseline `name` with exactly round(sparsity * N) SWA units.
 
     Scored baselines (SCORED) need either precomputed `scores` (see baseline_scores) or a `model`
@@ -309,7 +313,7 @@ def build_baseline(name: str, model_shape: tuple[int, int], sparsity: float, gra
         if model is None or calibration is None:
             raise ValueError(f"{name} needs scores, or a model and calibration rows")
         scores = baseline_scores(name, model, calibration, granularity, window, sink_tokens=sink_tokens,
-                                 tokenizer=tokenizer, steps=steps, seed=seed)
+                                 tokenizer=tokenizer, steps=steps, seed=seed, should_cancel=should_cancel)
     per_unit = unit_scores(grid, scores)
     return _allocation(_swa_units(grid, per_unit, sparsity), method=name,
                        evaluation={f"{name.replace('-', '_')}_scores": per_unit.tolist()}, **common)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from consa.core.errors import Cancelled
 from consa.evaluation.metrics import EvalSet, build_eval_set, evaluate
 
 # Columns of the markdown table: (record key, header, format)
@@ -28,8 +29,10 @@ def _slug(name: str) -> str:
 
 def compare(model, tokenizer, allocations: dict, *, data, seq_len: int = 4096, num_sequences: int = 16,
             retrieval_docs: int = 100, seed: int = 0, window: int | None = None, batch_size: int = 8,
-            out_dir=None, progress=print, should_cancel=None) -> list[dict]:
+            out_dir=None, progress=print, should_cancel=None, on_part=None) -> list[dict]:
     """Evaluate each allocation (name -> Allocation, or None for the unmodified model) on one EvalSet.
+    on_part(name, part) after each part of the eval set ("loss", "retrieval", "ruler": metrics.eval_parts)
+    of each allocation; should_cancel() is asked between them (Cancelled).
 
     Returns one record per allocation: {"name", "method", "granularity", "sparsity", **evaluate(...)};
     with `out_dir`, writes `<name>.png` heatmaps there (and `heatmap` in the record).
@@ -41,7 +44,8 @@ def compare(model, tokenizer, allocations: dict, *, data, seq_len: int = 4096, n
     records = []
     for name, allocation in allocations.items():
         result = evaluate(model, tokenizer, allocation, data=eval_set, window=window, batch_size=batch_size,
-                          should_cancel=should_cancel)
+                          should_cancel=should_cancel,
+                          on_part=None if on_part is None else lambda part, name=name: on_part(name, part))
         record = {"name": name,
                   "method": allocation.method if allocation is not None else "full",
                   "granularity": allocation.granularity if allocation is not None else None,
@@ -59,9 +63,11 @@ def compare(model, tokenizer, allocations: dict, *, data, seq_len: int = 4096, n
 
 def baseline_allocations(names, model, tokenizer, *, sparsity: float, granularity: str, window: int,
                          sink_tokens: int = 0, seed: int = 0, calibration_data=None, seq_len: int = 1024,
-                         model_name: str = "", steps: int | None = None, on_event=None) -> dict:
+                         model_name: str = "", steps: int | None = None, on_event=None, should_cancel=None,
+                         on_built=None) -> dict:
     """name -> Allocation for each baseline in `names`, all at exactly the same sparsity as the others.
-    `steps`: the training steps of a baseline that trains (duo; default: its own).
+    `steps`: the training steps of a baseline that trains (duo; default: its own). on_built(name) after
+    each; should_cancel() is asked before each and inside those that score the model (Cancelled).
 
     Baselines that look at the model (heuristic-loss) score it on a few `calibration_data` rows: a text
     path or an (N, T) token tensor.
@@ -81,10 +87,17 @@ def baseline_allocations(names, model, tokenizer, *, sparsity: float, granularit
         if on_event is not None:
             on_event("info", f"baselines that score the model use {calibration.shape[0]} calibration rows of "
                              f"{calibration.shape[1]} tokens")
-    return {name: baselines.build_baseline(name, shape, sparsity, granularity, window, seed=seed,
-                                           sink_tokens=sink_tokens, model_name=model_name, model=model,
-                                           calibration=calibration, tokenizer=tokenizer, steps=steps)
-            for name in names}
+    built = {}
+    for name in names:
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"cancelled before the {name} baseline")
+        built[name] = baselines.build_baseline(name, shape, sparsity, granularity, window, seed=seed,
+                                               sink_tokens=sink_tokens, model_name=model_name, model=model,
+                                               calibration=calibration, tokenizer=tokenizer, steps=steps,
+                                               should_cancel=should_cancel)
+        if on_built is not None:
+            on_built(name)
+    return built
 
 
 def _cell(value, fmt: str, std=None) -> str:

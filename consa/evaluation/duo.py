@@ -17,6 +17,7 @@ retrieval rows are the passkey documents) instead of BookSum passkeys.
 import torch
 
 from consa.core import data as data_mod
+from consa.core.errors import Cancelled
 
 LR = 0.02
 REG_WEIGHT = 0.05
@@ -32,10 +33,11 @@ def lr_factor(step: int, steps: int) -> float:
 
 def duo_head_scores(model, rows: torch.Tensor, labels: torch.Tensor | None = None, *, window: int,
                     sink_tokens: int = 0, steps: int = DEFAULT_STEPS, lr: float = LR, reg_weight: float = REG_WEIGHT,
-                    batch_size: int = 1, seed: int = 0) -> torch.Tensor:
+                    batch_size: int = 1, seed: int = 0, should_cancel=None) -> torch.Tensor:
     """Train DuoAttention's alpha on rows (N, T) (+ labels, IGNORE where unscored); returns (L, K) alpha.
 
     Higher alpha = the head needs full attention more. The model is left as it was found.
+    should_cancel() is asked before every step (Cancelled).
     """
     from consa.model.hybrid_attention import install, model_shape
 
@@ -60,6 +62,8 @@ def duo_head_scores(model, rows: torch.Tensor, labels: torch.Tensor | None = Non
     order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))
     try:
         for step in range(steps):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(f"cancelled at step {step} of the duo baseline's training")
             with torch.no_grad():
                 alpha.clamp_(0.0, 1.0)
             pick = torch.stack([order[(step * batch_size + i) % len(order)] for i in range(batch_size)])

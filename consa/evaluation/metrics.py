@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from consa.core import data as data_mod
+from consa.core.errors import Cancelled
 from consa.model.hybrid_attention import apply_allocation, model_shape
 from consa.runtime.kv_accounting import head_dim_of, kv_bytes
 
@@ -198,19 +199,32 @@ def needle_grid(correct: list[bool], depths: list[float], bins: int = 10) -> dic
             "acc": [h / c if c else None for h, c in zip(hits, counts)]}
 
 
+def eval_parts(eval_set: EvalSet) -> list[str]:
+    """The parts of an eval set that evaluate() scores, in its order: what a caller counts as progress."""
+    return ["loss"] + (["retrieval"] if eval_set.docs else []) + (["ruler"] if eval_set.ruler else [])
+
+
 # -- everything at once -----------------------------------------------------------------------------
 def evaluate(model, tokenizer, allocation, *, data, seq_len: int = 4096, num_sequences: int = 16,
              retrieval_docs: int = 100, seed: int = 0, window: int | None = None, batch_size: int = 8,
              depth_bins: int = 10, num_keys: int = 4, kv_dtype_bytes: int = 2, backend: str = "auto",
-             should_cancel=None) -> dict:
+             should_cancel=None, on_part=None) -> dict:
     """Evaluate `allocation` (None = the unmodified model) with hard gates on the model's device.
 
     data: a text path, an (N, T) token tensor, or an EvalSet from build_eval_set (then the counts
     and seed given here are ignored). window: used for the position split when allocation is None.
     An EvalSet with RULER prompts adds `ruler` (scores per length and task) and `ruler_average`;
-    should_cancel() is asked between them. Leaves the model with all units full attention.
+    should_cancel() is asked before each part of the eval set (loss, retrieval, RULER: eval_parts) and
+    between RULER's prompts; on_part(part) after each. Leaves the model with all units full attention.
     """
     started = time.time()
+
+    def part(name: str, done: bool) -> None:
+        if done and on_part is not None:
+            on_part(name)
+        if not done and should_cancel is not None and should_cancel():
+            raise Cancelled(f"cancelled before the {name} evaluation")
+
     eval_set = data if isinstance(data, EvalSet) else build_eval_set(
         tokenizer, data, seq_len=seq_len, num_sequences=num_sequences, retrieval_docs=retrieval_docs,
         seed=seed, num_keys=num_keys)
@@ -221,18 +235,24 @@ def evaluate(model, tokenizer, allocation, *, data, seq_len: int = 4096, num_seq
             hybrid = apply_allocation(model, allocation, backend)
         elif hybrid is not None:
             hybrid.set_gates(None)
+        part("loss", False)
         report = loss_report(token_losses(model, eval_set.rows, batch_size), window)
+        part("loss", True)
         if eval_set.docs:
+            part("retrieval", False)
             correct = retrieval_correct(model, tokenizer, eval_set.docs, batch_size)
             report["retrieval_acc"] = sum(correct) / len(correct)
             report["needle_grid"] = needle_grid(correct, eval_set.query_depths, depth_bins)
+            part("retrieval", True)
         else:
             report["retrieval_acc"] = None
         if eval_set.ruler:
             from consa.evaluation import ruler
 
+            part("ruler", False)
             report["ruler"] = ruler.evaluate_model(model, tokenizer, eval_set.ruler, should_cancel)
             report["ruler_average"] = ruler.average(report["ruler"])
+            part("ruler", True)
     finally:
         if hybrid is not None:
             hybrid.set_gates(None)

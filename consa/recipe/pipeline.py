@@ -9,6 +9,7 @@ message)` narrates the phases after the search so a long export or evaluation ne
 """
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,11 +151,13 @@ def evaluate_allocation(model, tokenizer, allocation, config: SearchConfig, *, e
                         duo_steps: int | None = None, on_event=None, on_scored=None, should_cancel=None) -> list[dict]:
     """The allocation (as "learned") next to full attention and the baselines, on the same rows, with
     RULER's tasks at seq_len when it is at least EVAL_RULER_MIN_SEQ_LEN.
-    `duo_steps`: the duo baseline's training steps (default: the search's). on_scored(done, total) after
-    each allocation is scored."""
+    `duo_steps`: the duo baseline's training steps (default: the search's). on_scored(done, total) at the
+    start (0) and after each unit: a baseline built, or one part of the eval set scored for one allocation.
+    should_cancel() is asked between units and inside the long ones (the duo baseline's steps, the
+    heuristic-loss baseline's units, RULER's prompts)."""
     from consa.evaluation.baselines import baseline_names
     from consa.evaluation.compare import baseline_allocations, compare
-    from consa.evaluation.metrics import build_eval_set
+    from consa.evaluation.metrics import build_eval_set, eval_parts
 
     say = on_event or (lambda type, message: None)
     model.eval()  # the search's copy: frozen weights, gates swapped per allocation
@@ -176,19 +179,31 @@ def evaluate_allocation(model, tokenizer, allocation, config: SearchConfig, *, e
             except DataError as e:
                 say("warning", f"evaluation without RULER: {e}")
     names = baseline_names(config.granularity) if baselines is None else list(baselines)
+    # The phase's units: each baseline built, then each part of the eval set (loss, retrieval, RULER)
+    # scored for each allocation (full, learned, the baselines). A cancel is honoured between any two.
+    parts = eval_parts(eval_set)
+    total, done = len(names) + (2 + len(names)) * len(parts), 0
+    started = time.monotonic()
+
+    def unit_done(what: str | None = None) -> None:
+        nonlocal done, started
+        done += 1
+        if what is not None:
+            say("info", f"evaluation {done}/{total}: {what} ({time.monotonic() - started:.1f}s)")
+        started = time.monotonic()
+        if on_scored is not None:
+            on_scored(done, total)
+
+    if on_scored is not None:
+        on_scored(0, total)
     allocations = {"full": None, "learned": allocation}
     allocations |= baseline_allocations(names, model, tokenizer, sparsity=config.sparsity,
                                         granularity=config.granularity, window=config.window,
                                         sink_tokens=config.sink_tokens, seed=config.seed,
                                         calibration_data=config.text_source, seq_len=config.seq_len,
-                                        model_name=config.model, steps=duo_steps or config.steps, on_event=say)
-    scored = []
-
-    def scored_one(line: str) -> None:
-        scored.append(line)
-        say("info", f"evaluation {len(scored)}/{len(allocations)}: {line}")
-        if on_scored is not None:
-            on_scored(len(scored), len(allocations))
-
-    return compare(model, tokenizer, allocations, data=eval_set, window=allocation.window, progress=scored_one,
-                   should_cancel=should_cancel)
+                                        model_name=config.model, steps=duo_steps or config.steps, on_event=say,
+                                        should_cancel=should_cancel,
+                                        on_built=lambda name: unit_done(f"baseline {name} built"))
+    return compare(model, tokenizer, allocations, data=eval_set, window=allocation.window,
+                   progress=lambda line: say("info", f"scored {line}"), should_cancel=should_cancel,
+                   on_part=lambda name, part: unit_done())

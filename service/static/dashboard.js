@@ -203,6 +203,16 @@ async function jobPage() {
     document.querySelector("#config tbody").replaceChildren(
       ...rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v === null ? "–" : typeof v === "object" ? JSON.stringify(v) : v))));
     document.getElementById("events").textContent = log.slice(-200).join("\n");
+    // Until its table exists, the evaluation card says where the evaluation is (its own phase, unit by unit).
+    const evalCard = document.getElementById("evaluation");
+    if (!evalCard.querySelector("table")) {
+      const p = job.progress || {};
+      const text = !(job.config || {}).evaluate ? "none (submit with evaluate: true)"
+        : p.phase === "evaluation" ? `running: ${p.phase_done}/${p.phase_total} units (baselines built, parts scored)`
+        : ["queued", "running", "cancel_requested"].includes(job.status) ? "pending: after the search"
+        : "none";
+      evalCard.replaceChildren(el("p", { class: "muted", "data-evaluation": p.phase === "evaluation" ? "running" : "none" }, text));
+    }
   }
 
   async function renderArtifacts(artifacts) {

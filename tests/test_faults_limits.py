@@ -1,0 +1,48 @@
+"""Issue 23, point 4, with real processes: CONSA_TASK_TIME_LIMIT_S holds with the solo pool that `consa
+serve` and the compose file run (Celery's time limits need the prefork pool): the runner itself ends
+the job at the limit, in the search and in the evaluation, with a message that says why."""
+
+import datetime as dt
+
+import pytest
+
+from service_fixtures import Server, fault_record, server_env, wait_for
+
+LIMIT_S = 8
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory, tiny_model_dir, text_dir):
+    var = tmp_path_factory.mktemp("var-limits")
+    server = Server(server_env(var, tiny_model_dir, text_dir, task_time_limit_s=LIMIT_S, worker_heartbeat_s=1),
+                    var / "serve.log").start()
+    try:
+        server.alice = server.create_key("alice")
+        server.model, server.data = str(tiny_model_dir), str(text_dir)
+        yield server
+    finally:
+        server.stop()
+
+
+def seconds(a: str, b: str) -> float:
+    return (dt.datetime.fromisoformat(b) - dt.datetime.fromisoformat(a)).total_seconds()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["search", "evaluation"])
+def test_the_time_limit_ends_a_job_with_the_solo_pool(srv, phase):
+    job = {"model": srv.model, "dataset": srv.data, "sparsity": 0.5, "window": 16, "seq_len": 64, "steps": 5000}
+    if phase == "evaluation":  # a short search, then a duo baseline that trains far past the limit
+        job |= {"steps": 3, "evaluate": True, "duo_steps": 5000}
+    with srv.client(srv.alice) as client:
+        created = client.post("/v1/jobs", json=job).json()
+        done = wait_for(client, created["id"], timeout=120)
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "time_limit_exceeded" and done["error"]["type"] == "user", done
+    assert f"{LIMIT_S} s" in done["error"]["message"] and "/" not in done["error"]["message"]
+    ran = seconds(done["started_at"], done["finished_at"])
+    assert LIMIT_S <= ran < LIMIT_S + 10, ran  # before: a job of minutes ran to its end
+    if phase == "evaluation":
+        assert (done["progress"] or {}).get("phase") == "evaluation", done["progress"]
+    fault_record(f"CONSA_TASK_TIME_LIMIT_S={LIMIT_S}, solo pool, in the {phase}", ended_after_s=round(ran, 1),
+                 error=done["error"]["code"])
