@@ -47,9 +47,10 @@ class Settings(BaseSettings):
     """The bucket's region. Empty: AWS_REGION / AWS_DEFAULT_REGION / the AWS config file."""
     s3_addressing_style: Literal["", "auto", "path", "virtual"] = ""
     """Bucket in the path or in the host name. Empty: `path` with s3_endpoint_url (MinIO, Swift), else boto3's auto."""
-    s3_part_size_mb: int = Field(32, ge=5, le=5120)
-    """Multipart upload part size (MiB; larger when a file would need more than 10,000 parts). One part is in
-    memory at a time."""
+    s3_part_size_mb: int = Field(16, ge=5, le=5120)
+    """Multipart upload part size (MiB; larger when a file would need more than 10,000 parts)."""
+    s3_upload_concurrency: int = Field(4, ge=1, le=64)
+    """Parts of one upload sent at once; an upload holds about (this + 1) x the part size in memory."""
     s3_presigned_downloads: bool = False
     """Downloads answer 302 with a presigned URL of the object (the client fetches the bytes from the store,
     not through the API). Off: the API streams them from the store."""

@@ -106,7 +106,8 @@ def get_store(settings: Settings) -> ArtifactStore:
     and costly to build)."""
     if settings.artifact_store == "s3":
         key = ("s3", settings.s3_bucket, settings.s3_prefix, settings.s3_endpoint_url, settings.s3_region,
-               settings.s3_addressing_style, settings.s3_part_size_mb, str(settings.artifact_dir))
+               settings.s3_addressing_style, settings.s3_part_size_mb, settings.s3_upload_concurrency,
+               str(settings.artifact_dir))
         if key not in _stores:
             from service.store.s3 import S3Store
 

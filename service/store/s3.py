@@ -1,9 +1,10 @@
 """The S3 back end: a job's files are objects `<prefix><job id>/<name>` in one bucket of any S3-compatible
 store (AWS S3, MinIO, Ceph RGW, OpenStack Swift's s3api, GCS's XML API), through boto3.
 
-- put: a file up to one part (CONSA_S3_PART_SIZE_MB, 32 MiB) is one PutObject; a larger one a multipart
-  upload, part after part, each part read once and fed to the sha256 (and to its Content-MD5, which the
-  server checks) before it is sent: the file is never read twice and at most one part is in memory.
+- put: a file up to one part (CONSA_S3_PART_SIZE_MB, 16 MiB) is one PutObject; a larger one a multipart
+  upload: each part is read once, in order, and fed to the sha256, then sent (with a Content-MD5 the
+  server checks) by one of CONSA_S3_UPLOAD_CONCURRENCY (4) threads while the next is read: the file is
+  never read twice, and at most concurrency + 1 parts are in memory.
   PutObject and CompleteMultipartUpload are atomic (a reader sees no object or the whole one); a failed
   upload is aborted, and one whose worker died is aborted by the reconciler's sweep.
 - read: GetObject with a Range, streamed in chunks.
@@ -22,6 +23,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import boto3
@@ -67,14 +69,15 @@ def client_config(settings: Settings, *, addressing_style: str) -> Config:
 class S3Store(ArtifactStore):
     kind = "s3"
 
-    def __init__(self, client, bucket: str, *, prefix: str = "", local_dir: Path, part_size: int = 32 * MiB,
-                 presign_client=None):
+    def __init__(self, client, bucket: str, *, prefix: str = "", local_dir: Path, part_size: int = 16 * MiB,
+                 concurrency: int = 4, presign_client=None):
         if not bucket:
             raise ValueError("CONSA_ARTIFACT_STORE=s3 needs CONSA_S3_BUCKET")
         self.client, self.bucket, self.prefix = client, bucket, prefix
         self.presign_client = presign_client or client
         self.local_dir = Path(local_dir)  # the worker's scratch: its copy of the search state
         self.part_size = max(MIN_PART, part_size)
+        self.concurrency = max(1, concurrency)  # parts uploading at once: memory ~ (concurrency + 1) x part size
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "S3Store":
@@ -86,7 +89,8 @@ class S3Store(ArtifactStore):
         client = make(settings.s3_endpoint_url)
         presign = make(settings.s3_public_endpoint_url) if settings.s3_public_endpoint_url else client
         return cls(client, settings.s3_bucket, prefix=settings.s3_prefix, local_dir=settings.artifact_dir,
-                   part_size=settings.s3_part_size_mb * MiB, presign_client=presign)
+                   part_size=settings.s3_part_size_mb * MiB, concurrency=settings.s3_upload_concurrency,
+                   presign_client=presign)
 
     def key(self, job_id: str, name: str = "") -> str:
         return f"{self.prefix}{job_id}/{name}"
@@ -121,18 +125,25 @@ class S3Store(ArtifactStore):
             except (ClientError, BotoCoreError) as e:
                 raise _error(e, "start an upload") from None
             try:
-                parts, size = [], 0
-                while data:
-                    size += len(data)
-                    number = len(parts) + 1
-                    etag = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                                   Body=data, ContentMD5=_md5_b64(data))["ETag"]
-                    parts.append({"ETag": etag, "PartNumber": number})
-                    data = None  # let the part go before the next is read: one part in memory
-                    data = f.read(part_size)
-                    digest.update(data)
-                self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                                      MultipartUpload={"Parts": parts})
+                etags: dict[int, str] = {}
+                size, number, pending = 0, 0, set()
+                with ThreadPoolExecutor(self.concurrency, thread_name_prefix="s3-part") as pool:
+                    while data:
+                        size += len(data)
+                        number += 1
+                        while len(pending) >= self.concurrency:  # at most `concurrency` parts in flight
+                            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                            for future in done:
+                                future.result()  # an upload's error stops the reading here
+                        pending.add(pool.submit(self._part, key, upload_id, number, data, etags))
+                        data = None  # the thread holds the part; the next is read (and hashed, in order) now
+                        data = f.read(part_size)
+                        digest.update(data)
+                    for future in pending:
+                        future.result()
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id,
+                    MultipartUpload={"Parts": [{"ETag": etags[n], "PartNumber": n} for n in sorted(etags)]})
             except BaseException as e:
                 try:
                     self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
@@ -142,6 +153,10 @@ class S3Store(ArtifactStore):
                     raise _error(e, "store a file") from None
                 raise
         return size, digest.hexdigest()
+
+    def _part(self, key: str, upload_id: str, number: int, data: bytes, etags: dict[int, str]) -> None:
+        etags[number] = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                                Body=data, ContentMD5=_md5_b64(data))["ETag"]
 
     def probe(self, job_id: str) -> None:
         key = self.key(job_id, ".probe")
