@@ -13,7 +13,7 @@ from service.limits.middleware import BodySizeLimit, ConcurrencyLimit
 from service.limits.per_key import RateLimiter, StreamSlots
 from service.metrics import Metrics
 from service.queue import make_celery
-from service.routers import artifacts, events, health, jobs
+from service.routers import artifacts, estimate, events, health, jobs
 from service.settings import Settings, get_settings
 
 try:
@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost: a request waits here, before it holds a thread or a database connection.
     app.add_middleware(ConcurrencyLimit, limit=settings.db_pool_size + settings.db_max_overflow)
     problems.install(app)
-    for module in (jobs, events, artifacts, health, dashboard):
+    for module in (estimate, jobs, events, artifacts, health, dashboard):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)
     return app
@@ -55,7 +55,10 @@ async def _allow_every_method(request: Request, call_next):
     the first route that matched (GET /v1/jobs/{id} but not DELETE /v1/jobs/{id})."""
     response = await call_next(request)
     if response.status_code == 405:
-        methods = {m.upper() for regex, ms in _path_methods(request.app) if regex.match(request.url.path) for m in ms}
+        matches = [(path, ms) for path, regex, ms in _path_methods(request.app) if regex.match(request.url.path)]
+        # A fixed path (/v1/jobs/estimate) is its own resource, not an instance of /v1/jobs/{job_id}.
+        fixed = [(path, ms) for path, ms in matches if "{" not in path]
+        methods = {m.upper() for _, ms in (fixed or matches) for m in ms}
         if methods:
             response.headers["Allow"] = ", ".join(sorted(methods))
     return response
@@ -63,7 +66,7 @@ async def _allow_every_method(request: Request, call_next):
 
 def _path_methods(app: FastAPI) -> list:
     if not hasattr(app.state, "path_methods"):
-        app.state.path_methods = [(compile_path(path)[0], list(ops)) for path, ops in app.openapi()["paths"].items()]
+        app.state.path_methods = [(path, compile_path(path)[0], list(ops)) for path, ops in app.openapi()["paths"].items()]
     return app.state.path_methods
 
 

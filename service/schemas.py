@@ -66,6 +66,23 @@ class Progress(BaseModel):
     phase_total: int | None = Field(None, description="Steps of the current phase in all.")
 
 
+class JobEstimate(BaseModel):
+    """How long a job would take before it starts: rough (service/estimate.py says how it is made)."""
+
+    object: Literal["allocation.job.estimate"] = "allocation.job.estimate"
+    device: str = Field(description="The device kind the estimate is for: a live worker's (`cpu`, `cuda:<GPU name>`), "
+                                    "else `cpu`.")
+    model_params: int | None = None
+    size_class: str | None = None
+    search_steps: int | None = None
+    step_s: float | None = Field(None, description="Seconds per search step.")
+    search_s: float | None = None
+    evaluation_units: int | None = Field(None, description="Baselines built + parts scored (0 without evaluate).")
+    evaluation_s: float | None = None
+    total_s: float | None = Field(None, description="search_s + evaluation_s; null when the model's shape is unknown.")
+    basis: str = Field(description="How the number was made and how far to trust it.")
+
+
 class JobError(BaseModel):
     code: str
     message: str

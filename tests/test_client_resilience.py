@@ -161,7 +161,7 @@ def test_jobs_submit_sends_a_generated_idempotency_key(server, monkeypatch, caps
     monkeypatch.setenv("CONSA_API_KEY", "key")
     server.script[("POST", "/v1/jobs")] = [503, "ok"]  # the first answer is lost: the retry is the same submit
     assert jobs_cli.main(["jobs", "submit", "--model", "m", "--sparsity", "0.5"]) == 0
-    keys = [h.get("Idempotency-Key") for m, _, h in server.seen if m == "POST"]
+    keys = [h.get("Idempotency-Key") for m, path, h in server.seen if m == "POST" and path == "/v1/jobs"]
     assert len(keys) == 2 and keys[0] and keys[0] == keys[1]
 
 

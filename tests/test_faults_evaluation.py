@@ -76,3 +76,27 @@ def test_a_cancel_in_the_evaluation_ends_the_job_within_5_s(srv, where):
     assert took < 5, took
     fault_record(f"cancel in the evaluation ({where})", cancel_to_cancelled_s=round(took, 2))
 
+
+def test_a_job_is_estimated_before_it_runs_and_the_estimate_is_the_right_order(srv):
+    """Issue 23, point 8: POST /v1/jobs/estimate (nothing queued), on the live worker's device kind."""
+    body = {"model": srv.model, "dataset": srv.data, "sparsity": 0.5, "window": 16, "seq_len": 64, "steps": 40}
+    with srv.client(srv.alice) as client:
+        before = len(client.get("/v1/jobs", params={"limit": 100}).json()["data"])
+        guess = client.post("/v1/jobs/estimate", json=body).json()
+        assert guess["object"] == "allocation.job.estimate" and guess["device"] == "cpu", guess
+        assert guess["search_steps"] == 40 and guess["search_s"] == pytest.approx(40 * guess["step_s"], rel=0.01)
+        assert guess["evaluation_units"] == 0 and guess["total_s"] == guess["search_s"]
+        with_eval = client.post("/v1/jobs/estimate", json=body | {"evaluate": True}).json()
+        assert with_eval["evaluation_units"] == 10 + 12 * 2 and with_eval["total_s"] > guess["total_s"]
+        assert len(client.get("/v1/jobs", params={"limit": 100}).json()["data"]) == before  # nothing queued
+        assert client.post("/v1/jobs/estimate", json=body | {"model": "/etc"}).status_code == 422
+        job = client.post("/v1/jobs", json=body).json()
+        done = wait_for(client, job["id"], timeout=300)
+        steps = [p["elapsed_s"] for p in (e["data"] for e in client.get(f"/v1/jobs/{job['id']}/events",
+                                                                          params={"limit": 1000}).json()["data"]
+                                          if e["type"] == "progress") if p.get("phase") == "search"]
+    measured = (steps[-1] - steps[0]) / (len(steps) - 1)
+    # A CPU's speed varies 10x between machines and with their load: the order of magnitude is the promise.
+    assert 0.1 < guess["step_s"] / measured < 10, (guess["step_s"], measured)
+    fault_record("job estimate vs a real run (tiny model, CPU)", estimated_step_s=guess["step_s"],
+                 measured_step_s=round(measured, 4), estimated_total_s=guess["total_s"], status=done["status"])

@@ -10,8 +10,8 @@ The schema is the one the live server serves (/openapi.json): it states this ser
 (CONSA_MAX_STEPS, _SEQ_LEN, _BATCH_SIZE as maxima, a default above one as the bound), so a schema-valid
 job is within them. A cursor `after` that names no job of this key is an empty page. What the schema
 cannot say, and the server answers with a documented 4xx: a model that is not under a model root (422
-on POST /v1/jobs: the schema only says "a string"). Only that status is added to the positive-data
-check, only for that operation.
+on POST /v1/jobs and /v1/jobs/estimate: the schema only says "a string"). Only that status is added to
+the positive-data check, only for those operations.
 """
 
 import re
@@ -52,8 +52,9 @@ def config(tmp_path, *, job_id: str | None = None, delete_job_id: str | None = N
     lines = []
     if job_id:
         lines += ["[parameters]", f'job_id = "{job_id}"', 'name = "manifest.json"', ""]
-    lines += ['[[operations]]', 'include-name = "POST /v1/jobs"',
-              'checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 403, 404, 409, 422, 429]', ""]
+    for operation in ("POST /v1/jobs", "POST /v1/jobs/estimate"):  # the same body, the same model roots
+        lines += ['[[operations]]', f'include-name = "{operation}"',
+                  'checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 403, 404, 409, 422, 429]', ""]
     if delete_job_id:
         lines += ['[[operations]]', 'include-name = "DELETE /v1/jobs/{job_id}"',
                   f'parameters = {{ job_id = "{delete_job_id}" }}', ""]

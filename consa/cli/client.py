@@ -117,6 +117,10 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._json("POST", "/v1/jobs", body=params, headers=headers)
 
+    def estimate(self, params: dict) -> dict:
+        """How long the job would take (nothing is queued): POST /v1/jobs/estimate."""
+        return self._json("POST", "/v1/jobs/estimate", body=params, repeatable=True)
+
     def list_jobs(self, *, status: str | None = None, model: str | None = None, limit: int | None = None,
              after: str | None = None) -> dict:
         return self._json("GET", "/v1/jobs", query={"status": status, "model": model, "limit": limit, "after": after})

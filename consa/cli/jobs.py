@@ -132,6 +132,25 @@ def _job_line(job: dict) -> str:
     return "  ".join(parts)
 
 
+def _print_estimate(client: Client, params: dict) -> None:
+    """The server's rough time for the job, on stderr (stdout stays the job); nothing when it has none."""
+    try:
+        guess = client.estimate(params)
+    except Exception:  # an older server, or none for this model: the submit itself went through
+        return
+    if guess.get("total_s") is not None:
+        evaluation = f" + evaluation {guess['evaluation_s']:.0f} s" if guess.get("evaluation_units") else ""
+        print(f"estimate: about {_duration(guess['total_s'])} on {guess['device']} (search {guess['search_steps']} "
+              f"steps x {guess['step_s']:.3g} s{evaluation}; rough: model loading and export not counted)",
+              file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 # -- commands ---------------------------------------------------------------------------------
 def cmd_submit(client: Client, args) -> int:
     from consa.core.config import setting_names
@@ -147,6 +166,7 @@ def cmd_submit(client: Client, args) -> int:
         params["metadata"] = dict(m.split("=", 1) for m in args.metadata)
 
     job = client.submit(params, idempotency_key=args.idempotency_key or str(uuid.uuid4()))
+    _print_estimate(client, params)
     if not args.wait:
         _print_json(job) if args.json else print(_job_line(job))
         return 0
