@@ -16,10 +16,11 @@ Where the numbers come from (bench/RESULTS.md, "Faults (issue 23)" and "Search a
   7-11, which this formula reproduces within 5%: 8B/32k 3.83 s vs 3.82 measured, 0.6B/8k 0.163 s vs 0.161-0.185);
   floor 6.5 ms per layer (the 26M testbed's 0.060-0.096 s steps, the 0.6B/8k step's CPU time). Other GPUs:
   scaled by their bf16 peak where the name is known, else an A100's.
-- CPU: bench/job_estimate.py on the project's shared 2-core box at load ~10 (other sessions' work): the
-  26M testbed at seq_len 256 took 22.1 s a step (1.3 GFLOP/s effective), the tests' 4-layer model 0.9-1.1 s
-  a step (the floor). An idle core runs several times faster, so the constants sit between the two: a
-  CPU's speed varies 10x between machines and with their load, and the estimate is an order of magnitude.
+- CPU: bench/job_estimate.py on the project's shared 2-core box (load ~10 from other sessions), one
+  thread (OMP_NUM_THREADS=1, as the tests' workers run): the 26M testbed at seq_len 256 took 1.82 s a step
+  (16 GFLOP/s effective; the formula says 1.97 s), the tests' 4-layer model 0.046 s (the floor). With torch's
+  default threads on that loaded box the same steps took 22 s and 1.1 s: oversubscribed cores are the worst
+  case. A CPU's speed varies 10x between machines and with their load: the estimate is an order of magnitude.
 Not counted: loading the model, building the data, the export (seconds to minutes; more for a hub download).
 Expect the truth within 0.5x-2x on a GPU of the table, and within 10x on a CPU.
 """
@@ -35,8 +36,8 @@ DEFAULT_GPU_PEAK = 312e12
 GPU_MFU = ((3e8, 0.20), (1e9, 0.29), (3e9, 0.45), (float("inf"), 0.52))
 GPU_FLOOR_PER_LAYER_S = 0.0065
 # CPU: effective FLOP/s of the search step and a per-layer floor (bench/job_estimate.py; see the docstring).
-CPU_FLOPS = 3.0e9
-CPU_FLOOR_PER_LAYER_S = 0.05
+CPU_FLOPS = 1.5e10
+CPU_FLOOR_PER_LAYER_S = 0.01
 EVAL_ROWS, EVAL_DOCS, CALIBRATION_ROWS, RULER_PROMPTS = 16, 64, 4, 4 * 13
 FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of a step (forward + backward)
 
