@@ -494,3 +494,82 @@ def test_a_worker_without_the_model_fails_the_job_with_a_clear_message(tmp_path,
         assert "not on the worker" in job.error_message and "CONSA_MODEL_ROOTS" in job.error_message
         assert "Traceback" not in job.error_message
         assert not [e for e in job_events.list_events(session, job=job, limit=100)[0] if e.type == "progress"]
+
+
+# -- docker/compose.s3.yaml: no worker shares an artifact folder with the API ---------------------
+def _merge_compose(base, override, path=()):
+    """Compose's merge of an override file: mappings key by key, `volumes` of a service by their
+    container path (docker/compose.s3.yaml puts a private volume where the shared one was)."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {k: _merge_compose(base[k], v, (*path, k)) if k in base else v for k, v in override.items()} | \
+               {k: v for k, v in base.items() if k not in override}
+    if path[-1:] == ("volumes",) and len(path) == 3 and isinstance(base, list):
+        target = lambda v: v.split(":")[1]  # noqa: E731
+        mine = {target(v): v for v in override}
+        return [mine.pop(target(v), v) for v in base] + list(mine.values())
+    return override
+
+
+@pytest.mark.parametrize("files", [("compose.s3.yaml",), ("compose.local.yaml", "compose.s3.yaml", "compose.s3.local.yaml")])
+def test_the_s3_compose_override_gives_no_worker_the_shared_artifact_volume(files):
+    import json
+
+    import jsonschema
+    import yaml
+
+    docker = ROOT / "docker"
+    stack = yaml.safe_load((docker / "compose.yaml").read_text())
+    for name in files:
+        stack = _merge_compose(stack, yaml.safe_load((docker / name).read_text()))
+    jsonschema.Draft201909Validator(json.loads((ROOT / "tests" / "data" / "compose_spec.json").read_text())) \
+        .validate(stack)
+    services = stack["services"]
+    active = {n: s for n, s in services.items() if not s.get("profiles")}
+    consa = {n: s for n, s in active.items() if n == "api" or n.startswith("worker")}
+    assert "api" in consa and any(n.startswith("worker") for n in consa), consa.keys()
+    settings = {f"CONSA_{name.upper()}" for name in Settings.model_fields}
+    for name, spec in consa.items():
+        env = spec["environment"]
+        assert env["CONSA_ARTIFACT_STORE"] == "s3" and env["CONSA_S3_ENDPOINT_URL"].endswith("s3:8080}"), name
+        assert {v for v in env if v.startswith("CONSA_")} <= settings, name
+        sources = [v.split(":")[0] for v in spec["volumes"]]
+        assert "artifacts" not in sources and sources[0].endswith("scratch"), (name, spec["volumes"])
+        assert spec["depends_on"]["s3"] == {"condition": "service_healthy"}, name
+    scratch = [s for spec in consa.values() for s in (v.split(":")[0] for v in spec["volumes"]) if s.endswith("scratch")]
+    assert len(scratch) == len(set(scratch)) == len(consa)  # each its own
+    assert set(scratch) <= set(stack["volumes"]) and "s3-data" in stack["volumes"]
+    store = services["s3"]
+    assert (ROOT / store["build"]["dockerfile"]).is_file() and store["healthcheck"]["test"][0] == "CMD"
+    assert os.access(ROOT / "docker" / "local" / "swift-entrypoint.sh", os.X_OK)
+
+
+def test_the_object_store_image_entrypoint_serves_s3_and_makes_the_bucket(tmp_path):
+    """docker/local/swift-entrypoint.sh, the image's whole logic, run here without Docker (the image
+    itself is Debian's swift packages + this script)."""
+    import boto3
+    from botocore.config import Config
+
+    reason = SwiftS3.unavailable()
+    if reason:
+        pytest.skip(reason)
+    port = free_port()
+    env = os.environ | {"SWIFT_ETC": str(tmp_path / "etc"), "SWIFT_DEVICES": str(tmp_path / "srv"),
+                        "S3_PORT": str(port), "SWIFT_ACCOUNT_PORT": str(free_port()),
+                        "SWIFT_CONTAINER_PORT": str(free_port()), "SWIFT_OBJECT_PORT": str(free_port()),
+                        "S3_BUCKET": "consa", "S3_ACCESS_KEY": "consa:consa", "S3_SECRET_KEY": "s3cret"}
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(ROOT / "docker" / "local" / "swift-entrypoint.sh")], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: "bucket consa ready" in log.read_text() or proc.poll() is not None, 120,
+                   "the entrypoint made the bucket")
+        assert proc.poll() is None, log.read_text()
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="consa:consa",
+                              aws_secret_access_key="s3cret", region_name="us-east-1",
+                              config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required"))
+        client.put_object(Bucket="consa", Key="job_x/manifest.json", Body=b"{}")
+        assert client.get_object(Bucket="consa", Key="job_x/manifest.json")["Body"].read() == b"{}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
