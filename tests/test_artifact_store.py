@@ -308,6 +308,16 @@ def test_the_api_streams_s3_objects_with_range_if_range_and_head(s3_api):
     assert not (settings.artifact_dir / job_id).exists()  # the API's own directory never held the file
 
 
+def test_readyz_checks_the_bucket(s3_api):
+    client, *_ = s3_api
+    with client() as api:
+        assert api.get("/readyz").json()["checks"]["artifacts"] == "ok"
+    with client(s3_bucket="no-such-bucket-" + uuid.uuid4().hex[:8]) as api:
+        ready = api.get("/readyz")
+    assert ready.status_code == 503 and "NoSuchBucket" in ready.json()["checks"]["artifacts"]
+    assert "127.0.0.1" not in ready.text
+
+
 def test_presigned_downloads_redirect_to_the_store(s3_api):
     client, job_id, data, sha, _ = s3_api
     url = f"/v1/jobs/{job_id}/artifacts/checkpoint.tar"

@@ -14,6 +14,7 @@ from service.db import engine_for, sessionmaker_for
 from service.deps import SettingsDep
 from service.models import utcnow
 from service.settings import Settings
+from service.store import get_store
 
 router = APIRouter(tags=["health"])
 
@@ -31,7 +32,7 @@ def readyz(request: Request, settings: SettingsDep):
     for `CONSA_STALE_AFTER_S` (jobs would be accepted but wait), or the artifact store has less free
     space than `CONSA_MIN_FREE_DISK_MB` (jobs would fail)."""
     checks = {"database": _check_database(settings.database_url), "broker": _check_broker(request.app.state.celery),
-              "worker": _check_worker(settings), "artifacts": _check_disk(settings)}
+              "worker": _check_worker(settings), "artifacts": _check_artifacts(settings)}
     ok = all(v == "ok" for v in checks.values())
     body = schemas.Health(status="ok" if ok else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
@@ -54,6 +55,18 @@ def _check_worker(settings: Settings) -> str:
         return "ok" if alive else f"error: no worker has beaten its heartbeat in {settings.stale_after_s}s"
     except Exception as e:
         return f"error: {type(e).__name__}"
+
+
+def _check_artifacts(settings: Settings) -> str:
+    """The local store: its disk has room. The s3 store: the bucket answers (a worker's scratch disk is
+    its own; the API writes nothing locally)."""
+    if settings.artifact_store != "s3":
+        return _check_disk(settings)
+    try:
+        get_store(settings).check()
+        return "ok"
+    except OSError as e:
+        return f"error: {e.strerror or type(e).__name__}"
 
 
 def _check_disk(settings: Settings) -> str:

@@ -68,6 +68,9 @@ class ArtifactStore:
         """Prove the store takes a write now (before hours of search); raise OSError if not."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        """The store answers (the API's /readyz); raise OSError if not. Reads only."""
+
     # -- the search state (worker/runner.py) ---------------------------------------------------
     def state_file(self, job_id: str) -> Path:
         """The local file the worker's search writes its state to."""

@@ -166,6 +166,13 @@ class S3Store(ArtifactStore):
         except (ClientError, BotoCoreError) as e:
             raise _error(e, "take a write") from None
 
+    def check(self) -> None:
+        # A listing of the prefix, not HeadBucket: a policy that limits ListBucket to the prefix allows it.
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        except (ClientError, BotoCoreError) as e:
+            raise _error(e, "list the bucket") from None
+
     # -- reading -------------------------------------------------------------------------------
     def stat(self, job_id: str, name: str) -> StoredObject | None:
         self._check(name)
