@@ -635,3 +635,22 @@ def test_the_cli_downloads_through_a_presigned_redirect(s3_api, tmp_path):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_the_sweep_on_the_local_store_removes_only_folders_of_deleted_jobs(tmp_path):
+    from service.crud import api_keys, job_records
+    from service.db import sessionmaker_for
+    from service.reconciler import sweep_orphans
+    from service.serve import prepare
+
+    settings = Settings(var_dir=tmp_path)
+    prepare(settings)
+    with sessionmaker_for(settings.database_url)() as session:
+        key = api_keys.get_api_key(session, key=api_keys.create_api_key(session, name="k"))
+        live = job_records.create_job(session, api_key_id=key.id, model="m", params={}, meta={}).id
+    gone = "job_" + "1" * 24
+    root = settings.artifact_dir
+    for folder in (live, gone, "backups", f".staging-{live}-x"):
+        write(root / folder / "manifest.json", 10)
+    assert sweep_orphans(settings) == {"orphans": [gone], "aborted_uploads": []}
+    assert sorted(p.name for p in root.iterdir()) == sorted([live, "backups", f".staging-{live}-x"])
