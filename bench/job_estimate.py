@@ -43,7 +43,9 @@ def measure(model: str, data: str, seq_len: int, steps: int, evaluate: bool, dev
         phases[phase] = phases.get(phase, 0.0) + now - last["t"]
         last["t"] = now
 
-    out = ROOT / ".bench-job-estimate"
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="consa-bench-estimate-"))  # the run's artifacts: not kept
     start = time.perf_counter()
     run_allocation(config, out, evaluate=evaluate, checkpoint=False, heatmap=False, duo_steps=steps, device=device,
                    progress=progress)

@@ -8,6 +8,15 @@ streams follow. Writes bench/results/current/service_faults.json.
     python bench/service_faults.py [--streams 200] [--gets 300] [--backend embedded redis-postgres]
 
 The CI test is lighter (tests/test_faults_streams.py: 24 streams over a pool of 3 connections).
+
+With --faults, the fault scenarios of issue 23 instead (each a test of tests/test_faults_*.py, run with real
+processes: a worker SIGKILLed in the evaluation and in the export, `consa serve` SIGKILLed and restarted
+gracefully, a PostgreSQL restarted mid-job, the time limit with the solo pool, 200 concurrent submits
+against the quota, cancels in the evaluation, hostile bodies, a revoked key's stream): each scenario's
+measured numbers (the tests' FAULT_RECORD lines), its outcome and its wall time go to
+bench/results/current/service_faults_issue23.json.
+
+    python bench/service_faults.py --faults
 """
 
 import argparse
@@ -81,7 +90,11 @@ def main() -> None:
                         default=["embedded", "redis-postgres"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/consa-bench-service"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/current/service_faults.json")
+    parser.add_argument("--faults", nargs="*", metavar="TEST_FILE",
+                        help="run the fault scenarios (default: every tests/test_faults_*.py of issue 23)")
     args = parser.parse_args()
+    if args.faults is not None:
+        return faults(args.faults or FAULT_TESTS, ROOT / "bench/results/current/service_faults_issue23.json")
     runs = [measure(backend, args) for backend in args.backend]
     record = {"what": "GET /v1/jobs/{id} latency with N open event streams (issue 11 target: p99 < 1 s)",
               "command": "python bench/service_faults.py " + " ".join(sys.argv[1:]),
@@ -89,6 +102,38 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
+
+
+FAULT_TESTS = ["tests/test_faults_resume.py", "tests/test_faults_serve.py", "tests/test_faults_postgres.py",
+               "tests/test_faults_limits.py", "tests/test_faults_load.py", "tests/test_faults_evaluation.py",
+               "tests/test_faults_inputs.py"]
+
+
+def faults(files: list[str], out: Path) -> None:
+    """Run each fault test (pytest -s, its own temp dir) and keep its FAULT_RECORD lines, outcome and time."""
+    import re
+    import subprocess
+
+    scenarios = []
+    Path("/tmp/consa-bench-faults").mkdir(exist_ok=True)  # pytest makes --basetemp, not its parent
+    for file in files:
+        start = time.perf_counter()
+        run = subprocess.run([sys.executable, "-m", "pytest", "-s", "-q", "-rA", "-p", "no:cacheprovider",
+                              "--basetemp", f"/tmp/consa-bench-faults/{Path(file).stem}", file],
+                             cwd=ROOT, capture_output=True, text=True, timeout=3600)
+        report = run.stdout + run.stderr
+        outcomes = {name: outcome for outcome, name in re.findall(r"^(PASSED|FAILED|ERROR|SKIPPED) (\S+)", report, re.M)}
+        records = [json.loads(line.split("FAULT_RECORD ", 1)[1]) for line in report.splitlines()
+                   if "FAULT_RECORD " in line]
+        scenarios.append({"file": file, "wall_s": round(time.perf_counter() - start, 1), "tests": outcomes,
+                          "records": records})
+        print(json.dumps(scenarios[-1]), flush=True)
+    record = {"what": "issue 23's fault scenarios, with real processes (tests/test_faults_*.py), their numbers",
+              "command": "python bench/service_faults.py " + " ".join(sys.argv[1:]),
+              "machine": f"{platform.node()} ({platform.machine()}), {os.cpu_count()} cores, "
+                         f"load {os.getloadavg()[0]:.1f} at the end", "scenarios": scenarios}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def measure(backend: str, args) -> dict:

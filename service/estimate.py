@@ -13,7 +13,8 @@ floor (small models are launch-bound on a GPU):
 
 Where the numbers come from (bench/RESULTS.md, "Faults (issue 23)" and "Search at scale"):
 - GPU (H100/H200 class, 989 TFLOP/s bf16): MFU 29% at 0.6B, 45% at 1.7B, 52% at 8B (search_scale runs
-  7-11, which this formula reproduces within 5%: 8B/32k 3.83 s vs 3.82 measured, 0.6B/8k 0.163 s vs 0.161-0.185);
+  7-11: this formula gives 8B/32k 3.83 s vs 3.82 measured, 8B/8k 0.60 vs 0.59, 0.6B/8k 0.18 vs 0.16-0.19, but
+  0.6B/32k 1.78 vs 1.15, 1.5x over: a small model's MFU grows with the context);
   floor 6.5 ms per layer (the 26M testbed's 0.060-0.096 s steps, the 0.6B/8k step's CPU time). Other GPUs:
   scaled by their bf16 peak where the name is known, else an A100's.
 - CPU: bench/job_estimate.py on the project's shared 2-core box (load ~10 from other sessions), one
