@@ -88,12 +88,12 @@ class Client:
                 url += "?" + urllib.parse.urlencode(query)
         data = None
         all_headers = {"Accept": "application/json"} | (headers or {})
-        if self.key:
-            all_headers["Authorization"] = f"Bearer {self.key}"
         if body is not None:
             data = json.dumps(body).encode()
             all_headers["Content-Type"] = "application/json"
         req = urllib.request.Request(url, data=data, method=method, headers=all_headers)
+        if self.key:  # never carried along a redirect (a presigned download URL must not receive the key)
+            req.add_unredirected_header("Authorization", f"Bearer {self.key}")
         try:
             return urllib.request.urlopen(req, timeout=self.timeout)
         except urllib.error.HTTPError as e:
