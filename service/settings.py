@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     """/readyz answers 503 (`checks.artifacts`) while the artifact store has less free space than this: every
     job would fail writing its checkpoint. 0: not checked."""
     gpus_per_job: int = 1
-    """GPUs a worker runs each job's search over, data-parallel (consa.distributed): the worker must see
+    """GPUs a worker runs each job's search over, data-parallel (consa.search.distributed): the worker must see
     this many (cuda:0..N-1, e.g. through its container's device reservation)."""
 
     # -- bounds on what one key may ask for --

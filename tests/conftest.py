@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 # Without a GPU, consa's Triton decode kernel runs in Triton's CPU interpreter (read when kernels are
-# defined, so before consa.decode_kernel is imported).
+# defined, so before consa.runtime.decode_kernel is imported).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
