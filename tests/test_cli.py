@@ -55,6 +55,7 @@ def test_compare_writes_a_table_and_heatmaps(tiny_model_dir, text_dir, manifest,
     assert {r["sparsity"] for r in records if r["name"] != "full"} == {0.5}
 
 
+@pytest.mark.slow
 def test_export_writes_a_checkpoint_and_a_duo_tsv(tiny_model_dir, manifest, tmp_path):
     proc = _cli("export", "--model", tiny_model_dir, "--allocation", manifest, "--out", tmp_path / "ckpt")
     assert proc.returncode == 0, proc.stderr
@@ -73,6 +74,7 @@ def test_eval_with_a_missing_manifest_is_a_clear_error(tiny_model_dir, text_dir,
     assert proc.returncode == 2 and "manifest not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_generate_streams_a_continuation_and_reports_the_cache_at_the_floor(tiny_model_dir, manifest, tmp_path):
     assert _cli("export", "--model", tiny_model_dir, "--allocation", manifest, "--out", tmp_path / "ckpt").returncode == 0
     proc = subprocess.run([sys.executable, "-m", "consa.cli", "generate", "--model", str(tmp_path / "ckpt"),

@@ -15,6 +15,7 @@ N = 200
 
 
 @pytest.mark.parametrize("backend", ["embedded", "redis-postgres"])
+@pytest.mark.slow
 def test_200_concurrent_submits_get_no_5xx(backend, tmp_path, tiny_model_dir, text_dir):
     extra, db_name = {}, None
     if backend == "redis-postgres":

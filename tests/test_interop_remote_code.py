@@ -65,6 +65,7 @@ def hybrid_logits(model_type, alloc):
     ("qwen3", KV_HEAD, "kv_head", 0),
     ("llama", LAYER, "layer", 2),  # sink tokens: no stock config can say it
 ])
+@pytest.mark.slow
 def test_consa_format_is_refused_plain_and_hybrid_with_remote_code(tmp_path, model_type, pattern, granularity, sinks,
                                                                    tokenizer):
     alloc = Allocation.from_full_mask(torch.tensor(pattern), model="tiny", granularity=granularity, window=6,

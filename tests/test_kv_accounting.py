@@ -36,6 +36,7 @@ def stored_bytes(cache) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_cache_holds_what_the_formula_says():
     """Prefill then decode at batch 2, past the sinks and the window: at every step the bytes the
     cache reports, the bytes its storage holds and kv_bytes for the allocation are the same."""

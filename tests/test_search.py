@@ -81,6 +81,7 @@ def test_cancel_hook_stops_the_search(tiny_model_dir, text_dir):
         run_search(_config(tiny_model_dir, text_dir), should_cancel=should_cancel)
 
 
+@pytest.mark.slow
 def test_a_stopped_search_resumes_from_its_checkpoint_exactly(tiny_model_dir, text_dir, tmp_path):
     """Stopped after its step-4 checkpoint, a search continues from there and ends where an
     uninterrupted one does: same gates, multipliers and allocation (restarting would not)."""

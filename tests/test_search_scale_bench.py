@@ -11,6 +11,7 @@ def search_scale(bench_script):
     return bench_script("search_scale")
 
 
+@pytest.mark.slow
 def test_scale_records_name_the_plan_they_ran_under(search_scale, tmp_path):
     search_scale.main(["--shapes", "tiny", "--contexts", "128", "--checkpointing", "auto,on,on+nokeep",
                        "--budget", "5", "--device", "cpu", "--out", str(tmp_path), "--name", "scale.json"])

@@ -113,6 +113,7 @@ def test_a_hub_id_that_names_a_local_folder_is_refused(settings, tmp_path, monke
     assert (row.error_type, row.error_code) == ("user", "model_path_not_allowed")
 
 
+@pytest.mark.slow
 def test_a_job_loads_its_model_once_for_search_and_evaluation(tmp_path, tiny_model_dir, text_dir, monkeypatch):
     """The search's copy is evaluated too; the only other load is export's CPU copy for the checkpoint."""
     import consa.model.loading
