@@ -184,18 +184,10 @@ def aggregate(docs: list[dict], lls: list[tuple[float, int]]) -> dict:
 def lm_eval_reference(model, tokenizer, allocation, docs: list[dict], backend: str = "auto") -> dict:
     """The numbers lm-eval prints for the task, computed by consa on `model` under `allocation`
     (hard gates; None = the unmodified model). Leaves every unit full attention."""
-    from consa.model.hybrid_attention import apply_allocation
+    from consa.model.hybrid_attention import allocation_applied
 
-    hybrid = getattr(model, "consa_hybrid", None)
-    try:
-        if allocation is not None:
-            hybrid = apply_allocation(model, allocation, backend)
-        elif hybrid is not None:
-            hybrid.set_gates(None)
+    with allocation_applied(model, allocation, backend):
         lls = rolling_loglikelihoods(model, tokenizer, [d["text"] for d in docs])
-    finally:
-        if hybrid is not None:
-            hybrid.set_gates(None)
     return aggregate(docs, lls)
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from consa.core import data as data_mod
 from consa.core.errors import Cancelled
-from consa.model.hybrid_attention import apply_allocation, model_shape
+from consa.model.hybrid_attention import allocation_applied, model_shape
 from consa.runtime.kv_accounting import head_dim_of, kv_bytes
 
 
@@ -229,12 +229,7 @@ def evaluate(model, tokenizer, allocation, *, data, seq_len: int = 4096, num_seq
         tokenizer, data, seq_len=seq_len, num_sequences=num_sequences, retrieval_docs=retrieval_docs,
         seed=seed, num_keys=num_keys)
     window = allocation.window if allocation is not None else window
-    hybrid = getattr(model, "consa_hybrid", None)
-    try:
-        if allocation is not None:
-            hybrid = apply_allocation(model, allocation, backend)
-        elif hybrid is not None:
-            hybrid.set_gates(None)
+    with allocation_applied(model, allocation, backend):
         part("loss", False)
         report = loss_report(token_losses(model, eval_set.rows, batch_size), window)
         part("loss", True)
@@ -253,9 +248,6 @@ def evaluate(model, tokenizer, allocation, *, data, seq_len: int = 4096, num_seq
             report["ruler"] = ruler.evaluate_model(model, tokenizer, eval_set.ruler, should_cancel)
             report["ruler_average"] = ruler.average(report["ruler"])
             part("ruler", True)
-    finally:
-        if hybrid is not None:
-            hybrid.set_gates(None)
     report.update(kv_bytes(allocation, model_shape(model), eval_set.seq_len, head_dim_of(model), kv_dtype_bytes))
     report.update(seq_len=eval_set.seq_len, num_sequences=int(eval_set.rows.shape[0]), retrieval_docs=len(eval_set.docs),
                   window=window, sparsity=allocation.sparsity_achieved if allocation is not None else 0.0,

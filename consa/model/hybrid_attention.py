@@ -17,6 +17,7 @@ where the SWA kernels would run (CUDA, no padding, long prefill).
 
 import functools
 import warnings
+from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface
@@ -365,3 +366,19 @@ def decoder_layers(model) -> list:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+@contextmanager
+def allocation_applied(model, allocation, backend: str = "auto"):
+    """The model under `allocation`'s hard gates (None: the unmodified model) inside the block, and every
+    unit full attention again after it, whatever happens in between."""
+    hybrid = getattr(model, "consa_hybrid", None)
+    try:
+        if allocation is not None:
+            hybrid = apply_allocation(model, allocation, backend)
+        elif hybrid is not None:
+            hybrid.set_gates(None)
+        yield hybrid
+    finally:
+        if hybrid is not None:
+            hybrid.set_gates(None)

@@ -201,12 +201,16 @@ class S3Store(ArtifactStore):
         finally:
             body.close()
 
-    def _objects(self, prefix: str) -> Iterator[dict]:
+    def _paged(self, operation: str, field: str, prefix: str, what: str) -> Iterator[dict]:
+        """Every entry of a paginated listing under `prefix`."""
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-                yield from page.get("Contents", [])
+            for page in self.client.get_paginator(operation).paginate(Bucket=self.bucket, Prefix=prefix):
+                yield from page.get(field, [])
         except (ClientError, BotoCoreError) as e:
-            raise _error(e, "list files") from None
+            raise _error(e, what) from None
+
+    def _objects(self, prefix: str) -> Iterator[dict]:
+        return self._paged("list_objects_v2", "Contents", prefix, "list files")
 
     def files(self, job_id: str) -> list[StoredObject]:
         base = self.key(job_id)
@@ -243,11 +247,7 @@ class S3Store(ArtifactStore):
             shutil.rmtree(local, ignore_errors=True)
 
     def _uploads(self, prefix: str) -> Iterator[dict]:
-        try:
-            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
-                yield from page.get("Uploads", [])
-        except (ClientError, BotoCoreError) as e:
-            raise _error(e, "list uploads") from None
+        return self._paged("list_multipart_uploads", "Uploads", prefix, "list uploads")
 
     def abort_stale_uploads(self, older_than_s: float) -> list[str]:
         before = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_s)

@@ -3,7 +3,7 @@ runs jobs on: the estimate's device kind)
 
 Revision ID: 0003
 Revises: 0002
-Create Date: 2026-12-08
+Create Date: 2026-12-04
 """
 from alembic import op
 import sqlalchemy as sa
