@@ -207,6 +207,7 @@ def test_a_failed_upload_is_aborted_and_leaves_no_object(s3_env, tmp_path, monke
     assert list(store._uploads(store.prefix)) == []  # aborted, so no parts are billed
 
 
+@pytest.mark.slow
 def test_store_errors_name_the_cause_not_the_endpoint(s3_env, tmp_path):
     settings = s3_settings(tmp_path / "var", s3_env | {"CONSA_S3_BUCKET": "no-such-bucket-" + uuid.uuid4().hex[:8]})
     with pytest.raises(StoreError) as e:
