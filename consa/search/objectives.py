@@ -93,7 +93,7 @@ def token_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int | N
     def nll(h, y):  # (B, c, D), (B, c) -> (B, c)
         logits = head_logits(model, h)  # (B, c, V) fp32: one chunk only
         # (B*c, V) rows, not the (B, V, c) "spatial" layout: softmax over a strided class dim ran ~100x
-        # slower on the H200 (12 s vs 0.16 s for 32k tokens x 128k vocab, bench/results/search_scale_loss.json).
+        # slower on the H200 (12 s vs 0.16 s for 32k tokens x 128k vocab, bench/results/current/search_scale_loss.json).
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
     return chunked_over_tokens(nll, hidden, targets, chunk=chunk or chunk_tokens(model, hidden.shape[0]))
