@@ -41,6 +41,8 @@ from service.settings import Settings
 from service.store import StoreError, get_store
 from service.store.local import LocalStore
 
+pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+
 MiB = 1 << 20
 
 

@@ -10,6 +10,8 @@ import torch
 from consa.core.manifest import Allocation, load_allocation
 from consa.model.loading import load_model
 
+pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "consa.cli", *map(str, args)], capture_output=True, text=True,

@@ -16,6 +16,8 @@ from consa.cli import jobs as jobs_cli
 from consa.cli.client import ApiError, Client
 from service_fixtures import ROOT, Server, wait_until
 
+pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+
 SMALL = {"sparsity": 0.5, "granularity": "kv_head", "window": 16, "seq_len": 64, "steps": 6, "lr": 0.2}
 _shared = {}
 

@@ -18,7 +18,7 @@ from service_fixtures import ROOT, free_port
 from test_client import SMALL, shared_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium: apt-get install -y chromium")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium: apt-get install -y chromium"), pytest.mark.slow]  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ import pytest
 
 from service_fixtures import Server, fault_record, server_env, wait_for, wait_until
 
+pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+
 JOB = dict(sparsity=0.5, window=16, seq_len=64, evaluate=True)
 
 

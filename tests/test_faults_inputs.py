@@ -13,6 +13,8 @@ import pytest
 
 from service_fixtures import Server, fault_record, run_python, server_env, wait_for, wait_until
 
+pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, tiny_model_dir, text_dir):

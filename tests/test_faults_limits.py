@@ -8,6 +8,8 @@ import pytest
 
 from service_fixtures import Server, fault_record, server_env, wait_for
 
+pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+
 LIMIT_S = 8
 
 

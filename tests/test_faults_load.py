@@ -11,6 +11,8 @@ import pytest
 from service_fixtures import (POSTGRES_URL, REDIS_URL, Server, _drop_queue, create_database, drop_database,
                               fault_record, server_env)
 
+pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+
 N = 200
 
 

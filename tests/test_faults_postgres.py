@@ -15,8 +15,8 @@ from service_fixtures import (REDIS_URL, PrivatePostgres, Server, _drop_queue, f
 FAST = dict(worker_heartbeat_s=1, stale_after_s=15, reconcile_interval_s=1, requeue_after_s=3,
             checkpoint_every_steps=5, checkpoint_every_s=0)
 OUTAGE_S = 6
-pytestmark = pytest.mark.skipif(shutil.which("pg_ctl") is None or shutil.which("initdb") is None,
-                                reason="needs initdb and pg_ctl on PATH")
+pytestmark = [pytest.mark.skipif(shutil.which("pg_ctl") is None or shutil.which("initdb") is None,
+                                reason="needs initdb and pg_ctl on PATH"), pytest.mark.slow]  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
 
 
 @pytest.fixture

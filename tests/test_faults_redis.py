@@ -18,7 +18,7 @@ from service_fixtures import (POSTGRES_URL, Server, create_database, drop_databa
                               wait_until)
 
 FAST = dict(worker_heartbeat_s=1, stale_after_s=10, reconcile_interval_s=1, requeue_after_s=3)
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+pytestmark = [pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH"), pytest.mark.slow]  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
 
 
 class PrivateRedis:

@@ -13,6 +13,8 @@ import pytest
 
 from service_fixtures import Server, child_pids, fault_record, server_env, wait_for, wait_until
 
+pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+
 FAST = dict(worker_heartbeat_s=1, stale_after_s=4, reconcile_interval_s=1, requeue_after_s=3,
             checkpoint_every_steps=5, checkpoint_every_s=0, max_attempts=2)
 JOB = dict(sparsity=0.5, window=16, seq_len=64)

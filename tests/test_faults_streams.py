@@ -11,6 +11,8 @@ from service.db import sessionmaker_for
 from service.settings import Settings
 from service_fixtures import Server, assert_problem, server_env
 
+pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+
 POOL = 3  # connections per process (pool 3, no overflow): the streams below outnumber it many times
 STREAMS = 24
 

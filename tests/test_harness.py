@@ -16,6 +16,8 @@ from consa.core.manifest import Allocation
 from consa.evaluation import harness
 from consa.export.checkpoint import export_hybrid
 
+pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+
 pytest.importorskip("lm_eval")
 
 WINDOW = 8

@@ -11,6 +11,8 @@ from service.settings import Settings
 from service_fixtures import assert_problem, server, wait_for  # noqa: F401  (server is a fixture)
 from worker.runner import run_job
 
+pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+
 TINY = {"sparsity": 0.5, "window": 16, "seq_len": 64, "steps": 2}
 
 

@@ -15,6 +15,8 @@ import pytest
 
 from service_fixtures import assert_problem, server, wait_for  # noqa: F401  (server is a fixture)
 
+pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+
 SMALL = {"sparsity": 0.5, "granularity": "kv_head", "window": 16, "seq_len": 64, "steps": 8, "lr": 0.2}
 
 

@@ -9,6 +9,8 @@ import pytest
 
 from service_fixtures import ROOT, Server, assert_problem, server_env
 
+pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, tiny_model_dir, text_dir):

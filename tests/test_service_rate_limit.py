@@ -8,6 +8,8 @@ import pytest
 
 from service_fixtures import Server, assert_problem, server_env
 
+pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+
 PER_MINUTE = 20
 
 

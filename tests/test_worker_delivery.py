@@ -16,6 +16,8 @@ from service.settings import Settings
 from service_fixtures import POSTGRES_URL, ROOT, create_database, drop_database
 from worker.runner import run_job
 
+pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def settings(request, tmp_path):
