@@ -64,7 +64,8 @@ def test_a_postgres_restart_mid_job_leaves_no_stuck_job_and_cancel_works_through
         steps_on_s = time.monotonic() - back
         assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
         asked = time.monotonic()
-        assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancel_requested"
+        # The worker checks for a cancel every step (~20 ms here): the answer may already say it ended.
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] in ("cancel_requested", "cancelled")
         done = wait_for(client, job["id"], timeout=10)
         cancel_s = time.monotonic() - asked
         assert done["status"] == "cancelled", done
