@@ -45,3 +45,15 @@ def bench_script():
         return loaded[name]
 
     return load
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on one intra-op thread for a module: on a busy 2-core machine a second thread makes each
+    op of a tiny matrix wait on the other, up to ~100x longer."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

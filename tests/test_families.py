@@ -30,6 +30,8 @@ from consa.model.loading import load_model
 from consa.runtime.cache import HybridCache
 from consa.search.loop import run_search
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
+
 WINDOW = 8
 NATIVE = ["full_attention"] * 3 + ["sliding_attention"]  # a family's own sliding layer, kept by every export
 GEMMA = dict(query_pre_attn_scalar=8, sliding_window=WINDOW, layer_types=NATIVE)
@@ -61,14 +63,6 @@ def allocation(pattern, granularity):
 
 ALLOCATIONS = {"layer": allocation(LAYER, "layer"), "kv_head": allocation(KV_HEAD, "kv_head")}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: on a busy 2-core machine a second intra-op thread makes each op wait ~100x longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from consa.core.manifest import Allocation
 from consa.evaluation import harness
 from consa.export.checkpoint import export_hybrid
 
-pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
 
 pytest.importorskip("lm_eval")
 
@@ -26,14 +26,6 @@ PATTERNS = {"layer": [[True, True], [False, False], [True, True], [False, False]
 METRICS = ("token_loss", "token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, by far on a busy 2-core machine (threads wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def consa_eval(*args) -> dict:

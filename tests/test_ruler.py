@@ -19,17 +19,11 @@ from consa.core.manifest import Allocation
 from consa.evaluation import ruler
 from consa.evaluation.compare import markdown_table
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
+
 LENGTHS = [1536, 2048]
 TEXT_HAYSTACK = [t for t, spec in ruler.TASKS.items() if spec.get("haystack") == "text"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, by far on a busy 2-core machine (threads wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
