@@ -31,8 +31,10 @@ from s3_server import SwiftS3, free_port
 
 MiB = 1 << 20
 
-WORKER = r"""
-import json, os, sys, time
+# How each uploading process starts: the store from the environment's settings, and its own memory
+# read from the kernel (VmRSS now; VmHWM, the high-water mark, after the upload).
+UPLOADER = r"""
+import json, sys, time
 from pathlib import Path
 from service.settings import Settings
 from service.store import get_store
@@ -45,6 +47,9 @@ def rss(field):
 store = get_store(Settings())
 before = rss("VmRSS:")
 t = time.perf_counter()
+"""
+
+WORKER = UPLOADER + r"""
 size, sha = store.put(sys.argv[1], "checkpoint.tar", Path(sys.argv[2]))
 print(json.dumps({"size": size, "sha256": sha, "seconds": time.perf_counter() - t,
                   "rss_before": before, "peak_rss": rss("VmHWM:")}))
@@ -52,20 +57,8 @@ print(json.dumps({"size": size, "sha256": sha, "seconds": time.perf_counter() - 
 
 # For comparison: boto3's managed transfer (s3transfer: parts in threads), which computes no sha256; a
 # sha256 would need a second read of the file.
-MANAGED = r"""
-import json, sys, time
+MANAGED = UPLOADER + r"""
 from boto3.s3.transfer import TransferConfig
-from service.settings import Settings
-from service.store import get_store
-
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-
-store = get_store(Settings())
-before = rss("VmRSS:")
-t = time.perf_counter()
 store.client.upload_file(sys.argv[2], store.bucket, store.key(sys.argv[1], "managed.tar"),
                          Config=TransferConfig(multipart_chunksize=int(sys.argv[3]), max_concurrency=int(sys.argv[4])))
 print(json.dumps({"seconds": time.perf_counter() - t, "rss_before": before, "peak_rss": rss("VmHWM:")}))

@@ -5,6 +5,9 @@
 #                                   # (`docker compose` v2, or docker-compose 1.29), curl, python3;
 #                                   # debootstrap only when the local Debian base must be made
 #   bash docker/smoke.sh --rmi      # ...and remove the images it built when it ends
+#   bash docker/smoke.sh --s3       # the same through docker/compose.s3.yaml: artifacts in an object
+#                                   # store (Swift's S3 API, docker/local/swift.Dockerfile), and the API
+#                                   # and the worker share NO artifact volume, as on two hosts
 #
 # It builds the images from docker/compose.yaml + docker/compose.local.yaml (+ compose.smoke.yaml:
 # the worker saves its search state every 5 steps), all on a local Debian base (LOCAL_BASE, made
@@ -18,6 +21,12 @@
 # its Compose project, its temporary folder, the wheel it put in docker/wheels/ (and with --rmi the
 # images it built). Timings go to stdout as "TIMING name seconds" lines; the log to SMOKE_LOG if set.
 #
+# With --s3 it also checks: the API's and the worker's containers share no volume; the job's objects
+# are in the bucket and none of its files in the API's own folder; a download interrupted halfway
+# resumes with Range and its sha256 matches; the worker killed mid-job is replaced by a NEW container
+# with a new, empty scratch volume (another host, in effect), and the job resumes from the state saved
+# in the bucket, not from step 0.
+#
 # Settings (environment): SMOKE_PROJECT (Compose project name, consa-smoke), SMOKE_PORT (host port,
 # a free one), LOCAL_BASE (consa-local/debian:bookworm), DEBIAN_MIRROR (for debootstrap),
 # PIP_INDEX_URL, TORCH_INDEX_URL, SMOKE_TORCH_WHEEL (a CPU torch wheel for the worker image),
@@ -27,10 +36,12 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 RMI=0
+S3=0
 for arg in "$@"; do
     case $arg in
         --rmi) RMI=1 ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        --s3) S3=1 ;;
+        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
         *) echo "smoke.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
 done
@@ -62,6 +73,14 @@ export CONSA_PORT=${SMOKE_PORT:-$(python3 -c 'import socket; s = socket.socket()
 STEPS=${SMOKE_STEPS:-150}
 API=http://127.0.0.1:$CONSA_PORT
 COMPOSE=("${COMPOSE_BIN[@]}" -f docker/compose.yaml -f docker/compose.local.yaml -f docker/compose.smoke.yaml)
+IMAGES=(consa-api:latest consa-worker:cpu consa-local/redis:7 consa-local/postgres:15)
+SERVICES=(api worker-cpu postgres redis)
+if [ $S3 = 1 ]; then
+    COMPOSE+=(-f docker/compose.s3.yaml -f docker/compose.s3.local.yaml)
+    IMAGES+=(consa-local/swift:2.30)
+    SERVICES+=(s3)
+    export S3_SECRET_KEY=${S3_SECRET_KEY:-smoke-$RANDOM$RANDOM}
+fi
 log "compose: $("${COMPOSE_BIN[@]}" version 2>/dev/null | head -n 1); project $COMPOSE_PROJECT_NAME; API on $API"
 
 if [ -n "$("${COMPOSE[@]}" ps -q 2>/dev/null)" ]; then
@@ -142,13 +161,13 @@ log "worker torch: ${PLACED_WHEEL:-$(ls docker/wheels/torch-*.whl 2>/dev/null ||
 
 # -- build ------------------------------------------------------------------------------------------------
 T0=$(now)
-for image in consa-api:latest consa-worker:cpu consa-local/redis:7 consa-local/postgres:15; do
+for image in "${IMAGES[@]}"; do
     docker image inspect "$image" >/dev/null 2>&1 || BUILT_IMAGES+=("$image")
 done
 log "building the images"
 "${COMPOSE[@]}" build >"$WORK/build.log" 2>&1 || { tail -n 40 "$WORK/build.log" >&2; die "build failed"; }
 timing build "$(since "$T0")"
-for image in consa-api:latest consa-worker:cpu consa-local/redis:7 consa-local/postgres:15; do
+for image in "${IMAGES[@]}"; do
     printf 'SIZE %s %s\n' "$image" "$(docker image inspect -f '{{.Size}}' "$image")"
 done
 docker run --rm --entrypoint python consa-api:latest -c 'import importlib.util as u; assert u.find_spec("torch") is None' \
@@ -252,6 +271,48 @@ snapshot() {  # what must survive a restart: the job's status, its events and it
         "$(api GET "/v1/jobs/$1/artifacts" | python3 -c 'import json, sys; print(sorted((a["name"], a["sha256"]) for a in json.load(sys.stdin)["data"]))')"
 }
 
+# -- with --s3: what only a store that shares no folder can show ------------------------------------------
+rw_mounts() {  # the writable mounts (volume names, or host paths) of a service's container, one a line
+    docker inspect -f '{{range .Mounts}}{{if .RW}}{{if .Name}}{{.Name}}{{else}}{{.Source}}{{end}}{{"\n"}}{{end}}{{end}}' \
+        "$(container "$1")" | sed '/^$/d' | sort
+}
+scratch_volume() {  # the volume a service's container has at /data/artifacts
+    docker inspect -f '{{range .Mounts}}{{if eq .Destination "/data/artifacts"}}{{.Name}}{{end}}{{end}}' "$(container "$1")"
+}
+check_no_shared_folder() {  # check_no_shared_folder JOB: the API and the worker write to no common volume;
+    # the job's objects are in the bucket (listed by boto3 itself, not through consa), none in the API's folder
+    local shared objects local_files
+    shared=$(comm -12 <(rw_mounts api) <(rw_mounts worker-cpu))
+    [ -z "$shared" ] || die "the API and the worker share writable mounts: $shared"
+    objects=$("${COMPOSE[@]}" exec -T api python - "$1" <<'PY'
+import os, sys, boto3
+s3 = boto3.client("s3", endpoint_url=os.environ["CONSA_S3_ENDPOINT_URL"], region_name=os.environ["CONSA_S3_REGION"])
+pages = s3.get_paginator("list_objects_v2").paginate(Bucket=os.environ["CONSA_S3_BUCKET"])
+print(sum(1 for page in pages for o in page.get("Contents", []) if sys.argv[1] in o["Key"]))
+PY
+)
+    [ "${objects:-0}" -ge "$2" ] || die "the bucket holds ${objects:-0} objects of job $1, the API lists $2 artifacts"
+    local_files=$("${COMPOSE[@]}" exec -T api find /data/artifacts -path "*$1*" -type f | wc -l)
+    [ "$local_files" -eq 0 ] || die "the API's own folder holds $local_files files of job $1"
+    log "no shared folder: the API and the worker share no writable volume; job $1: $objects objects in the bucket, none in the API's folder"
+    printf 'S3_OBJECTS %s\n' "$objects"
+}
+check_range_resume() {  # check_range_resume JOB: the largest artifact, downloaded halfway, then resumed with
+    # Range + If-Range (curl -C -) to the end: its sha256 is the listed one
+    local list name size sha half got
+    list=$(api GET "/v1/jobs/$1/artifacts")
+    read -r name size sha < <(field '" ".join(str(a[k]) for a in [max(d["data"], key=lambda a: a["size"])] for k in ("name", "size", "sha256"))' <<<"$list")
+    half=$((size / 2))
+    curl -fsS -r "0-$((half - 1))" -o "$WORK/download/$name" "$API/v1/jobs/$1/artifacts/$name" -H "Authorization: Bearer $KEY"
+    [ "$(stat -c %s "$WORK/download/$name")" -eq "$half" ] || die "$name: the first half is not $half bytes"
+    curl -fsS -C - -H "If-Range: \"$sha\"" -o "$WORK/download/$name" "$API/v1/jobs/$1/artifacts/$name" -H "Authorization: Bearer $KEY"
+    got=$(sha256sum "$WORK/download/$name" | cut -d' ' -f1)
+    rm -f "$WORK/download/$name"
+    [ "$got" = "$sha" ] || die "$name resumed at byte $half: sha256 $got, the API lists $sha"
+    log "$name ($size bytes): downloaded to byte $half, resumed with Range + If-Range, sha256 as listed"
+    printf 'RANGE_RESUMED %s %s\n' "$name" "$half"
+}
+
 # -- up -------------------------------------------------------------------------------------------------------
 T0=$(now)
 "${COMPOSE[@]}" up -d --no-build >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; die "up failed"; }
@@ -273,6 +334,10 @@ status=$(wait_job "$JOB" 600)
 timing job_wall "$(since "$T0")"
 n=$(check_artifacts "$JOB")
 log "job $JOB succeeded; $n artifacts downloaded, sha256 as listed"
+if [ $S3 = 1 ]; then
+    check_no_shared_folder "$JOB" "$n"
+    check_range_resume "$JOB"
+fi
 before=$(snapshot "$JOB")
 
 # -- restart, and down + up: the job, its events and artifacts are still there --------------------------------------
@@ -315,7 +380,17 @@ log "job $JOB2 at step $(api GET "/v1/jobs/$JOB2" | field 'd["progress"]["step"]
 T0=$(now)
 docker kill "$worker" >/dev/null
 sleep 2
-if [ "$(docker inspect -f '{{.State.Running}}' "$worker")" != true ]; then
+if [ $S3 = 1 ]; then
+    # Another host, in effect: the killed container and its scratch volume are removed, and a new
+    # container with a new, empty volume takes the job (its search state can only come from the bucket).
+    scratch=$(scratch_volume worker-cpu)
+    "${COMPOSE[@]}" rm -fs worker-cpu >/dev/null 2>&1
+    docker volume rm "$scratch" >/dev/null || die "could not remove the worker's scratch volume $scratch"
+    "${COMPOSE[@]}" up -d --no-build --no-deps worker-cpu >/dev/null 2>&1
+    [ "$(container worker-cpu)" != "$worker" ] || die "the worker container was not replaced"
+    log "worker replaced: container $(container worker-cpu | cut -c1-12), new scratch volume (was $scratch)"
+    printf 'WORKER_REPLACED %s\n' "$scratch"
+elif [ "$(docker inspect -f '{{.State.Running}}' "$worker")" != true ]; then
     # Docker counts a kill as a manual stop, so the restart policy leaves it down: start it, as an operator would.
     "${COMPOSE[@]}" start worker-cpu >/dev/null 2>&1
 fi
@@ -361,7 +436,7 @@ check_artifacts "$JOB4" >/dev/null
 log "API stopped: job $JOB4 finished without it"
 
 # -- logs: every service wrote some ---------------------------------------------------------------------------------------
-for service in api worker-cpu postgres redis; do
+for service in "${SERVICES[@]}"; do
     [ -n "$("${COMPOSE[@]}" logs --no-color "$service" 2>&1 | tail -n 1)" ] || die "$service wrote no log"
 done
 log "all checks passed"

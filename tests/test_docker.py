@@ -348,7 +348,8 @@ def _docker_engine() -> str | None:
 @pytest.mark.docker
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_smoke_stack_end_to_end(tmp_path, request):
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_smoke_stack_end_to_end(tmp_path, request, store):
     markexpr = request.config.getoption("markexpr") or ""
     asked = os.environ.get("CONSA_DOCKER_SMOKE") == "1" or (re.search(r"\bdocker\b", markexpr)
                                                               and not re.search(r"\bnot\s+docker\b", markexpr))
@@ -360,8 +361,8 @@ def test_smoke_stack_end_to_end(tmp_path, request):
         pytest.skip(reason)
     # A project name of its own, so a smoke run someone started by hand is left alone.
     env = os.environ | {"SMOKE_PROJECT": f"consa-pytest-{os.getpid()}"}
-    run = subprocess.run(["bash", str(DOCKER / "smoke.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=3500)
+    run = subprocess.run(["bash", str(DOCKER / "smoke.sh")] + (["--s3"] if store == "s3" else []), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=3500)
     (tmp_path / "smoke.log").write_text(run.stderr)
     assert run.returncode == 0, run.stderr[-6000:]
     timings = dict(line.split()[1:3] for line in run.stdout.splitlines() if line.startswith("TIMING "))
@@ -371,3 +372,7 @@ def test_smoke_stack_end_to_end(tmp_path, request):
     assert resumed["RESUMED_AFTER_KILL"] > 0 and resumed["RESUMED_AFTER_STOP"] > 0
     sizes = {line.split()[1]: int(line.split()[2]) for line in run.stdout.splitlines() if line.startswith("SIZE ")}
     assert sizes["consa-api:latest"] <= 1.2e9
+    if store == "s3":  # the API and the worker shared no folder; the job's files came from the bucket
+        marks = {line.split()[0]: line.split()[1:] for line in run.stdout.splitlines()}
+        assert int(marks["S3_OBJECTS"][0]) > 0 and int(marks["RANGE_RESUMED"][1]) > 0
+        assert "WORKER_REPLACED" in marks  # the kill's resume came from the bucket, to a new container and volume

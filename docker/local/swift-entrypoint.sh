@@ -16,6 +16,8 @@ ACCOUNT=${ACCESS%%:*}
 USER_=${ACCESS#*:}
 declare -A PORTS=([account]=${SWIFT_ACCOUNT_PORT:-6202} [container]=${SWIFT_CONTAINER_PORT:-6201} [object]=${SWIFT_OBJECT_PORT:-6200})
 
+READY=${S3_READY_FILE:-/tmp/consa-bucket-ready}  # the healthcheck's sign that the bucket exists
+rm -f "$READY"
 mkdir -p "$ETC" "$DEVICES/d1"
 cat > "$ETC/swift.conf" <<EOF
 [swift-hash]
@@ -93,9 +95,9 @@ trap 'kill "${pids[@]}" 2>/dev/null; wait' TERM INT
 
 # The bucket, made through the S3 API once the proxy answers (a SigV2-signed CreateBucket: the standard
 # library suffices; tempauth's own tokens would need memcached).
-python3 - "$PORT" "$ACCESS" "$SECRET" "$BUCKET" <<'EOF'
+python3 - "$PORT" "$ACCESS" "$SECRET" "$BUCKET" "$READY" <<'EOF'
 import base64, email.utils, hashlib, hmac, sys, time, urllib.error, urllib.request
-port, access, secret, bucket = sys.argv[1:]
+port, access, secret, bucket, ready = sys.argv[1:]
 for _ in range(600):
     date = email.utils.formatdate(usegmt=True)
     signature = base64.b64encode(hmac.new(secret.encode(), f"PUT\n\n\n{date}\n/{bucket}".encode(),
@@ -113,6 +115,7 @@ for _ in range(600):
         time.sleep(0.5)
 else:
     sys.exit("swift's proxy did not make the bucket")
+open(ready, "w").close()
 print(f"bucket {bucket} ready", flush=True)
 EOF
 
