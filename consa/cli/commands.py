@@ -35,7 +35,8 @@ def _add_search_parser(sub):
 def _add_eval_parser(sub):
     p = sub.add_parser("eval", help="evaluate a model under an allocation (hard gates); prints JSON")
     _add_model_args(p)
-    p.add_argument("--allocation", default=None, help="manifest.json (omit for the unmodified model)")
+    p.add_argument("--allocation", default=None, help="manifest.json (omit for the unmodified model, or for a "
+                   "`consa export` directory: the allocation it was exported with)")
     p.add_argument("--data", required=True)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--num-sequences", type=int, default=16)
@@ -118,15 +119,44 @@ def _relaunch_data_parallel(args) -> int:
     return subprocess.run(cmd).returncode
 
 
+def _eval_model(args):
+    """(model, tokenizer, the allocation a `consa export` directory carries, else None) for `consa eval`."""
+    from consa.model.devices import pick_device
+    from consa.model.loading import LOAD_ERRORS, load_error, load_model
+
+    config = Path(args.model) / "config.json"
+    try:
+        exported = config.is_file() and "consa" in json.loads(config.read_text())
+    except ValueError as e:
+        raise load_error(args.model, e) from None
+    if not exported:
+        return (*load_model(args.model, args.revision, pick_device(args.device)), None)
+    # An export: a kv_head one names remote code in its auto_map, which a plain from_pretrained refuses.
+    # load_hybrid reads either format without running that file, and importing consa.export.checkpoint
+    # registers consa_hybrid, so AutoTokenizer asks no remote-code question either.
+    import torch
+    from transformers import AutoTokenizer
+
+    from consa.export.checkpoint import load_hybrid
+
+    try:
+        model = load_hybrid(args.model, device=pick_device(args.device), dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except LOAD_ERRORS as e:
+        raise load_error(args.model, e) from None
+    tokenizer.model_max_length = int(1e12)  # as load_model: documents are packed into seq_len rows
+    return model, tokenizer, model.consa_allocation
+
+
 def cmd_eval(args) -> int:
     from consa.evaluation import metrics as evaluation
     from consa.core.manifest import load_allocation
-    from consa.model.devices import pick_device
-    from consa.model.loading import load_model
 
     allocation = load_allocation(args.allocation) if args.allocation else None
     ruler_lengths = _int_list(args.ruler_lengths, "--ruler-lengths")
-    model, tokenizer = load_model(args.model, args.revision, pick_device(args.device))
+    model, tokenizer, exported = _eval_model(args)
+    # Without --allocation an export is scored as exported; evaluate() with None would open every gate.
+    allocation = allocation or exported
     eval_set = evaluation.build_eval_set(tokenizer, args.data, seq_len=args.seq_len, num_sequences=args.num_sequences,
                                          retrieval_docs=args.retrieval_docs, seed=args.seed,
                                          ruler_lengths=ruler_lengths, ruler_samples=args.ruler_samples,
