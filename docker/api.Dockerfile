@@ -1,6 +1,6 @@
 # The API image: FastAPI + the database migrations + the `consa` CLI, without torch and without CUDA.
 # Jobs never run here (the worker image does that): the project is installed with --no-deps over the
-# `service` extra's requirements read from pyproject.toml, without the core's torch, transformers and
+# `api` extra's requirements read from pyproject.toml (the `service` extra less the plotting), without the core's torch, transformers and
 # safetensors, which only the worker uses (the API reads consa.core's settings, which import none).
 # Build from the repository root:  docker build -f docker/api.Dockerfile -t consa-api .
 #
@@ -27,7 +27,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 # The dependencies first (a layer that stays cached until pyproject.toml changes).
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-deps = [d for d in p['optional-dependencies']['service'] if not d.replace(' ', '').startswith('torch')]; \
+deps = [d for d in p['optional-dependencies']['api'] if not d.replace(' ', '').startswith('torch')]; \
 open('/tmp/requirements.txt', 'w').write(chr(10).join(deps))" \
     && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 COPY consa ./consa

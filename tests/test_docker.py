@@ -175,7 +175,7 @@ def test_api_image_has_no_torch_and_worker_image_has_cuda_by_default():
     api_base = re.search(r"ARG BASE=(\S+)", api).group(1)
     assert api_base == "python:3.12-slim" and instructions("api.Dockerfile", "FROM") == ["${BASE}"]
     # The project without its dependencies, over its dependencies minus torch; the build checks it.
-    assert "pip install --no-deps ." in api and "['optional-dependencies']['service']" in api
+    assert "pip install --no-deps ." in api and "['optional-dependencies']['api']" in api
     assert "p['dependencies']" not in api and "! python -c 'import torch'" in api
     assert "download.pytorch.org" not in api
     worker = dockerfile("worker.Dockerfile")
@@ -259,10 +259,10 @@ def test_smoke_script_parses_and_ends_what_it_starts():
 
 def test_image_commands_exist_in_the_package(compose):
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    service_deps = " ".join(pyproject["project"]["optional-dependencies"]["service"])
+    service_deps = " ".join(pyproject["project"]["optional-dependencies"]["api"])
     for where, argv in image_commands(compose).items():
         program = argv[0]
-        assert re.search(rf"\b{program}\b", service_deps), f"{where}: {program} is not installed by .[service]"
+        assert re.search(rf"\b{program}\b", service_deps), f"{where}: {program} is not installed by .[api] (in .[service] too)"
         if program == "uvicorn":
             target = next(a for a in argv[1:] if ":" in a and not a.startswith("-"))
             module, attr = target.split(":")
