@@ -9,7 +9,7 @@ floor (small models are launch-bound on a GPU):
     forward row   2·P·S + 2·L·S²·A
     evaluation    heuristic-loss: (units + 1) x 4 rows; retrieval-heads: 4 rows; duo: duo_steps x 4 rows
                   (teacher + student forward, backward); scoring: (full + learned + baselines) x (16 rows +
-                  64 retrieval documents, + 4 RULER prompts x 13 tasks at seq_len >= 1024)
+                  64 retrieval documents, + 4 RULER prompts x 13 tasks at seq_len >= 1024 unless `ruler` is false)
 
 Where the numbers come from (bench/RESULTS.md, "Faults (issue 23)" and "Search at scale"):
 - GPU (H100/H200 class, 989 TFLOP/s bf16): MFU 29% at 0.6B, 45% at 1.7B, 52% at 8B (search_scale runs
@@ -103,9 +103,10 @@ def estimate(params: dict, device: str, *, baselines: int = 10, units_per_layer:
         units = L * (units_per_layer or (shape["kv_heads"] if granularity != "layer" else 1))
         duo_steps = int(params.get("duo_steps") or steps)
         allocations = 2 + baselines
-        rows = (units + 1) * CALIBRATION_ROWS + CALIBRATION_ROWS + duo_steps * 4 \
-            + allocations * (EVAL_ROWS + EVAL_DOCS + (RULER_PROMPTS if S >= 1024 else 0))
-        parts = 2 + (1 if S >= 1024 else 0)
+        ruler = params.get("ruler", True) is not False and S >= 1024
+        rows = ((units + 1) * CALIBRATION_ROWS + CALIBRATION_ROWS + duo_steps * 4
+                + allocations * (EVAL_ROWS + EVAL_DOCS + (RULER_PROMPTS if ruler else 0)))
+        parts = 2 + ruler
         out["evaluation_units"] = baselines + allocations * parts
         out["evaluation_s"] = round(rows * row_s, 1)
     out["total_s"] = round(out["search_s"] + out["evaluation_s"], 1)

@@ -180,3 +180,20 @@ def test_a_jobs_evaluation_records_ruler(tiny_model_dir, text_dir, tok, monkeypa
     records = pipeline.evaluate_allocation(model, tokenizer, alloc, config, baselines=[],
                                            on_event=lambda kind, message: events.append((kind, message)))
     assert "ruler" not in records[0] and any("without RULER" in m for _, m in events)
+    # the run option `ruler: false` leaves RULER out before any prompt is built: no warning either
+    events.clear()
+    records = pipeline.evaluate_allocation(model, tokenizer, alloc, config, baselines=[], ruler=False,
+                                           on_event=lambda kind, message: events.append((kind, message)))
+    assert "ruler" not in records[0] and not any("RULER" in m for _, m in events)
+
+
+def test_the_ruler_run_option_is_a_job_field_and_the_estimate_follows_it(tiny_model_dir):
+    from consa.core.config import RunOptions
+    from service.estimate import estimate
+
+    assert RunOptions().ruler is True and RunOptions.from_dict({"ruler": False}).ruler is False
+    job = {"model": str(tiny_model_dir), "seq_len": 4096, "batch_size": 1, "steps": 100, "evaluate": True}
+    with_ruler, without = estimate(job, "cpu", baselines=10), estimate(job | {"ruler": False}, "cpu", baselines=10)
+    assert without["evaluation_s"] < with_ruler["evaluation_s"]
+    # one part fewer (RULER) for each of the 12 allocations scored: full, learned and 10 baselines
+    assert with_ruler["evaluation_units"] - without["evaluation_units"] == 12

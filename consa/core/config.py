@@ -141,6 +141,8 @@ class RunOptions:
     evaluate: bool = setting(False, "score the allocation against full attention and every baseline after the "
                                     "search (evaluation.md / evaluation.json)")
     heatmap: bool = setting(True, "draw heatmap.png, the allocation per layer and KV head (needs matplotlib)")
+    ruler: bool = setting(True, "with evaluate: also score RULER's synthetic long-context tasks at the search's "
+                                "seq_len, when it is at least 1024 (4 prompts per task for every allocation)")
     duo_steps: int | None = setting(None, "training steps of the duo baseline's gates in the evaluation (default: "
                                           "the search's steps)", ge=1, le=1_000_000)
 

@@ -35,7 +35,7 @@ class AllocationRun:
 
 
 def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, checkpoint: bool = False,
-                   heatmap: bool = True, duo_steps: int | None = None, device="auto", model=None, tokenizer=None, dataset=None, eval_set=None,
+                   heatmap: bool = True, ruler: bool = True, duo_steps: int | None = None, device="auto", model=None, tokenizer=None, dataset=None, eval_set=None,
                    baselines=None, progress=None, on_event=None, on_artifact=None, should_cancel=None,
                    resume_from=None, on_checkpoint=None, checkpoint_every: int = 0) -> AllocationRun:
     """Search an allocation for `config` and write its artifacts into `out_dir`.
@@ -118,7 +118,7 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
     if evaluate:
         check_cancel("the evaluation")
         say("info", "evaluating the allocation against full attention and the baselines")
-        run.evaluation = evaluate_allocation(model, tokenizer, allocation, config, eval_set=eval_set, duo_steps=duo_steps,
+        run.evaluation = evaluate_allocation(model, tokenizer, allocation, config, eval_set=eval_set, duo_steps=duo_steps, ruler=ruler,
                                              baselines=baselines, on_event=say, should_cancel=should_cancel,
                                              on_scored=lambda done, total: phase_progress("evaluation", done, total))
         from consa.evaluation.compare import markdown_table
@@ -148,9 +148,10 @@ def run_allocation(config: SearchConfig, out_dir, *, evaluate: bool = False, che
 
 
 def evaluate_allocation(model, tokenizer, allocation, config: SearchConfig, *, eval_set=None, baselines=None,
-                        duo_steps: int | None = None, on_event=None, on_scored=None, should_cancel=None) -> list[dict]:
+                        duo_steps: int | None = None, ruler: bool = True, on_event=None, on_scored=None,
+                        should_cancel=None) -> list[dict]:
     """The allocation (as "learned") next to full attention and the baselines, on the same rows, with
-    RULER's tasks at seq_len when it is at least EVAL_RULER_MIN_SEQ_LEN.
+    RULER's tasks at seq_len when `ruler` and seq_len is at least EVAL_RULER_MIN_SEQ_LEN.
     `duo_steps`: the duo baseline's training steps (default: the search's). on_scored(done, total) at the
     start (0) and after each unit: a baseline built, or one part of the eval set scored for one allocation.
     should_cancel() is asked between units and inside the long ones (the duo baseline's steps, the
@@ -170,7 +171,7 @@ def evaluate_allocation(model, tokenizer, allocation, config: SearchConfig, *, e
         except DataError as e:  # retrieval documents need room for their keys; score the loss alone
             say("warning", f"evaluation without retrieval: {e}")
             eval_set = build_eval_set(tokenizer, config.text_source, retrieval_docs=0, **sizes)
-        if config.seq_len >= EVAL_RULER_MIN_SEQ_LEN:
+        if ruler and config.seq_len >= EVAL_RULER_MIN_SEQ_LEN:
             from consa.evaluation.ruler import samples_from
 
             try:
