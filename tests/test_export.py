@@ -43,6 +43,7 @@ def test_layer_export_runs_in_stock_transformers(tmp_path, model_type, tokenizer
     alloc = allocation(LAYER, "layer")
     summary = export_hybrid(tiny.build_model(model_type), alloc, tmp_path / "ckpt", tokenizer=tokenizer)
     assert summary["format"] == "layer_types"
+    assert "--model-impl transformers" in summary["message"]  # the engines that would silently ignore it
     # A fresh interpreter with no consa import: stock transformers alone must run the hybrid.
     script = (f"import torch, sys; from transformers import AutoModelForCausalLM;"
               f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r}, attn_implementation='sdpa');"

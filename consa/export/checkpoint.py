@@ -196,8 +196,17 @@ def export_hybrid(model_or_path, allocation: Allocation, out_dir, *, tokenizer=N
             "dtype": str(save_dtype or held_dtype).removeprefix("torch."), "finetune_steps": finetune_steps,
             "tokenizer": tokenizer is not None,
             "message": message or (f"stock transformers runs this checkpoint natively (layer_types on {written})"
+                                   + (f"; {SERVING_CAVEATS[written]}" if written in SERVING_CAVEATS else "")
                                    if native else "load with consa.load_hybrid(path), or from_pretrained(path, "
                                                   "trust_remote_code=True) with consa installed")}
+
+
+# Serving engines that load a stock layer export yet ignore its per-layer windows, silently: every
+# layer then runs full attention (docs/EXPORT.md has the source lines, vLLM 0.34.0 / SGLang 0.5.23;
+# read, not run). The export's summary says so, since nothing at serving time will.
+SERVING_CAVEATS = dict.fromkeys(
+    ("qwen2", "qwen3"), "vLLM's native Qwen2/3 and SGLang ignore layer_types (every layer full attention, "
+                        "silently): serve it with `vllm serve DIR --model-impl transformers`")
 
 
 def _write_remote_modeling(out_dir: Path, base_model_type: str) -> None:
