@@ -5,6 +5,7 @@ Each server gets its own var dir, its own Postgres database and its own Celery q
 sessions running side by side on one machine (other engineers, CI) never see each other's jobs.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -166,6 +167,27 @@ def server_env(var: Path, tiny_model_dir, text_dir, **settings) -> dict:
             "CONSA_DATA_ROOTS": str(Path(text_dir).parent), "CONSA_DEFAULT_DATASET": str(text_dir),
             "PYTHONPATH": str(ROOT), "CONSA_QUEUE": "gpu-test-" + uuid.uuid4().hex[:8], "OMP_NUM_THREADS": "1"}
     return env | {f"CONSA_{k.upper()}": str(v) for k, v in settings.items()}
+
+
+@contextlib.contextmanager
+def serving(var: Path, env: dict, tiny_model_dir, text_dir):
+    """A private `consa serve` started with `env`, with key `alice` and the tiny model and text named on
+    it (`.model`, `.data`, `.var`, `.artifact_dir`); stopped at the end. Fault-test modules share one each."""
+    server = Server(env, var / "serve.log").start()
+    try:
+        server.alice = server.create_key("alice")
+        server.model, server.data, server.var = str(tiny_model_dir), str(text_dir), var
+        server.artifact_dir = var / "artifacts"
+        yield server
+    finally:
+        server.stop()
+
+
+def the_worker(srv, timeout: float = 60) -> int:
+    """The pid of the one worker process `consa serve` runs."""
+    pids = wait_until(lambda: child_pids(srv.proc.pid), timeout, "serve has a worker child")
+    assert len(pids) == 1, pids
+    return pids[0]
 
 
 def child_pids(pid: int) -> list[int]:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service_fixtures import Server, fault_record, server_env, wait_for, wait_until
+from service_fixtures import fault_record, server_env, serving, wait_for, wait_until
 
 pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
 
@@ -17,13 +17,8 @@ JOB = dict(sparsity=0.5, window=16, seq_len=64, evaluate=True)
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, tiny_model_dir, text_dir):
     var = tmp_path_factory.mktemp("var-evaluation")
-    server = Server(server_env(var, tiny_model_dir, text_dir, worker_heartbeat_s=1), var / "serve.log").start()
-    try:
-        server.alice = server.create_key("alice")
-        server.model, server.data = str(tiny_model_dir), str(text_dir)
+    with serving(var, server_env(var, tiny_model_dir, text_dir, worker_heartbeat_s=1), tiny_model_dir, text_dir) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def progress(client, job_id: str) -> dict:

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from service_fixtures import Server, fault_record, run_python, server_env, wait_for, wait_until
+from service_fixtures import Server, fault_record, run_python, server_env, serving, wait_for, wait_until
 
 pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
 
@@ -19,13 +19,8 @@ pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fa
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, tiny_model_dir, text_dir):
     var = tmp_path_factory.mktemp("var-inputs")
-    server = Server(server_env(var, tiny_model_dir, text_dir, worker_heartbeat_s=1), var / "serve.log").start()
-    try:
-        server.alice = server.create_key("alice")
-        server.model, server.data, server.var = str(tiny_model_dir), str(text_dir), var
+    with serving(var, server_env(var, tiny_model_dir, text_dir, worker_heartbeat_s=1), tiny_model_dir, text_dir) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def hostile_bodies(model: str) -> dict[str, bytes]:

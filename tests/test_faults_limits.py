@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from service_fixtures import Server, fault_record, server_env, wait_for
+from service_fixtures import fault_record, server_env, serving, wait_for
 
 pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
 
@@ -16,14 +16,9 @@ LIMIT_S = 8
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, tiny_model_dir, text_dir):
     var = tmp_path_factory.mktemp("var-limits")
-    server = Server(server_env(var, tiny_model_dir, text_dir, task_time_limit_s=LIMIT_S, worker_heartbeat_s=1),
-                    var / "serve.log").start()
-    try:
-        server.alice = server.create_key("alice")
-        server.model, server.data = str(tiny_model_dir), str(text_dir)
+    env = server_env(var, tiny_model_dir, text_dir, task_time_limit_s=LIMIT_S, worker_heartbeat_s=1)
+    with serving(var, env, tiny_model_dir, text_dir) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def seconds(a: str, b: str) -> float:

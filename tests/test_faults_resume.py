@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from service_fixtures import ROOT, Server, fault_record, server_env, wait_for, wait_until
+from service_fixtures import ROOT, fault_record, server_env, serving, the_worker, wait_for, wait_until
 
 pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
 
@@ -45,21 +45,8 @@ def srv(tmp_path_factory, tiny_model_dir, text_dir):
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'fault_hooks'}"
     env["FAULT_HOLD"] = (f"consa.recipe.pipeline:evaluate_allocation={var / 'hold-evaluation'};"
                          f"consa.export.checkpoint:pack_checkpoint={var / 'hold-export'}")
-    server = Server(env, var / "serve.log").start()
-    try:
-        server.alice = server.create_key("alice")
-        server.model, server.data, server.var = str(tiny_model_dir), str(text_dir), var
+    with serving(var, env, tiny_model_dir, text_dir) as server:
         yield server
-    finally:
-        server.stop()
-
-
-def the_worker(srv) -> int:
-    from service_fixtures import child_pids
-
-    pids = wait_until(lambda: child_pids(srv.proc.pid), 60, "serve has a worker child")
-    assert len(pids) == 1, pids
-    return pids[0]
 
 
 def events(client, job_id: str) -> list[dict]:

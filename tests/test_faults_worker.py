@@ -8,7 +8,7 @@ import signal
 import httpx
 import pytest
 
-from service_fixtures import Server, server_env, wait_for, wait_until
+from service_fixtures import server_env, serving, the_worker, wait_for, wait_until
 
 pytestmark = pytest.mark.slow  # live servers or CLI subprocesses: out of the fast loop (pytest -m 'not slow'); CI runs it
 
@@ -19,22 +19,8 @@ FAST = dict(worker_heartbeat_s=1, stale_after_s=4, reconcile_interval_s=1, reque
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, tiny_model_dir, text_dir):
     var = tmp_path_factory.mktemp("var-worker-faults")
-    server = Server(server_env(var, tiny_model_dir, text_dir, **FAST), var / "serve.log").start()
-    try:
-        server.alice = server.create_key("alice")
-        server.model, server.data = str(tiny_model_dir), str(text_dir)
-        server.artifact_dir = var / "artifacts"
+    with serving(var, server_env(var, tiny_model_dir, text_dir, **FAST), tiny_model_dir, text_dir) as server:
         yield server
-    finally:
-        server.stop()
-
-
-def the_worker(srv) -> int:
-    from service_fixtures import child_pids
-
-    pids = wait_until(lambda: child_pids(srv.proc.pid), 30, "serve has a worker child")
-    assert len(pids) == 1, pids
-    return pids[0]
 
 
 def ready(srv) -> dict:
