@@ -43,6 +43,12 @@ def jobs_page() -> HTMLResponse:
     return _page("jobs", "jobs")
 
 
+@router.get("/dashboard/compare")
+def compare_page() -> HTMLResponse:
+    """Runs side by side; which ones is in the query (?jobs=id,id,...), read by the page's script."""
+    return _page("compare", "compare")
+
+
 @router.get("/dashboard/jobs/{job_id}")
 def job_page(job_id: str) -> HTMLResponse:
     return _page("job", "job")

@@ -1,10 +1,13 @@
-// consa dashboard: plain JS, no build step. Both pages read the v1 API with the key kept in
-// localStorage; nothing is rendered through innerHTML, so job fields cannot inject markup.
+// consa dashboard: plain JS, no build step. The pages (jobs, job, compare) read the v1 API with the key
+// kept in localStorage; nothing is rendered through innerHTML, so job fields cannot inject markup.
 "use strict";
 
 const KEY_STORE = "consa.apiKey";
 const TERMINAL = ["succeeded", "failed", "cancelled"];
 const REFRESH_MS = 3000;
+// Artifacts read as data rather than shown: their names in the artifact registry (consa.core.artifacts).
+const MANIFEST = "manifest.json";     // the allocation; its sparsity_achieved is the share of SWA units
+const RECORDS = "evaluation.json";    // the evaluation's records: loss, retrieval_acc, ... per method
 
 // -- key handling -------------------------------------------------------------------------------
 // A link may carry the key in the fragment (#key=...): the fragment never reaches the server.
@@ -32,6 +35,7 @@ class ApiError extends Error {
   constructor(status, problem) {
     super((problem && (problem.detail || problem.title)) || `HTTP ${status}`);
     this.status = status;
+    this.problem = problem || {};  // RFC 9457: detail, code, errors (per field: loc, msg)
   }
 }
 
@@ -46,6 +50,21 @@ async function api(path, options = {}) {
   return resp;
 }
 async function apiJson(path, options) { return (await api(path, options)).json(); }
+const jobPath = (id) => "/v1/jobs/" + encodeURIComponent(id);
+const artifactPath = (id, name) => jobPath(id) + "/artifacts/" + encodeURIComponent(name);
+const jobLink = (id) => el("a", { href: "/dashboard/jobs/" + encodeURIComponent(id) }, id);
+
+// Deleting is for ended jobs only (the API answers 409 otherwise) and cannot be undone: ask first.
+async function deleteJob(id) {
+  if (!confirm(`Delete job ${id} and all its artifacts? This cannot be undone.`)) return false;
+  try {
+    await api(jobPath(id), { method: "DELETE" });
+    return true;
+  } catch (err) {
+    showMessage(explain(err));
+    return false;
+  }
+}
 
 // el("td", {class: "x"}, "text", childNode) — text is always set as text, never parsed as HTML.
 function el(tag, attrs, ...children) {
@@ -77,7 +96,39 @@ function explain(err) {
 }
 
 const fmt = (x, digits) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
+function duration(s) {
+  if (s === null || s === undefined || !Number.isFinite(s)) return "–";
+  s = Math.max(0, Math.round(s));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+// From the job's start to its end (or now).
+function elapsedS(job) {
+  if (!job.started_at) return null;
+  return ((job.finished_at ? Date.parse(job.finished_at) : Date.now()) - Date.parse(job.started_at)) / 1000;
+}
+// The rest of the search at its pace so far: the search's own clock (elapsed_s, from the first step of
+// this attempt, so after a resume it runs short) over the steps done. The evaluation and export that
+// follow have no pace to go by until they run, so they are left out (their phase bar shows them).
+function etaS(job) {
+  const p = job.progress;
+  if (TERMINAL.includes(job.status) || !p || phaseOf(p).phase !== "search" || !p.step || !p.elapsed_s) return null;
+  return (p.elapsed_s / p.step) * (p.total_steps - p.step);
+}
+// The allocation's achieved share of SWA units, read from its manifest once per job (it does not change).
+// Not progress.sparsity: that is the gates' expected sparsity ŝ, which can sit far from the target.
+const achievedCache = new Map();
+function achievedSparsity(id) {
+  if (!achievedCache.has(id)) {
+    achievedCache.set(id, apiJson(artifactPath(id, MANIFEST)).then((m) => m.sparsity_achieved ?? null,
+      () => { achievedCache.delete(id); return null; }));  // not published yet: ask again next time
+  }
+  return achievedCache.get(id);
+}
+const hasAllocation = (job) => job.status === "succeeded" || ["evaluation", "export"].includes((job.progress || {}).phase);
 const when = (iso) => (iso ? new Date(iso).toLocaleString() : "–");
+const whenShort = (iso) => (iso ? new Date(iso).toLocaleString([], { dateStyle: "short", timeStyle: "short" }) : "–");
 function bytes(n) {
   const units = ["B", "KB", "MB", "GB", "TB"];
   let i = 0;
@@ -115,23 +166,196 @@ function phaseList(points, status) {
   }));
 }
 
+// A job's events, oldest first, from state.after on. Each claim of the job by a worker logs a status
+// event "running": counting them gives each progress record the attempt it belongs to.
+const eventState = () => ({ after: null, attempt: 0, points: [], log: [] });
+async function readEvents(id, state) {
+  for (;;) {
+    const q = new URLSearchParams({ limit: "1000" });
+    if (state.after !== null) q.set("after", String(state.after));
+    const page = await apiJson(jobPath(id) + "/events?" + q);
+    for (const ev of page.data) {
+      state.after = ev.id;
+      if (ev.type === "status" && ev.data && ev.data.status === "running") state.attempt++;
+      if (ev.type === "progress" && ev.data) state.points.push(Object.assign({ attempt: state.attempt }, ev.data));
+      state.log.push(`${when(ev.created_at)}  ${ev.type.padEnd(8)}  ${ev.message}`);
+    }
+    if (!page.has_more) return state;
+  }
+}
+// The search's points split by attempt: a retried job's attempts are separate series, not one line
+// drawn back over itself. A step that goes backwards starts a series too (a resume from a saved step).
+// (The evaluation's and export's records repeat the search's last step: one point per search step.)
+const isSearchPoint = (p) => p.step !== undefined && phaseOf(p).phase === "search";
+function attemptSeries(points) {
+  const series = [];
+  let last = null, prev = -Infinity;
+  for (const p of points.filter(isSearchPoint)) {
+    if (!last || p.attempt !== last.attempt || p.step <= prev) series.push(last = { attempt: p.attempt, points: [] });
+    last.points.push(p);
+    prev = p.step;
+  }
+  return series.map((s, i) => ({ slot: i, label: `attempt ${i + 1}`, points: s.points }));
+}
+
+// -- the submit form: built from the API's schema of the job body --------------------------------
+// Every field, its default, bounds, choices and help come from the OpenAPI document the API serves
+// (its JobCreate: consa.core.config's settings), so the form never lists fields of its own.
+async function jobSchema() {
+  const doc = await (await fetch("/openapi.json")).json();
+  const resolve = (s) => (s && s.$ref ? doc.components.schemas[s.$ref.split("/").pop()] : s);
+  return resolve(doc.paths["/v1/jobs"].post.requestBody.content["application/json"].schema);
+}
+
+function schemaField(name, prop, required) {
+  // A nullable setting is anyOf [type, null]: its non-null branch has the type and the bounds.
+  const s = Object.assign({}, prop, (prop.anyOf || []).find((b) => b.type !== "null"));
+  const has = (v) => v !== undefined && v !== null;
+  let input;
+  if (s.enum) {
+    input = el("select", {}, has(s.default) ? null : el("option", { value: "" }, required ? "choose…" : "(server default)"),
+      ...s.enum.map((v) => el("option", { value: v }, v)));
+  } else if (s.type === "boolean") {
+    input = el("input", { type: "checkbox" });
+  } else if (s.type === "integer" || s.type === "number") {
+    input = el("input", { type: "number", step: s.type === "integer" ? "1" : "any" });
+    const min = s.minimum ?? s.exclusiveMinimum, max = s.maximum ?? s.exclusiveMaximum;
+    if (has(min)) input.min = min;
+    if (has(max)) input.max = max;
+  } else if (s.type === "object") {
+    input = el("textarea", { rows: "2", placeholder: "key=value, one a line" });
+  } else {
+    input = el("input", { type: "text" });
+    if (has(s.maxLength)) input.maxLength = s.maxLength;
+  }
+  input.name = name;
+  input.id = "field-" + name;
+  input.required = required && s.type !== "boolean";
+  if (s.type === "boolean") input.checked = s.default === true;
+  else if (has(s.default) && s.type !== "object") input.value = s.default;
+  const bounds = [s.minimum !== undefined && `≥ ${s.minimum}`, s.exclusiveMinimum !== undefined && `> ${s.exclusiveMinimum}`,
+    s.maximum !== undefined && `≤ ${s.maximum}`, s.exclusiveMaximum !== undefined && `< ${s.exclusiveMaximum}`].filter(Boolean);
+  const notes = [required ? "required" : has(s.default) ? `default ${JSON.stringify(s.default)}` : "default: the server's",
+    bounds.length ? bounds.join(", ") : null].filter(Boolean).join(" · ");
+  const box = el("div", { class: "field", "data-field": name },
+    el("label", { for: input.id }, name, required ? el("span", { class: "req" }, " *") : null),
+    input,
+    el("small", { class: "help" }, [prop.description || s.description, notes].filter(Boolean).join(" — ")));
+  // What the body gets: only what differs from the default, so the server's defaults apply to the rest.
+  box.read = () => {
+    if (s.type === "boolean") return input.checked === (s.default === true) ? undefined : input.checked;
+    const v = input.value.trim();
+    if (v === "") return undefined;
+    if (s.type === "object") {
+      const pairs = v.split("\n").map((l) => l.trim()).filter(Boolean).map((l) => {
+        const at = l.indexOf("=");
+        if (at < 1) throw new Error(`${name}: "${l}" is not key=value`);
+        return [l.slice(0, at).trim(), l.slice(at + 1).trim()];
+      });
+      return Object.fromEntries(pairs);
+    }
+    const value = s.type === "integer" || s.type === "number" ? Number(v) : v;
+    return value === s.default ? undefined : value;
+  };
+  return box;
+}
+
+async function submitForm(onSubmitted) {
+  const form = document.getElementById("submit-form");
+  const fieldsBox = document.getElementById("submit-fields");
+  const status = document.getElementById("submit-status");
+  const errorBox = document.getElementById("submit-error");
+  let fields;
+  try {
+    const schema = await jobSchema();
+    const required = new Set(schema.required || []);
+    // Required fields first, then the schema's order (the settings' own order).
+    const names = Object.keys(schema.properties).sort((a, b) => required.has(b) - required.has(a));
+    fields = names.map((n) => schemaField(n, schema.properties[n], required.has(n)));
+    fieldsBox.replaceChildren(...fields);
+    form.dataset.ready = "true";  // a marker for tests and scripts
+  } catch (err) {
+    fieldsBox.replaceChildren(el("p", { class: "error" }, "Could not read the job settings from /openapi.json: " + err.message));
+    return;
+  }
+  function showProblem(err) {
+    errorBox.replaceChildren(el("strong", {}, err.status ? `${err.status} ${err.problem.code || ""}`.trim() + ": " : ""),
+      err.status === 401 ? explain(err) : err.message);
+    errorBox.hidden = false;
+    // A field the API names (loc ["body", field, ...]) gets its message under it.
+    for (const e of (err.problem && err.problem.errors) || []) {
+      const loc = e.loc || [];
+      const field = fields.find((f) => f.dataset.field === String(loc[0] === "body" ? loc[1] : loc[0]));
+      if (field) {
+        field.classList.add("invalid");
+        field.append(el("small", { class: "field-error" }, e.msg));
+      }
+    }
+  }
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    errorBox.hidden = true;
+    for (const f of fields) { f.classList.remove("invalid"); f.querySelectorAll(".field-error").forEach((n) => n.remove()); }
+    const button = document.getElementById("submit-job");
+    button.disabled = true;
+    status.textContent = "submitting…";
+    try {
+      const body = {};
+      for (const f of fields) { const v = f.read(); if (v !== undefined) body[f.dataset.field] = v; }
+      const job = await apiJson("/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+      status.replaceChildren("submitted ", Object.assign(jobLink(job.id), { id: "submitted-job" }));
+      await onSubmitted(job);
+    } catch (err) {
+      status.textContent = "";
+      showProblem(err);
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
 // -- jobs page ----------------------------------------------------------------------------------
 async function jobsPage() {
   const tbody = document.querySelector("#jobs tbody");
   const more = document.getElementById("more");
   const filter = document.getElementById("status-filter");
+  const compare = document.getElementById("compare");
+  const selected = new Set();  // job ids ticked for the comparison; kept across the table's refreshes
   let after = null;
 
   function row(job) {
     const p = job.progress || {};
-    return el("tr", { "data-job-id": job.id, "data-status": job.status },
-      el("td", {}, el("a", { href: "/dashboard/jobs/" + encodeURIComponent(job.id) }, job.id)),
-      el("td", { class: "model" }, job.model),
+    const config = job.config || {};
+    const pick = el("input", { type: "checkbox", class: "pick", "aria-label": "select " + job.id });
+    pick.checked = selected.has(job.id);
+    pick.addEventListener("change", () => {
+      if (pick.checked) selected.add(job.id); else selected.delete(job.id);
+      compare.disabled = selected.size < 2;
+    });
+    const achieved = el("td", { class: "num achieved", title: `the gates' expected sparsity ŝ at the last step: ${fmt(p.sparsity, 3)}` }, "–");
+    if (hasAllocation(job)) {
+      achievedSparsity(job.id).then((v) => { if (v !== null) { achieved.textContent = fmt(v, 2); achieved.dataset.value = v; } });
+    }
+    const elapsed = elapsedS(job), eta = etaS(job);
+    const remove = async () => { if (await deleteJob(job.id)) { selected.delete(job.id); tr.remove(); errorRow?.remove(); } };
+    const tr = el("tr", { "data-job-id": job.id, "data-status": job.status },
+      el("td", {}, pick),
+      el("td", {}, jobLink(job.id)),
+      el("td", { class: "model", title: job.model }, job.model),
+      el("td", { class: "granularity" }, config.granularity ?? "–"),
       el("td", {}, statusBadge(job.status)),
       el("td", {}, progressBar(job.progress)),
       el("td", { class: "num" }, fmt(p.loss, 4)),
-      el("td", { class: "num" }, fmt(p.sparsity, 3)),
-      el("td", {}, when(job.created_at)));
+      el("td", { class: "num target" }, fmt(config.sparsity, 2)),
+      achieved,
+      el("td", { class: "num elapsed", "data-s": elapsed ?? "" }, duration(elapsed)),
+      el("td", { class: "num eta", "data-s": eta ?? "" }, duration(eta)),
+      el("td", { title: when(job.created_at) }, whenShort(job.created_at)),
+      el("td", {}, TERMINAL.includes(job.status) ? el("button", { class: "delete", onclick: remove }, "Delete") : null));
+    // A failed job's error, whole, on a row of its own under the job's.
+    const errorRow = job.error ? el("tr", { class: "error-row", "data-error-of": job.id },
+      el("td", {}), el("td", { colspan: "12", class: "row-error" }, `${job.error.code}: ${job.error.message}`)) : null;
+    return [tr, errorRow].filter(Boolean);
   }
 
   async function load(append) {
@@ -141,10 +365,10 @@ async function jobsPage() {
     try {
       const page = await apiJson("/v1/jobs?" + q);
       if (!append) tbody.replaceChildren();
-      for (const job of page.data) tbody.append(row(job));
+      for (const job of page.data) tbody.append(...row(job));
       after = page.data.length ? page.data[page.data.length - 1].id : after;
       more.hidden = !page.has_more;
-      showMessage(tbody.children.length ? "" : "No jobs yet: submit one with POST /v1/jobs or `consa jobs submit`.");
+      showMessage(tbody.querySelector("tr[data-job-id]") ? "" : "No jobs yet: submit one with New job above, POST /v1/jobs or `consa jobs submit`.");
       return page.data;
     } catch (err) {
       showMessage(explain(err));
@@ -154,12 +378,16 @@ async function jobsPage() {
 
   filter.addEventListener("change", () => load(false));
   more.addEventListener("click", () => load(true));
+  compare.addEventListener("click", () => {
+    location.href = "/dashboard/compare?" + new URLSearchParams({ jobs: [...selected].join(",") });
+  });
+  submitForm(() => load(false));
   if (!apiKey()) { showMessage("Enter an API key above to see your jobs."); return; }
   await load(false);
   document.body.dataset.loaded = "jobs";  // a marker for tests and scripts
   // Refresh the first page while anything shown is still moving.
   setInterval(() => {
-    const moving = [...tbody.querySelectorAll("tr")].some((tr) => !TERMINAL.includes(tr.dataset.status));
+    const moving = [...tbody.querySelectorAll("tr[data-status]")].some((tr) => !TERMINAL.includes(tr.dataset.status));
     if (moving && more.hidden) load(false);
   }, REFRESH_MS);
 }
@@ -167,25 +395,10 @@ async function jobsPage() {
 // -- job page -----------------------------------------------------------------------------------
 async function jobPage() {
   const jobId = decodeURIComponent(location.pathname.split("/").pop());
-  const base = "/v1/jobs/" + encodeURIComponent(jobId);
-  const points = [];          // progress events: {step, loss, sparsity, target}
-  const log = [];
-  let eventsAfter = null;
+  const base = jobPath(jobId);
+  const events = eventState();  // progress points ({step, loss, sparsity, target, attempt}) and the log
+  const points = events.points, log = events.log;
   let artifactsShown = null;  // names + digests of the artifacts on the page
-
-  async function readEvents() {
-    for (;;) {
-      const q = new URLSearchParams({ limit: "100" });
-      if (eventsAfter !== null) q.set("after", String(eventsAfter));
-      const page = await apiJson(base + "/events?" + q);
-      for (const ev of page.data) {
-        eventsAfter = ev.id;
-        if (ev.type === "progress" && ev.data) points.push(ev.data);
-        log.push(`${when(ev.created_at)}  ${ev.type.padEnd(8)}  ${ev.message}`);
-      }
-      if (!page.has_more) return;
-    }
-  }
 
   function renderJob(job) {
     document.title = "consa · " + job.id;
@@ -198,6 +411,7 @@ async function jobPage() {
     if (job.error) error.textContent = `${job.error.code} (${job.error.type} error): ${job.error.message}`;
     const cancel = document.getElementById("cancel");
     cancel.hidden = !["queued", "running"].includes(job.status);
+    document.getElementById("delete").hidden = !TERMINAL.includes(job.status);
     const rows = [...Object.entries(job.config || {}), ...Object.entries(job.metadata || {}).map(([k, v]) => ["metadata." + k, v]),
       ["created", when(job.created_at)], ["started", when(job.started_at)], ["finished", when(job.finished_at)]];
     document.querySelector("#config tbody").replaceChildren(
@@ -258,14 +472,17 @@ async function jobPage() {
   document.getElementById("cancel").addEventListener("click", async () => {
     try { renderJob(await apiJson(base + "/cancel", { method: "POST" })); } catch (err) { showMessage(explain(err)); }
   });
+  document.getElementById("delete").addEventListener("click", async () => {
+    if (await deleteJob(jobId)) location.href = "/dashboard";
+  });
 
   if (!apiKey()) { showMessage("Enter an API key above to see this job."); return; }
   async function refresh() {
     try {
       const job = await apiJson(base);
-      await readEvents();
+      await readEvents(jobId, events);
       renderJob(job);
-      drawChart(document.getElementById("chart"), points);
+      drawChart(document.getElementById("chart"), attemptSeries(points), { sparsity: true, kind: "attempts" });
       await renderArtifacts((await apiJson(base + "/artifacts")).data);
       document.getElementById("job").hidden = false;
       showMessage("");
@@ -312,11 +529,13 @@ function table(header, rows) {
     el("tbody", {}, ...rows.map((r) => el("tr", {}, ...r.map((v) => el("td", {}, cell(v)))))));
 }
 
-// Loss (left axis) and expected sparsity + its target (right axis, 0..1) against the step, in SVG.
-function drawChart(box, pts) {
-  // The evaluation's and export's records repeat the search's last step: one point per search step.
-  pts = pts.filter((p) => p.step !== undefined && phaseOf(p).phase === "search");
-  if (!pts.length) return;
+// Loss (left axis) and, with `sparsity`, expected sparsity + its target (right axis, 0..1) against the
+// step, in SVG. Each of `series` ({slot, label, points}) is drawn as its own paths: the attempts of a job
+// (kind "attempts": told apart by dash pattern) or the runs of a comparison (kind "runs": by colour).
+function drawChart(box, series, { sparsity = true, kind = "attempts" } = {}) {
+  series = series.map((s) => Object.assign({}, s, { points: s.points.filter(isSearchPoint) })).filter((s) => s.points.length);
+  if (!series.length) return;
+  const pts = series.flatMap((s) => s.points);
   const W = 560, H = 260, L = 52, R = 44, T = 12, B = 30;
   const maxStep = Math.max(...pts.map((p) => p.total_steps || p.step), 1);
   const losses = pts.map((p) => p.loss).filter((v) => v !== null && v !== undefined);
@@ -325,28 +544,144 @@ function drawChart(box, pts) {
   const x = (s) => L + ((W - L - R) * s) / maxStep;
   const yLoss = (v) => T + ((H - T - B) * (hi - v)) / (hi - lo);
   const ySparse = (v) => T + (H - T - B) * (1 - v);
-  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img", id: "chart-svg" });
+  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img", id: "chart-svg", class: "chart-" + kind });
   svg.append(svgEl("rect", { x: L, y: T, width: W - L - R, height: H - T - B, class: "plot" }));
-  const line = (key, y, cls) => {
-    const d = pts.filter((p) => p[key] !== null && p[key] !== undefined)
+  const line = (s, key, y, cls) => {
+    const d = s.points.filter((p) => p[key] !== null && p[key] !== undefined)
       .map((p, i) => `${i ? "L" : "M"}${x(p.step).toFixed(1)},${y(p[key]).toFixed(1)}`).join("");
-    if (d) svg.append(svgEl("path", { d, class: "line " + cls }));
+    if (d) svg.append(svgEl("path", { d, class: "line " + cls, "data-series": s.slot, "data-label": s.label }));
   };
-  line("target", ySparse, "line-target");
-  line("sparsity", ySparse, "line-sparsity");
-  line("loss", yLoss, "line-loss");
+  for (const s of series) {
+    if (sparsity) {
+      line(s, "target", ySparse, "line-target");
+      line(s, "sparsity", ySparse, "line-sparsity");
+    }
+    line(s, "loss", yLoss, "line-loss");
+  }
   const text = (s, attrs) => { const t = svgEl("text", attrs); t.textContent = s; svg.append(t); };
   for (const f of [0, 0.5, 1]) {
-    text(fmt(lo + (hi - lo) * (1 - f), 3), { x: L - 6, y: T + (H - T - B) * f + 4, "text-anchor": "end", class: "axis loss" });
-    text(fmt(1 - f, 1), { x: W - R + 6, y: T + (H - T - B) * f + 4, class: "axis sparsity" });
+    text(fmt(lo + (hi - lo) * (1 - f), 3), { x: L - 6, y: T + (H - T - B) * f + 4, "text-anchor": "end", class: sparsity ? "axis loss" : "axis" });
+    if (sparsity) text(fmt(1 - f, 1), { x: W - R + 6, y: T + (H - T - B) * f + 4, class: "axis sparsity" });
   }
   text("0", { x: L, y: H - 10, class: "axis" });
   text(`step ${maxStep}`, { x: W - R, y: H - 10, "text-anchor": "end", class: "axis" });
-  const legend = el("div", { class: "legend" },
-    el("span", { class: "key loss" }, "loss"), el("span", { class: "key sparsity" }, "sparsity"),
-    el("span", { class: "key target" }, "target"));
-  box.replaceChildren(svg, legend);
+  const metrics = sparsity ? [el("span", { class: "key loss" }, "loss"), el("span", { class: "key sparsity" }, "sparsity"),
+    el("span", { class: "key target" }, "target")] : [];
+  // One key per series (a job with one attempt needs none); a run's attempts share its key.
+  const labels = [...new Map(series.map((s) => [s.label, s.slot])).entries()];
+  const keys = kind === "runs" || labels.length > 1
+    ? labels.map(([label, slot]) => el("span", { class: "key series", "data-series": slot }, label)) : [];
+  box.replaceChildren(svg, el("div", { class: "legend legend-" + kind }, ...metrics, ...keys));
 }
 
-if (document.body.dataset.page === "jobs") jobsPage();
-else jobPage();
+// Every method of every run's evaluation as a point: loss (lower is better) against retrieval accuracy
+// (higher is better), coloured by run. `runs`: [{slot, id, records}] with records from evaluation.json.
+function drawScatter(box, runs) {
+  const pts = runs.flatMap((r) => (r.records || [])
+    .filter((rec) => Number.isFinite(rec.loss) && Number.isFinite(rec.retrieval_acc))
+    .map((rec) => ({ run: r.id, slot: r.slot, name: rec.name || rec.method, method: rec.method || "", loss: rec.loss, retrieval: rec.retrieval_acc })));
+  if (!pts.length) {
+    box.replaceChildren(el("p", { class: "muted" }, "no evaluation with loss and retrieval among these runs (submit with evaluate: true)"));
+    return;
+  }
+  const W = 560, H = 260, L = 52, R = 16, T = 12, B = 34;
+  let lo = Math.min(...pts.map((p) => p.loss)), hi = Math.max(...pts.map((p) => p.loss));
+  const pad = hi > lo ? (hi - lo) * 0.08 : 0.5;
+  lo -= pad; hi += pad;
+  const x = (v) => L + (W - L - R) * v;  // retrieval accuracy is a share: the axis is 0..1 always
+  const y = (v) => T + ((H - T - B) * (hi - v)) / (hi - lo);
+  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img", id: "scatter-svg", class: "chart-runs" });
+  svg.append(svgEl("rect", { x: L, y: T, width: W - L - R, height: H - T - B, class: "plot" }));
+  const text = (s, attrs) => { const t = svgEl("text", attrs); t.textContent = s; svg.append(t); return t; };
+  for (const p of pts) {
+    const dot = svgEl("circle", { cx: x(p.retrieval).toFixed(1), cy: y(p.loss).toFixed(1), r: 5, class: "dot",
+      "data-series": p.slot, "data-run": p.run, "data-method": p.name });
+    const tip = svgEl("title", {});
+    tip.textContent = `${p.run} · ${p.name}: loss ${fmt(p.loss, 4)}, retrieval ${fmt(p.retrieval, 3)}`;
+    dot.append(tip);
+    svg.append(dot);
+    // Named on the chart: the reference (full attention) and the run's own allocation (learned-<objective>);
+    // the many baselines would bury them, so they are named in their tooltips only.
+    if (p.method === "full" || p.method.startsWith("learned")) text(p.name, { x: x(p.retrieval) + 7, y: y(p.loss) + 4, class: "axis point-label" });
+  }
+  for (const f of [0, 0.5, 1]) {
+    text(fmt(hi - (hi - lo) * f, 3), { x: L - 6, y: T + (H - T - B) * f + 4, "text-anchor": "end", class: "axis" });
+    text(fmt(f, 1), { x: x(f), y: H - 18, "text-anchor": "middle", class: "axis" });
+  }
+  text("retrieval accuracy →", { x: W - R, y: H - 4, "text-anchor": "end", class: "axis" });
+  text("↑ loss", { x: L + 4, y: T + 12, class: "axis" });
+  const skipped = runs.reduce((n, r) => n + (r.records || []).length, 0) - pts.length;
+  box.replaceChildren(svg, el("div", { class: "legend legend-runs" },
+    ...runs.filter((r) => r.records).map((r) => el("span", { class: "key series", "data-series": r.slot }, r.id)),
+    skipped ? el("span", { class: "muted" }, `${skipped} without a retrieval score not drawn`) : null));
+}
+
+// -- compare page -------------------------------------------------------------------------------
+// /dashboard/compare?jobs=a,b,...: the runs' settings and results, loss curves on one chart, their
+// evaluations as points, heatmaps and evaluation tables side by side.
+async function comparePage() {
+  const ids = [...new Set((new URLSearchParams(location.search).get("jobs") || "").split(",").filter(Boolean))];
+  if (!apiKey()) { showMessage("Enter an API key above to compare jobs."); return; }
+  if (ids.length < 2) { showMessage("Tick two or more jobs on the jobs page, then Compare selected."); return; }
+  const images = new Map();  // artifact digest -> blob URL: a heatmap is fetched once
+
+  async function loadRun(id, slot) {
+    try {
+      const [job, artifacts, events] = await Promise.all([apiJson(jobPath(id)),
+        apiJson(jobPath(id) + "/artifacts").then((a) => a.data), readEvents(id, eventState())]);
+      const run = { id, slot, job, points: events.points, manifest: null, records: null, heatmap: null, table: null };
+      const named = (name) => artifacts.find((a) => a.name === name);
+      if (named(MANIFEST)) run.manifest = await apiJson(artifactPath(id, MANIFEST));
+      if (named(RECORDS)) run.records = await apiJson(artifactPath(id, RECORDS));
+      const heat = artifacts.find((a) => a.shown_as === "image");
+      if (heat) {
+        if (!images.has(heat.sha256)) images.set(heat.sha256, URL.createObjectURL(await (await api(artifactPath(id, heat.name))).blob()));
+        run.heatmap = images.get(heat.sha256);
+      }
+      const table = artifacts.find((a) => a.shown_as === "table");
+      if (table) run.table = evaluationTable(table.content_type, await (await api(artifactPath(id, table.name))).text());
+      return run;
+    } catch (err) {
+      return { id, slot, error: explain(err) };  // one missing run does not hide the others
+    }
+  }
+
+  function render(runs) {
+    const ok = runs.filter((r) => !r.error);
+    document.querySelector("#runs tbody").replaceChildren(...runs.map((r) => {
+      const head = el("td", {}, el("span", { class: "swatch", "data-series": r.slot }), jobLink(r.id));
+      if (r.error) return el("tr", { "data-job-id": r.id }, head, el("td", { colspan: "8", class: "error" }, r.error));
+      const p = r.job.progress || {}, config = r.job.config || {};
+      return el("tr", { "data-job-id": r.id, "data-status": r.job.status }, head,
+        el("td", { class: "model" }, r.job.model), el("td", {}, config.granularity ?? "–"),
+        el("td", {}, statusBadge(r.job.status)), el("td", { class: "num" }, config.steps ?? "–"),
+        el("td", { class: "num" }, fmt(config.sparsity, 2)),
+        el("td", { class: "num achieved" }, fmt(r.manifest && r.manifest.sparsity_achieved, 2)),
+        el("td", { class: "num" }, fmt(p.loss, 4)), el("td", { class: "num" }, duration(elapsedS(r.job))));
+    }));
+    drawChart(document.getElementById("chart"),
+      ok.flatMap((r) => attemptSeries(r.points).map((s) => Object.assign(s, { slot: r.slot, label: r.id }))),
+      { sparsity: false, kind: "runs" });
+    drawScatter(document.getElementById("scatter"), ok.map((r) => ({ slot: r.slot, id: r.id, records: r.records })));
+    document.getElementById("heatmaps").replaceChildren(...ok.map((r) => el("div", { class: "card", "data-job-id": r.id },
+      el("h3", {}, el("span", { class: "swatch", "data-series": r.slot }), r.id),
+      r.heatmap ? el("img", { class: "heatmap", alt: "FA/SWA allocation heatmap of " + r.id, src: r.heatmap })
+        : el("p", { class: "muted" }, "no heatmap"))));
+    document.getElementById("evaluations").replaceChildren(...ok.map((r) => el("div", { class: "run-evaluation", "data-job-id": r.id },
+      el("h3", {}, el("span", { class: "swatch", "data-series": r.slot }), r.id),
+      r.table || el("p", { class: "muted" }, "none (submit with evaluate: true)"))));
+  }
+
+  async function load() {
+    const runs = await Promise.all(ids.map((id, slot) => loadRun(id, slot)));
+    render(runs);
+    document.getElementById("compare").hidden = false;
+    const errors = runs.filter((r) => r.error);
+    showMessage(errors.length === runs.length ? errors[0].error : "");
+    if (runs.some((r) => r.job && !TERMINAL.includes(r.job.status))) return setTimeout(load, REFRESH_MS);
+    document.body.dataset.loaded = "final";  // a marker for tests and scripts: nothing more will change
+  }
+  await load();
+}
+
+({ jobs: jobsPage, job: jobPage, compare: comparePage })[document.body.dataset.page]();
