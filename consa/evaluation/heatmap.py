@@ -49,6 +49,7 @@ def save_heatmap(allocation, path, title: str | None = None) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    # "tight" grows the canvas to what is drawn: on a narrow grid (few KV heads) the title is wider than the axes.
+    fig.savefig(path, format="png", bbox_inches="tight")
     plt.close(fig)
     return path
