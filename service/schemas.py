@@ -58,7 +58,10 @@ class Progress(BaseModel):
     target: float | None = Field(None, description="Sparsity target at this step (it ramps up to the requested one).")
     lambda1: float | None = None
     lambda2: float | None = None
-    elapsed_s: float | None = None
+    elapsed_s: float | None = Field(None, description="Seconds since this attempt's search started.")
+    start_step: int | None = Field(None, description="The step this attempt's search started from: 0, or the "
+                                                     "step a resumed search continued from (its pace is "
+                                                     "elapsed_s over step - start_step).")
     phase: Literal["search", "evaluation", "export"] | None = Field(
         None, description="What the job is doing now; after the search the search's last numbers stay.")
     phase_done: int | None = Field(None, description="Steps of the current phase done (search steps, "

@@ -365,7 +365,8 @@ def test_a_running_job_shows_its_eta(dash, browser):
         open_jobs_page(browser, url, srv.alice)
         eta = float(browser.wait(f"document.querySelector('{row_sel(job['id'], '.eta')}')?.dataset.s"))
         p = alice.get(job["id"])["progress"]
-        expected = p["elapsed_s"] / p["step"] * (p["total_steps"] - p["step"])
+        assert p["start_step"] == 0  # a first attempt; a resumed one's pace counts from its start_step
+        expected = p["elapsed_s"] / (p["step"] - p["start_step"]) * (p["total_steps"] - p["step"])
         assert expected / 3 < eta < expected * 3, (eta, expected)  # the same pace, read moments apart
         assert re.fullmatch(r"\d+ (s|min \d+ s|h \d+ min)", browser.text(row_sel(job["id"], ".eta")))
         assert browser.js(f"document.querySelector('{row_sel(job['id'], '.delete')}')") is None  # not ended: no delete

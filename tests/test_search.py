@@ -99,6 +99,7 @@ def test_a_stopped_search_resumes_from_its_checkpoint_exactly(tiny_model_dir, te
     assert state["step"] == 4 and {"exp_avg", "exp_avg_sq", "adam_step", "lambda1", "lambda2"} <= set(state)
     resumed = run_search(config, resume_from=saved[-1])
     assert [r["step"] for r in resumed.history] == list(range(5, 13))
+    assert {r["start_step"] for r in resumed.history} == {4} and whole.history[0]["start_step"] == 0
     assert torch.allclose(resumed.gate_state["log_alpha"], whole.gate_state["log_alpha"], atol=1e-6)
     assert resumed.gate_state["lambda1"] == pytest.approx(whole.gate_state["lambda1"])
     assert resumed.allocation.assignment == whole.allocation.assignment

@@ -265,7 +265,7 @@ class Search:
         record = {"step": step + 1, "total_steps": self.config.steps, "loss": round(loss, 6),
                   "sparsity": round(s_hat, 6), "target": round(lagrangian.target_at(step), 6),
                   "lambda1": round(lagrangian.lambda1, 6), "lambda2": round(lagrangian.lambda2, 6),
-                  "elapsed_s": round(time.time() - self.started, 3)}
+                  "elapsed_s": round(time.time() - self.started, 3), "start_step": self.start_step}
         self.history.append(record)
         if self.progress is not None:
             self.progress(record)

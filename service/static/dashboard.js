@@ -109,12 +109,14 @@ function elapsedS(job) {
   return ((job.finished_at ? Date.parse(job.finished_at) : Date.now()) - Date.parse(job.started_at)) / 1000;
 }
 // The rest of the search at its pace so far: the search's own clock (elapsed_s, from the first step of
-// this attempt, so after a resume it runs short) over the steps done. The evaluation and export that
-// follow have no pace to go by until they run, so they are left out (their phase bar shows them).
+// this attempt) over the steps this attempt has done (a resumed one began at start_step). The evaluation
+// and export that follow have no pace to go by until they run, so they are left out (their phase bar
+// shows them).
 function etaS(job) {
   const p = job.progress;
-  if (TERMINAL.includes(job.status) || !p || phaseOf(p).phase !== "search" || !p.step || !p.elapsed_s) return null;
-  return (p.elapsed_s / p.step) * (p.total_steps - p.step);
+  const done = p ? p.step - (p.start_step || 0) : 0;
+  if (TERMINAL.includes(job.status) || !p || phaseOf(p).phase !== "search" || done <= 0 || !p.elapsed_s) return null;
+  return (p.elapsed_s / done) * (p.total_steps - p.step);
 }
 // The allocation's achieved share of SWA units, read from its manifest once per job (it does not change).
 // Not progress.sparsity: that is the gates' expected sparsity ŝ, which can sit far from the target.
