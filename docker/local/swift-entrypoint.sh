@@ -63,27 +63,12 @@ s3_acl = false
 use = egg:swift#tempauth
 user_${ACCOUNT}_${USER_} = ${SECRET} .admin
 
-[filter:catch_errors]
-use = egg:swift#catch_errors
-[filter:gatekeeper]
-use = egg:swift#gatekeeper
-[filter:healthcheck]
-use = egg:swift#healthcheck
-[filter:proxy-logging]
-use = egg:swift#proxy_logging
-[filter:cache]
-use = egg:swift#memcache
-[filter:listing_formats]
-use = egg:swift#listing_formats
-[filter:bulk]
-use = egg:swift#bulk
-[filter:copy]
-use = egg:swift#copy
-[filter:slo]
-use = egg:swift#slo
-[filter:dlo]
-use = egg:swift#dlo
 EOF
+  # The pipeline's plain filters, each its own egg entry point (name in the pipeline: entry point).
+  for filter in catch_errors gatekeeper healthcheck proxy-logging:proxy_logging cache:memcache listing_formats \
+                bulk copy slo dlo; do
+    printf '\n[filter:%s]\nuse = egg:swift#%s\n' "${filter%%:*}" "${filter#*:}"
+  done
 } > "$ETC/proxy-server.conf"
 
 pids=()
