@@ -373,8 +373,21 @@ wait_resumed() {  # wait_resumed JOB TIMEOUT_S: until an attempt announced its r
         sleep 0.5
     done
 }
-JOB2=$(submit "$STEPS" false)
-wait_job "$JOB2" 300 20 >/dev/null
+started_job() {  # a job of STEPS steps, submitted and past step 20; prints its id
+    local job
+    job=$(submit "$STEPS" false)
+    wait_job "$job" 300 20 >/dev/null
+    echo "$job"
+}
+ends_resumed() {  # ends_resumed JOB HOW MARK: the job (its worker HOW) resumed and succeeded, artifacts intact
+    local status
+    status=$(wait_job "$1" 900)
+    [ "$status" = succeeded ] || die "job $1 ended $status after the worker was $2: $(api GET "/v1/jobs/$1")"
+    check_artifacts "$1" >/dev/null
+    log "worker $2: job $1 queued again, resumed from step $(resumed_step "$1"), succeeded"
+    printf '%s %s\n' "$3" "$(resumed_step "$1")"
+}
+JOB2=$(started_job)
 worker=$(container worker-cpu)
 log "job $JOB2 at step $(api GET "/v1/jobs/$JOB2" | field 'd["progress"]["step"]'); docker kill the worker"
 T0=$(now)
@@ -396,15 +409,10 @@ elif [ "$(docker inspect -f '{{.State.Running}}' "$worker")" != true ]; then
 fi
 wait_resumed "$JOB2" 300
 timing kill_to_resumed "$(since "$T0")"
-status=$(wait_job "$JOB2" 900)
-[ "$status" = succeeded ] || die "job $JOB2 ended $status after the worker was killed: $(api GET "/v1/jobs/$JOB2")"
-check_artifacts "$JOB2" >/dev/null
-log "worker killed: job $JOB2 queued again, resumed from step $(resumed_step "$JOB2"), succeeded"
-printf 'RESUMED_AFTER_KILL %s\n' "$(resumed_step "$JOB2")"
+ends_resumed "$JOB2" killed RESUMED_AFTER_KILL
 
 # -- the worker stopped mid-job (SIGTERM, warm shutdown): the job goes back to the queue at once ---------------------------
-JOB3=$(submit "$STEPS" false)
-wait_job "$JOB3" 300 20 >/dev/null
+JOB3=$(started_job)
 log "job $JOB3 at step $(api GET "/v1/jobs/$JOB3" | field 'd["progress"]["step"]'); compose stop the worker"
 T0=$(now)
 "${COMPOSE[@]}" stop worker-cpu >/dev/null 2>&1
@@ -413,11 +421,7 @@ status=$(api GET "/v1/jobs/$JOB3" | field 'd["status"]')
 [ "$status" = queued ] || die "job $JOB3 is $status after its worker stopped, not queued again"
 "${COMPOSE[@]}" start worker-cpu >/dev/null 2>&1
 wait_resumed "$JOB3" 300
-status=$(wait_job "$JOB3" 900)
-[ "$status" = succeeded ] || die "job $JOB3 ended $status after the worker was stopped: $(api GET "/v1/jobs/$JOB3")"
-check_artifacts "$JOB3" >/dev/null
-log "worker stopped: job $JOB3 handed back, resumed from step $(resumed_step "$JOB3"), succeeded"
-printf 'RESUMED_AFTER_STOP %s\n' "$(resumed_step "$JOB3")"
+ends_resumed "$JOB3" stopped RESUMED_AFTER_STOP
 
 # -- the API stopped mid-job: the job still finishes ---------------------------------------------------------------------
 JOB4=$(submit "$STEPS" false)
