@@ -8,6 +8,7 @@ import datetime as dt
 import io
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -92,9 +93,8 @@ def jobs(dash):
     broken.mkdir(exist_ok=True)
     failed = alice.submit(body | {"model": str(broken)})
     doomed = [alice.submit(body | {"steps": 1, "metadata": {"run": "to delete"}}) for _ in range(2)]
-    retried = alice.submit(body)
     ids = {"succeeded": done, "cancelled": long, "layer": layer, "failed": failed, "doomed": doomed[0],
-           "doomed_too": doomed[1], "retried": retried}
+           "doomed_too": doomed[1]}
     return {name: alice.wait(job["id"], poll_s=0.2) for name, job in ids.items()}
 
 
@@ -460,30 +460,41 @@ def test_delete_asks_first_then_removes_the_row(dash, jobs, browser):
         alice.get(other)
 
 
-def test_a_retried_jobs_attempts_are_separate_series(dash, jobs, browser):
-    """A second attempt's records, as the worker writes them when a requeued job is claimed again and
-    resumes from its saved step 3: a "running" status event, then progress from step 4."""
-    from service.crud.heartbeats import progress_message
-    from service.crud.job_events import add_event
-    from service.crud.job_records import get_job
-    from service.db import sessionmaker_for
+def test_a_retried_jobs_attempts_are_separate_series(dash, browser):
+    """The worker killed for real mid-search: `consa serve` starts a new one, which claims the job again
+    (a second "running" status event) and searches on. The chart draws each attempt as its own series."""
+    from service_fixtures import the_worker, wait_until
 
     srv, url = dash
-    job = jobs["retried"]
-    with sessionmaker_for(f"sqlite:///{srv.env['CONSA_VAR_DIR']}/consa.db")() as session:
-        pk = get_job(session, job_id=job["id"]).pk
-        add_event(session, job_pk=pk, type="status", message="job running on w2", data={"status": "running"})
-        for step in range(4, SMALL["steps"] + 1):
-            record = {"step": step, "total_steps": SMALL["steps"], "loss": 5.0 + step / 10, "sparsity": 0.1,
-                      "target": 0.5, "phase": "search", "phase_done": step, "phase_total": SMALL["steps"]}
-            add_event(session, job_pk=pk, type="progress", message=progress_message(record), data=record)
-        session.commit()
+    alice = Client(srv.url, srv.alice)
+    job = alice.submit({"model": srv.model, "dataset": srv.data} | SMALL | {"steps": 5000})
+    step = lambda: (alice.get(job["id"])["progress"] or {}).get("step", 0)
+
+    def progress_per_claim() -> list[int]:  # progress events after each "running" status event
+        counts = []
+        for e in alice.iter_events(job["id"]):
+            if (e.get("data") or {}).get("status") == "running":
+                counts.append(0)
+            elif e["type"] == "progress" and counts:
+                counts[-1] += 1
+        return counts
+
+    try:
+        wait_until(lambda: step() >= 10, 120, "the first attempt's 10 steps")
+        os.kill(the_worker(srv), signal.SIGKILL)
+        wait_until(lambda: len(c := progress_per_claim()) >= 2 and c[1] >= 5, 180,
+                   "a new worker's claim of the job, and 5 steps of its attempt")
+    finally:
+        alice.cancel(job["id"])
+    alice.wait(job["id"], poll_s=0.2)
+    counts = progress_per_claim()
+    assert len(counts) == 2 and counts[0] >= 10, counts
 
     browser.goto(f"{url}/dashboard/jobs/{job['id']}#key={srv.alice}")
     browser.wait("document.body?.dataset.loaded === 'final'")
     paths = browser.js("""[...document.querySelectorAll('#chart path.line-loss')]
         .map((p) => [p.dataset.series, p.dataset.label, p.getAttribute('d').split('L').length])""")
-    assert paths == [["0", "attempt 1", SMALL["steps"]], ["1", "attempt 2", SMALL["steps"] - 3]]
+    assert paths == [["0", "attempt 1", counts[0]], ["1", "attempt 2", counts[1]]]
     assert browser.js("[...document.querySelectorAll('#chart .legend .series')].map((k) => k.textContent)") == \
         ["attempt 1", "attempt 2"]
     dashes = browser.js("[...document.querySelectorAll('#chart path.line-loss')].map((p) => getComputedStyle(p).strokeDasharray)")
