@@ -22,13 +22,13 @@ import argparse
 import itertools
 import json
 import multiprocessing
-import os
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from bench.corpora import TRAIN_TEXT, check_held_out, held_out_text  # noqa: E402
 
 _state: dict = {}
 
@@ -36,8 +36,8 @@ _state: dict = {}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=".models/qwen3-code-26m")
-    p.add_argument("--eval-data", default=os.path.dirname(os.__file__), help="bench/quality.py's held-out text")
-    p.add_argument("--train-data", default=sysconfig.get_paths()["purelib"], help="search text (for the objective)")
+    p.add_argument("--eval-data", default=None, help="bench/quality.py's held-out text (default: its own)")
+    p.add_argument("--train-data", default=TRAIN_TEXT, help="search text (for the objective)")
     p.add_argument("--cells", default="layer:0.25,layer:0.75", help="layer:sparsity, comma-separated")
     p.add_argument("--records", default=None, help="a quality.json: its methods are placed on the front")
     p.add_argument("--window", type=int, default=256)
@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--summarize-only", default=None, metavar="PARETO_JSON",
                    help="evaluate nothing: place the --records methods on the allocations of this earlier output")
     args = p.parse_args(argv)
+    args.eval_data = args.eval_data or held_out_text()
+    check_held_out(args.eval_data, args.train_data)
     args.cells = [(g, float(s)) for g, s in (c.split(":") for c in args.cells.split(","))]
     if any(g != "layer" for g, _ in args.cells):
         p.error("only layer cells can be enumerated (kv_head cells have C(48, n) allocations)")

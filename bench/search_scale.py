@@ -28,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench.corpora import TRAIN_TEXT, held_out_text  # noqa: E402
+
 import torch  # noqa: E402
 
 from consa.search import fused_kernels
@@ -379,8 +381,6 @@ def run_rounding(args) -> list[dict]:
 def run_testbed(args) -> list[dict]:
     """lm vs distill vs distill-hidden (kv_head, s = 0.5, W = 256, 4k) on the testbed model; with
     torchrun, the lm search data-parallel over the ranks (rank 0 evaluates)."""
-    import sysconfig
-
     from consa.model.devices import data_parallel, is_main_process, local_device
     from consa.evaluation.metrics import build_eval_set, evaluate
     from consa.model.sharding import load_for_search
@@ -388,11 +388,11 @@ def run_testbed(args) -> list[dict]:
     device = local_device() if args.device == "auto" else torch.device(args.device)
     world = data_parallel(device).world_size
     base = SearchConfig(model=args.testbed, sparsity=0.5, granularity="kv_head", window=256, seq_len=args.testbed_seq_len,
-                        steps=args.testbed_steps, dataset=args.train_data or sysconfig.get_paths()["purelib"])
+                        steps=args.testbed_steps, dataset=args.train_data or TRAIN_TEXT)
     model, tokenizer = load_for_search(base, device)
     eval_set = None
     if is_main_process():
-        eval_set = build_eval_set(tokenizer, args.eval_data or os.path.dirname(os.__file__), seq_len=base.seq_len,
+        eval_set = build_eval_set(tokenizer, args.eval_data or held_out_text(), seq_len=base.seq_len,
                                   num_sequences=32, retrieval_docs=args.retrieval_docs, seed=0)
     records = []
     out = Path(args.out) / (args.name or f"search_scale_testbed_{world}gpu.json")

@@ -34,7 +34,6 @@ import multiprocessing
 import os
 import random
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -46,10 +45,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-try:  # consa's modules moved into subpackages (consa/core/data.py); older trees have consa/data.py
-    from consa.core import data as data_mod
-except ImportError:  # pragma: no cover
-    from consa.core import data as data_mod
+from bench.corpora import TRAIN_TEXT, check_held_out, held_out_text  # noqa: E402
+from consa.core import data as data_mod  # noqa: E402
 
 DEFAULT_TOKENIZER = ROOT / "testbeds" / "qwen3-code-28x8"
 IGNORE = -100
@@ -62,9 +59,9 @@ def log(msg: str) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output directory (the model, testbed_eval.json)")
-    p.add_argument("--data", nargs="+", default=[sysconfig.get_paths()["purelib"]],
+    p.add_argument("--data", nargs="+", default=[TRAIN_TEXT],
                    help="training text: directories of .py files (default: site-packages)")
-    p.add_argument("--eval-data", default=os.path.dirname(os.__file__), help="held-out text (default: stdlib)")
+    p.add_argument("--eval-data", default=None, help="held-out text (default: stdlib, without site-packages)")
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="directory with tokenizer.json")
     # the shape: Qwen3-0.6B's attention topology, narrow everything else
     p.add_argument("--layers", type=int, default=28)
@@ -104,6 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    args.eval_data = args.eval_data or held_out_text()
+    check_held_out(args.eval_data, *args.data)
     if (args.minutes is None) == (args.steps is None):
         p.error("give exactly one of --minutes and --steps")
     args.seq_schedule = [(int(x.split(":")[0]), float(x.split(":")[1])) for x in args.seq_schedule.split(",") if x]

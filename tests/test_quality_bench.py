@@ -132,3 +132,16 @@ def test_heldout_re_evaluates_the_recorded_allocations(tmp_path, tiny_model_dir,
     assert out[1]["quality_loss"] == 1.0 and out[1]["keys"] == 2 and out[1]["loss"] != out[0]["loss"]
     assert heldout.allocation_of(records[0], 16).sparsity_achieved == 0.5
     assert json.loads((tmp_path / "heldout.json").read_text()) == out
+
+
+def test_the_held_out_default_never_holds_the_search_text(bench_script, tmp_path):
+    """On pyenv/conda layouts site-packages (the search's default text) lies inside the stdlib folder:
+    the held-out default must leave it out, and a held-out folder that holds the search's text is refused."""
+    corpora = bench_script("corpora")
+    held_out = Path(corpora.held_out_text())
+    assert not Path(corpora.TRAIN_TEXT).resolve().is_relative_to(held_out.resolve())
+    assert (held_out / "argparse.py").is_file() and not any(held_out.rglob("site-packages"))
+    (tmp_path / "lib" / "site-packages").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="contains the search's text"):
+        corpora.check_held_out(tmp_path / "lib", tmp_path / "lib" / "site-packages")
+    corpora.check_held_out(tmp_path / "lib", tmp_path / "lib")  # one folder for both: the caller's choice

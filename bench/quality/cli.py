@@ -2,9 +2,9 @@
 
 import argparse
 import json
-import os
-import sysconfig
 from pathlib import Path
+
+from bench.corpora import TRAIN_TEXT, check_held_out, held_out_text
 
 from .report import write_reports
 from .runner import RESULTS_DIR, Bench
@@ -16,8 +16,8 @@ DESCRIPTION = "Quality benchmark: learned allocations vs every baseline vs full 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=DESCRIPTION)
     p.add_argument("--model", default=".models/qwen3-code-26m", help="local model directory")
-    p.add_argument("--eval-data", default=os.path.dirname(os.__file__), help="held-out text (default: Python stdlib)")
-    p.add_argument("--train-data", default=sysconfig.get_paths()["purelib"], help="search text (default: site-packages)")
+    p.add_argument("--eval-data", default=None, help="held-out text (default: Python stdlib, without site-packages)")
+    p.add_argument("--train-data", default=TRAIN_TEXT, help="search text (default: site-packages)")
     p.add_argument("--out", default=None, help="output directory (default: bench/results/current + bench/heatmaps)")
     p.add_argument("--pack", action="store_true", help="pack heatmaps into heatmaps.tar.gz (few files for $OUT)")
     p.add_argument("--sparsities", default="0.25,0.5,0.75")
@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="a quality.json whose finished records are kept, not re-run")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    args.eval_data = args.eval_data or held_out_text()
+    check_held_out(args.eval_data, args.train_data)
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
     if args.methods is not None:
         methods = args.methods.split(",")
