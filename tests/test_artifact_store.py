@@ -569,7 +569,8 @@ def test_the_object_store_image_entrypoint_serves_s3_and_makes_the_bucket(tmp_pa
     env = os.environ | {"SWIFT_ETC": str(tmp_path / "etc"), "SWIFT_DEVICES": str(tmp_path / "srv"),
                         "S3_PORT": str(port), "SWIFT_ACCOUNT_PORT": str(free_port()),
                         "SWIFT_CONTAINER_PORT": str(free_port()), "SWIFT_OBJECT_PORT": str(free_port()),
-                        "S3_BUCKET": "consa", "S3_ACCESS_KEY": "consa:consa", "S3_SECRET_KEY": "s3cret"}
+                        "S3_BUCKET": "consa", "S3_ACCESS_KEY": "consa:consa", "S3_SECRET_KEY": "s3cret",
+                        "S3_READY_FILE": str(tmp_path / "ready")}
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
         proc = subprocess.Popen([str(ROOT / "docker" / "local" / "swift-entrypoint.sh")], env=env, stdout=out,
@@ -578,6 +579,7 @@ def test_the_object_store_image_entrypoint_serves_s3_and_makes_the_bucket(tmp_pa
         wait_until(lambda: "bucket consa ready" in log.read_text() or proc.poll() is not None, 120,
                    "the entrypoint made the bucket")
         assert proc.poll() is None, log.read_text()
+        assert (tmp_path / "ready").exists()  # what the compose healthcheck waits for, once the bucket exists
         client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="consa:consa",
                               aws_secret_access_key="s3cret", region_name="us-east-1",
                               config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required"))
@@ -586,6 +588,17 @@ def test_the_object_store_image_entrypoint_serves_s3_and_makes_the_bucket(tmp_pa
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_the_store_healthcheck_waits_for_the_file_the_entrypoint_writes():
+    import re
+
+    import yaml
+
+    script = (ROOT / "docker" / "local" / "swift-entrypoint.sh").read_text()
+    ready = re.search(r"S3_READY_FILE:-([^}]+)\}", script).group(1)
+    check = yaml.safe_load((ROOT / "docker" / "compose.s3.yaml").read_text())["services"]["s3"]["healthcheck"]["test"]
+    assert f"os.path.exists('{ready}')" in " ".join(check)
 
 
 def test_an_unreachable_store_answers_503_not_a_broken_stream(s3_api, monkeypatch):
