@@ -201,3 +201,30 @@ def test_version_flag(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"consa {consa.__version__}"
+
+
+@pytest.mark.parametrize("pattern,granularity", [(LAYER, "layer"), (KV_HEAD, "kv_head")])
+def test_an_export_is_refused_where_a_base_model_is_meant(tmp_path, tokenizer, pattern, granularity):
+    """A layer export's sliding layers sit in its config, out of the gates' reach: consa's "full" on it
+    is not full (checked below), so searching, comparing or re-exporting it is refused with a clear
+    error; consa.load_hybrid still reads it."""
+    from consa.core.config import SearchConfig
+    from consa.core.errors import ModelLoadError
+    from consa.model.loading import load_model
+    from consa.model.sharding import load_for_search
+
+    alloc = allocation(pattern, granularity)
+    export_hybrid(tiny.build_model("qwen3"), alloc, tmp_path / "ckpt", tokenizer=tokenizer)
+    for load in (lambda: load_model(str(tmp_path / "ckpt")),
+                 lambda: load_for_search(SearchConfig(model=str(tmp_path / "ckpt"), sparsity=0.5), "cpu"),
+                 lambda: export_hybrid(str(tmp_path / "ckpt"), alloc, tmp_path / "again")):
+        with pytest.raises(ModelLoadError, match="'ckpt' is a consa export") as info:
+            load()
+        assert str(tmp_path) not in str(info.value)  # no server path in what a job's user reads
+    assert consa.load_hybrid(tmp_path / "ckpt").consa_allocation.assignment == alloc.assignment
+    if granularity == "layer":  # why: under an all-full allocation the stock export still slides
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+        apply_allocation(stock, Allocation.from_full_mask(torch.ones(4, 2, dtype=torch.bool), model="tiny",
+                                                          granularity="layer", window=WINDOW))
+        with torch.no_grad():
+            assert (stock(input_ids=IDS).logits - tiny.build_model("qwen3")(input_ids=IDS).logits).abs().max() > 1e-3

@@ -4,6 +4,9 @@ Loader failures (missing path, unknown hub id, a config transformers cannot read
 `ModelLoadError` with one readable line, so the CLI and the service can show them to the user.
 """
 
+import json
+from pathlib import Path
+
 import torch
 
 from consa.core.errors import ModelLoadError
@@ -16,10 +19,26 @@ def load_error(model: str, e: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot load model {model!r}: {first}")
 
 
+def refuse_export(model: str) -> None:
+    """ModelLoadError for a `consa export` directory (its config.json has a `consa` section). Its sliding
+    layers live in its config, where consa's gates do not reach: "full attention" on it would not be
+    full, and a search or comparison on it would measure against a hybrid. consa.load_hybrid (and
+    `consa eval --model DIR`) read exports; a search starts from the model the export came from."""
+    try:
+        exported = "consa" in json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError, TypeError, AttributeError):
+        return  # not a local directory with a readable config: transformers says what is wrong
+    if exported:
+        raise ModelLoadError(f"{Path(model).name!r} is a consa export (an allocation is already applied in it): "
+                             "search and compare the model it was exported from; score the export itself with "
+                             "`consa eval --model` or load it with consa.load_hybrid")
+
+
 def load_model(model: str, revision: str | None = None, device="cpu", dtype=torch.float32):
     """Load a causal LM (eval mode, on `device`) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    refuse_export(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
         try:

@@ -20,7 +20,7 @@ import torch
 
 from consa.model.devices import data_parallel, env_world_size, pick_device
 from consa.model.hybrid_attention import decoder_layers
-from consa.model.loading import LOAD_ERRORS, load_error, load_model, stock_attention, weight_dtype
+from consa.model.loading import LOAD_ERRORS, load_error, load_model, refuse_export, stock_attention, weight_dtype
 
 # auto shards when the frozen weights alone would take more than this share of one GPU's memory.
 SHARE_OF_DEVICE = 0.5
@@ -123,6 +123,7 @@ def load_for_search(config, device="auto"):
     that keep using the model afterwards (the pipeline evaluates on the same copy). Under data parallelism
     with sharded weights (this module) every rank loads its shards together with the others."""
     device = pick_device(str(device))
+    refuse_export(config.model)  # on every rank, before any of them waits for another
     if should_shard(config, env_world_size(), device):
         data_parallel(device)  # the ranks load together: rank 0 reads the weights and broadcasts them
         return load_sharded(config, device)
