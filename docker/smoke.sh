@@ -25,7 +25,7 @@
 # are in the bucket and none of its files in the API's own folder; a download interrupted halfway
 # resumes with Range and its sha256 matches; the worker killed mid-job is replaced by a NEW container
 # with a new, empty scratch volume (another host, in effect), and the job resumes from the state saved
-# in the bucket, not from step 0.
+# in the bucket, not from step 0; a deleted job's objects are gone from the bucket.
 #
 # Settings (environment): SMOKE_PROJECT (Compose project name, consa-smoke), SMOKE_PORT (host port,
 # a free one), LOCAL_BASE (consa-local/debian:bookworm), DEBIAN_MIRROR (for debootstrap),
@@ -279,18 +279,20 @@ rw_mounts() {  # the writable mounts (volume names, or host paths) of a service'
 scratch_volume() {  # the volume a service's container has at /data/artifacts
     docker inspect -f '{{range .Mounts}}{{if eq .Destination "/data/artifacts"}}{{.Name}}{{end}}{{end}}' "$(container "$1")"
 }
-check_no_shared_folder() {  # check_no_shared_folder JOB: the API and the worker write to no common volume;
-    # the job's objects are in the bucket (listed by boto3 itself, not through consa), none in the API's folder
-    local shared objects local_files
-    shared=$(comm -12 <(rw_mounts api) <(rw_mounts worker-cpu))
-    [ -z "$shared" ] || die "the API and the worker share writable mounts: $shared"
-    objects=$("${COMPOSE[@]}" exec -T api python - "$1" <<'PY'
+bucket_objects() {  # bucket_objects JOB: how many objects of the job the bucket holds (boto3 itself, not consa)
+    "${COMPOSE[@]}" exec -T api python - "$1" <<'PY'
 import os, sys, boto3
 s3 = boto3.client("s3", endpoint_url=os.environ["CONSA_S3_ENDPOINT_URL"], region_name=os.environ["CONSA_S3_REGION"])
 pages = s3.get_paginator("list_objects_v2").paginate(Bucket=os.environ["CONSA_S3_BUCKET"])
 print(sum(1 for page in pages for o in page.get("Contents", []) if sys.argv[1] in o["Key"]))
 PY
-)
+}
+check_no_shared_folder() {  # check_no_shared_folder JOB: the API and the worker write to no common volume;
+    # the job's objects are in the bucket, none in the API's folder
+    local shared objects local_files
+    shared=$(comm -12 <(rw_mounts api) <(rw_mounts worker-cpu))
+    [ -z "$shared" ] || die "the API and the worker share writable mounts: $shared"
+    objects=$(bucket_objects "$1")
     [ "${objects:-0}" -ge "$2" ] || die "the bucket holds ${objects:-0} objects of job $1, the API lists $2 artifacts"
     local_files=$("${COMPOSE[@]}" exec -T api find /data/artifacts -path "*$1*" -type f | wc -l)
     [ "$local_files" -eq 0 ] || die "the API's own folder holds $local_files files of job $1"
@@ -438,6 +440,17 @@ wait_healthy api 180
 [ "$(api GET "/v1/jobs/$JOB4" | field 'd["status"]')" = succeeded ] || die "job $JOB4 is not succeeded"
 check_artifacts "$JOB4" >/dev/null
 log "API stopped: job $JOB4 finished without it"
+
+# -- with --s3: deleting a job deletes its objects from the bucket -----------------------------------------------------------
+if [ $S3 = 1 ]; then
+    before_delete=$(bucket_objects "$JOB4")
+    [ "$before_delete" -gt 0 ] || die "the bucket holds no object of job $JOB4 before its delete"
+    api DELETE "/v1/jobs/$JOB4" >/dev/null
+    left=$(bucket_objects "$JOB4")
+    [ "$left" -eq 0 ] || die "job $JOB4 deleted, yet the bucket holds $left of its objects"
+    log "job $JOB4 deleted: its $before_delete objects are gone from the bucket"
+    printf 'S3_DELETED %s\n' "$before_delete"
+fi
 
 # -- logs: every service wrote some ---------------------------------------------------------------------------------------
 for service in "${SERVICES[@]}"; do

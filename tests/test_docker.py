@@ -376,3 +376,4 @@ def test_smoke_stack_end_to_end(tmp_path, request, store):
         marks = {line.split()[0]: line.split()[1:] for line in run.stdout.splitlines()}
         assert int(marks["S3_OBJECTS"][0]) > 0 and int(marks["RANGE_RESUMED"][1]) > 0
         assert "WORKER_REPLACED" in marks  # the kill's resume came from the bucket, to a new container and volume
+        assert int(marks["S3_DELETED"][0]) > 0  # a deleted job's objects left the bucket
