@@ -122,14 +122,9 @@ def _relaunch_data_parallel(args) -> int:
 def _eval_model(args):
     """(model, tokenizer, the allocation a `consa export` directory carries, else None) for `consa eval`."""
     from consa.model.devices import pick_device
-    from consa.model.loading import LOAD_ERRORS, load_error, load_model
+    from consa.model.loading import LOAD_ERRORS, is_export, load_error, load_model
 
-    config = Path(args.model) / "config.json"
-    try:
-        exported = config.is_file() and "consa" in json.loads(config.read_text())
-    except ValueError as e:
-        raise load_error(args.model, e) from None
-    if not exported:
+    if not is_export(args.model):
         return (*load_model(args.model, args.revision, pick_device(args.device)), None)
     # An export: a kv_head one names remote code in its auto_map, which a plain from_pretrained refuses.
     # load_hybrid reads either format without running that file, and importing consa.export.checkpoint

@@ -19,16 +19,21 @@ def load_error(model: str, e: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot load model {model!r}: {first}")
 
 
-def refuse_export(model: str) -> None:
-    """ModelLoadError for a `consa export` directory (its config.json has a `consa` section). Its sliding
-    layers live in its config, where consa's gates do not reach: "full attention" on it would not be
-    full, and a search or comparison on it would measure against a hybrid. consa.load_hybrid (and
-    `consa eval --model DIR`) read exports; a search starts from the model the export came from."""
+def is_export(model: str) -> bool:
+    """Whether `model` is a `consa export` directory: its config.json has a `consa` section. False for
+    anything else, an unreadable config included (transformers then says what is wrong with it)."""
     try:
-        exported = "consa" in json.loads((Path(model) / "config.json").read_text())
+        return "consa" in json.loads((Path(model) / "config.json").read_text())
     except (OSError, ValueError, TypeError, AttributeError):
-        return  # not a local directory with a readable config: transformers says what is wrong
-    if exported:
+        return False
+
+
+def refuse_export(model: str) -> None:
+    """ModelLoadError for a `consa export` directory. Its sliding layers live in its config, where consa's
+    gates do not reach: "full attention" on it would not be full, and a search or comparison on it would
+    measure against a hybrid. consa.load_hybrid (and `consa eval --model DIR`) read exports; a search
+    starts from the model the export came from."""
+    if is_export(model):
         raise ModelLoadError(f"{Path(model).name!r} is a consa export (an allocation is already applied in it): "
                              "search and compare the model it was exported from; score the export itself with "
                              "`consa eval --model` or load it with consa.load_hybrid")
