@@ -534,6 +534,14 @@ function table(header, rows) {
 // Loss (left axis) and, with `sparsity`, expected sparsity + its target (right axis, 0..1) against the
 // step, in SVG. Each of `series` ({slot, label, points}) is drawn as its own paths: the attempts of a job
 // (kind "attempts": told apart by dash pattern) or the runs of a comparison (kind "runs": by colour).
+// An SVG chart of W x H with margins L, R, T, B: its plot area's frame, and `text` to add a label.
+function chartFrame(id, kind, W, H, L, R, T, B) {
+  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img", id, class: "chart-" + kind });
+  svg.append(svgEl("rect", { x: L, y: T, width: W - L - R, height: H - T - B, class: "plot" }));
+  const text = (s, attrs) => { const t = svgEl("text", attrs); t.textContent = s; svg.append(t); return t; };
+  return { svg, text };
+}
+
 function drawChart(box, series, { sparsity = true, kind = "attempts" } = {}) {
   series = series.map((s) => Object.assign({}, s, { points: s.points.filter(isSearchPoint) })).filter((s) => s.points.length);
   if (!series.length) return;
@@ -546,8 +554,7 @@ function drawChart(box, series, { sparsity = true, kind = "attempts" } = {}) {
   const x = (s) => L + ((W - L - R) * s) / maxStep;
   const yLoss = (v) => T + ((H - T - B) * (hi - v)) / (hi - lo);
   const ySparse = (v) => T + (H - T - B) * (1 - v);
-  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img", id: "chart-svg", class: "chart-" + kind });
-  svg.append(svgEl("rect", { x: L, y: T, width: W - L - R, height: H - T - B, class: "plot" }));
+  const { svg, text } = chartFrame("chart-svg", kind, W, H, L, R, T, B);
   const line = (s, key, y, cls) => {
     const d = s.points.filter((p) => p[key] !== null && p[key] !== undefined)
       .map((p, i) => `${i ? "L" : "M"}${x(p.step).toFixed(1)},${y(p[key]).toFixed(1)}`).join("");
@@ -560,7 +567,6 @@ function drawChart(box, series, { sparsity = true, kind = "attempts" } = {}) {
     }
     line(s, "loss", yLoss, "line-loss");
   }
-  const text = (s, attrs) => { const t = svgEl("text", attrs); t.textContent = s; svg.append(t); };
   for (const f of [0, 0.5, 1]) {
     text(fmt(lo + (hi - lo) * (1 - f), 3), { x: L - 6, y: T + (H - T - B) * f + 4, "text-anchor": "end", class: sparsity ? "axis loss" : "axis" });
     if (sparsity) text(fmt(1 - f, 1), { x: W - R + 6, y: T + (H - T - B) * f + 4, class: "axis sparsity" });
@@ -592,9 +598,7 @@ function drawScatter(box, runs) {
   lo -= pad; hi += pad;
   const x = (v) => L + (W - L - R) * v;  // retrieval accuracy is a share: the axis is 0..1 always
   const y = (v) => T + ((H - T - B) * (hi - v)) / (hi - lo);
-  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img", id: "scatter-svg", class: "chart-runs" });
-  svg.append(svgEl("rect", { x: L, y: T, width: W - L - R, height: H - T - B, class: "plot" }));
-  const text = (s, attrs) => { const t = svgEl("text", attrs); t.textContent = s; svg.append(t); return t; };
+  const { svg, text } = chartFrame("scatter-svg", "runs", W, H, L, R, T, B);
   for (const p of pts) {
     const dot = svgEl("circle", { cx: x(p.retrieval).toFixed(1), cy: y(p.loss).toFixed(1), r: 5, class: "dot",
       "data-series": p.slot, "data-run": p.run, "data-method": p.name });
@@ -631,9 +635,9 @@ async function comparePage() {
     try {
       const [job, artifacts, events] = await Promise.all([apiJson(jobPath(id)),
         apiJson(jobPath(id) + "/artifacts").then((a) => a.data), readEvents(id, eventState())]);
-      const run = { id, slot, job, points: events.points, manifest: null, records: null, heatmap: null, table: null };
+      const run = { id, slot, job, points: events.points, achieved: null, records: null, heatmap: null, table: null };
       const named = (name) => artifacts.find((a) => a.name === name);
-      if (named(MANIFEST)) run.manifest = await apiJson(artifactPath(id, MANIFEST));
+      if (named(MANIFEST)) run.achieved = await achievedSparsity(id);
       if (named(RECORDS)) run.records = await apiJson(artifactPath(id, RECORDS));
       const heat = artifacts.find((a) => a.shown_as === "image");
       if (heat) {
@@ -658,7 +662,7 @@ async function comparePage() {
         el("td", { class: "model" }, r.job.model), el("td", {}, config.granularity ?? "–"),
         el("td", {}, statusBadge(r.job.status)), el("td", { class: "num" }, config.steps ?? "–"),
         el("td", { class: "num" }, fmt(config.sparsity, 2)),
-        el("td", { class: "num achieved" }, fmt(r.manifest && r.manifest.sparsity_achieved, 2)),
+        el("td", { class: "num achieved" }, fmt(r.achieved, 2)),
         el("td", { class: "num" }, fmt(p.loss, 4)), el("td", { class: "num" }, duration(elapsedS(r.job))));
     }));
     drawChart(document.getElementById("chart"),
