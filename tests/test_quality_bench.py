@@ -114,6 +114,14 @@ def test_report_only_rewrites_the_reports_from_records(quality, tmp_path):
         quality.main(["--report-only"])
 
 
+def test_a_cell_with_nothing_to_compare_is_not_met(quality):
+    records = [{"method": "learned-lm", "granularity": "layer", "sparsity": 0.5, "seed": s, "loss": 1.0,
+                "retrieval_acc": 0.5} for s in (0, 1)]
+    assert quality.summarize(records, "lm", [("layer", 0.5)])["all_cells_met"] is False
+    records.append({"method": "bottom", "granularity": "layer", "sparsity": 0.5, "loss": 1.2, "retrieval_acc": 0.4})
+    assert quality.summarize(records, "lm", [("layer", 0.5)])["all_cells_met"] is True
+
+
 def test_heldout_re_evaluates_the_recorded_allocations(tmp_path, tiny_model_dir, text_dir, bench_script):
     """bench/heldout.py rebuilds each record's allocation from its pattern and evaluates it elsewhere."""
     heldout = bench_script("heldout")

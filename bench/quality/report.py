@@ -48,7 +48,10 @@ def summarize(records: list[dict], default: str | None, grid: list[tuple]) -> di
             verdicts.append({"granularity": c["granularity"], "sparsity": c["sparsity"], "method": c["method"],
                              "metric": key, "verdict": verdict, "default": d[key], "other": c[key],
                              "margin": margin})
-    met = default is not None and all(cell in mine for cell in grid) and all(v["verdict"] != "loss" for v in verdicts)
+    # met only where compared: a cell with nothing to beat proves nothing
+    compared = {(v["granularity"], v["sparsity"]) for v in verdicts}
+    met = (default is not None and all(cell in mine and cell in compared for cell in grid)
+           and all(v["verdict"] != "loss" for v in verdicts))
     return {"default": f"learned-{default}" if default else None, "cells": cells, "verdicts": verdicts,
             "all_cells_met": met}
 
