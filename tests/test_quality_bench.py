@@ -66,15 +66,18 @@ def test_seeds_and_pick_default_end_to_end(quality, tmp_path, tiny_model_dir, te
     assert summary["all_cells_met"] == all(v["verdict"] != "loss" for v in summary["verdicts"])
     assert "## Per cell" in (tmp_path / "quality.md").read_text()
 
+    # Each scored baseline is a job of its own (heuristic-loss per granularity), so workers run them side by side.
+    out = capsys.readouterr().out
+    assert "done scores heuristic-loss kv_head seed=0" in out and "done scores heuristic-loss kv_head seed=1" in out
+
     # Resumed with one more variant: only its searches run; the baselines' scores are not computed again.
-    capsys.readouterr()
     resumed = quality.main(["--model", str(tiny_model_dir), "--eval-data", str(text_dir), "--train-data", str(text_dir),
                             "--out", str(tmp_path / "resumed"), "--sparsities", "0.5", "--granularities", "kv_head",
                             "--window", "16", "--seq-len", "160", "--eval-sequences", "2", "--retrieval-docs", "2",
                             "--steps", "2", "--search-seq-len", "64", "--calibration-sequences", "2",
                             "--device", "cpu", "--seeds", "0,1", "--resume", str(tmp_path / "quality.json"),
                             "--methods", "full,learned-lm,learned-lm-wu50,top,heuristic-loss"])
-    assert "scores seed=" not in capsys.readouterr().out
+    assert "done scores" not in capsys.readouterr().out
     def same(rs):  # the records of the methods both runs asked for, default flag aside
         return sorted(json.dumps({k: v for k, v in r.items() if k != "default"}, sort_keys=True) for r in rs
                       if r["method"] in ("full", "learned-lm", "top", "heuristic-loss"))

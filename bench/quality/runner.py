@@ -147,6 +147,9 @@ def job_search(name: str, overrides: dict, granularity: str, sparsity: float, se
     return [record_of(f"learned-{name}", granularity, sparsity, _evaluate(allocation), allocation, **extra)]
 
 
+PER_HEAD_SCORES = ("duo", "retrieval-heads", "retrieval-heads-answers")  # scored once per KV head, any granularity
+
+
 def job_scores(seed: int, granularities: list[str], names: list[str]) -> dict:
     """The scored baselines' scores (they do not depend on the sparsity): {(name, granularity): scores}."""
     from consa.core import data as data_mod
@@ -332,25 +335,36 @@ class Bench:
         first = a.seeds[0]  # the rules and random run once, with the first seed's job (and heatmaps)
         baseline_seeds = sorted({*a.seeds, *(a.screen_seeds if a.screen else [])})
         for seed in baseline_seeds:
-            todo = {}  # (granularity, sparsity) -> the baselines this seed still has to run there
+            heatmaps = str(self.heatmap_dir) if seed == first else None
+            todo: dict = {}  # baseline -> granularity -> the sparsities this seed still has to run
             for g in a.granularities:
                 for s in a.sparsities:
-                    names_left = [n for n in names if ALIASES.get(n, n) in baseline_names(g)
-                                  and (n, g, s, seed if n in SCORED else None) not in self.done
-                                  and ((seed in a.seeds or s == a.screen_sparsity) if n in SCORED else seed == first)]
-                    if names_left:
-                        todo[(g, s)] = names_left
-                        self.done.update((n, g, s, seed if n in SCORED else None) for n in names_left)
+                    for n in names:
+                        key = (n, g, s, seed if n in SCORED else None)
+                        if (ALIASES.get(n, n) in baseline_names(g) and key not in self.done
+                                and ((seed in a.seeds or s == a.screen_sparsity) if n in SCORED else seed == first)):
+                            todo.setdefault(n, {}).setdefault(g, []).append(s)
+                            self.done.add(key)
+            # every scored baseline (and heuristic-loss per granularity) is a job of its own: they run side
+            # by side on the workers, and one cut by the deadline loses no other's records
+            for n in [n for n in todo if n in SCORED]:
+                groups = [list(todo[n])] if n in PER_HEAD_SCORES else [[g] for g in todo[n]]
+                for gs in groups:
+                    def run_scored(result, n=n, gs=gs, seed=seed):
+                        for g in gs:
+                            for s in todo[n][g]:
+                                self.submit(f"baselines {n} {g} s={s} seed={seed}", "job_baselines", g, s, seed, [n],
+                                            result["scores"], result["seconds"], heatmaps)
 
-            def run_baselines(result, seed=seed, todo=todo):
-                for (g, s), names_left in todo.items():
-                    self.submit(f"baselines {g} s={s} seed={seed}", "job_baselines", g, s, seed, names_left,
-                                result["scores"], result["seconds"], str(self.heatmap_dir) if seed == first else None)
-
-            if any(n in SCORED for names_left in todo.values() for n in names_left):
-                self.submit(f"scores seed={seed}", "job_scores", seed, a.granularities, scored, on_done=run_baselines)
-            elif todo:  # the rules and random need no scores: a resumed run does not compute them again
-                run_baselines({"scores": {}, "seconds": {}})
+                    self.submit(f"scores {n} {','.join(gs)} seed={seed}", "job_scores", seed, gs, [n],
+                                on_done=run_scored)
+            cells: dict = {}  # the rules and random need no scores: one job per cell
+            for n in [n for n in todo if n not in SCORED]:
+                for g, sparsities in todo[n].items():
+                    for s in sparsities:
+                        cells.setdefault((g, s), []).append(n)
+            for (g, s), names_left in cells.items():
+                self.submit(f"baselines {g} s={s}", "job_baselines", g, s, seed, names_left, {}, {}, heatmaps)
 
         default = a.variants[0][0] if a.variants else None
         if a.screen:
