@@ -7,6 +7,7 @@ floor (small models are launch-bound on a GPU):
     search step   4·P·T (forward + input-gradient backward, frozen weights) + 7·L·T·S·A (causal attention,
                   backward 2.5x forward), T = seq_len x batch_size tokens, S = seq_len, A = heads x head_dim
     forward row   2·P·S + 2·L·S²·A
+    warm start    heuristic-loss: (units + 1) x 8 rows; retrieval-heads: 8 rows; duo: 200 steps x 4 rows
     evaluation    heuristic-loss: (units + 1) x 4 rows; retrieval-heads: 4 rows; duo: duo_steps x 4 rows
                   (teacher + student forward, backward); scoring: (full + learned + baselines) x (16 rows +
                   64 retrieval documents, + 4 RULER prompts x 13 tasks at seq_len >= 1024 unless `ruler` is false)
@@ -40,6 +41,10 @@ GPU_FLOOR_PER_LAYER_S = 0.0065
 CPU_FLOPS = 1.5e10
 CPU_FLOOR_PER_LAYER_S = 0.01
 EVAL_ROWS, EVAL_DOCS, CALIBRATION_ROWS, RULER_PROMPTS = 16, 64, 4, 4 * 13
+# A search's warm start scores the model before its first step: consa.search.warm_start.CALIBRATION_ROWS
+# rows, and duo.DEFAULT_STEPS training steps of a teacher and a student pass (4 rows' worth). Copied, not
+# imported: both modules import torch, which the API does not have.
+WARM_START_ROWS, DUO_STEPS = 8, 200
 FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of a step (forward + backward)
 
 
@@ -95,8 +100,11 @@ def estimate(params: dict, device: str, *, baselines: int = 10, units_per_layer:
     T = S * B
     step_s = max(L * floor, (4 * P * T + 7 * L * T * S * A) / flops_per_s)
     row_s = max(L * floor * FORWARD_SHARE, (2 * P * S + 2 * L * S * S * A) / flops_per_s)
+    search_units = L * (shape["kv_heads"] if params.get("granularity", "kv_head") != "layer" else 1)
+    warm_rows = {"heuristic-loss": (search_units + 1) * WARM_START_ROWS, "retrieval-heads": WARM_START_ROWS,
+                 "duo": DUO_STEPS * 4}.get(params.get("warm_start") or "none", 0)
     out = {"object": "allocation.job.estimate", "device": device, "model_params": P, "size_class": size_class(P),
-           "search_steps": steps, "step_s": round(step_s, 4), "search_s": round(steps * step_s, 1),
+           "search_steps": steps, "step_s": round(step_s, 4), "search_s": round(steps * step_s + warm_rows * row_s, 1),
            "evaluation_units": 0, "evaluation_s": 0.0}
     if params.get("evaluate"):
         granularity = params.get("granularity", "kv_head")

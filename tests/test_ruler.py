@@ -197,3 +197,22 @@ def test_the_ruler_run_option_is_a_job_field_and_the_estimate_follows_it(tiny_mo
     assert without["evaluation_s"] < with_ruler["evaluation_s"]
     # one part fewer (RULER) for each of the 12 allocations scored: full, learned and 10 baselines
     assert with_ruler["evaluation_units"] - without["evaluation_units"] == 12
+
+
+def test_the_estimate_counts_the_search_warm_start(tiny_model_dir):
+    from consa.core.config import WARM_STARTS
+    from service.estimate import estimate
+
+    job = {"model": str(tiny_model_dir), "seq_len": 512, "batch_size": 1, "steps": 100, "granularity": "kv_head"}
+    plain = estimate(job, "cpu")["search_s"]
+    warm = {name: estimate(job | {"warm_start": name}, "cpu")["search_s"] for name in WARM_STARTS}
+    assert warm["none"] == plain and all(warm[name] > plain for name in WARM_STARTS if name != "none")
+    assert warm["duo"] > warm["retrieval-heads"]  # 200 training steps against one pass over 8 rows
+
+
+def test_the_estimates_copies_of_the_warm_start_sizes_match_the_library():
+    from consa.evaluation import duo
+    from consa.search import warm_start
+    from service import estimate
+
+    assert (estimate.WARM_START_ROWS, estimate.DUO_STEPS) == (warm_start.CALIBRATION_ROWS, duo.DEFAULT_STEPS)

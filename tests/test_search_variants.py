@@ -50,6 +50,22 @@ def test_warm_started_search_starts_where_the_heuristic_says(tiny_model_dir, tex
                                                           scores=scores).assignment
 
 
+def test_duo_warm_start_starts_in_duo_order(tiny_model_dir, text_dir):
+    """warm_start='duo' trains DuoAttention's gates on the search's own rows and starts the logits in their order."""
+    from consa.evaluation.baselines import baseline_scores, build_baseline
+    from consa.model.loading import load_model
+
+    model, tok = load_model(str(tiny_model_dir))
+    rows, labels = data_mod.build_dataset(tok, str(text_dir), 128, 4, retrieval_ratio=0.5, with_labels=True)
+    config = SearchConfig(model=str(tiny_model_dir), sparsity=0.5, granularity="kv_head", window=4, seq_len=128,
+                          steps=1, lr=1e-6, warm_start="duo", warm_start_spread=4.0, seed=3)
+    result = run_search(config, model=model, tokenizer=tok, dataset=(rows, labels))
+    scores = baseline_scores("duo", model, calibration_of(rows, labels), "kv_head", 4, dataset=(rows, labels), seed=3)
+    assert scores.std() > 0  # trained gates, not the untouched initial value
+    duo = build_baseline("duo", (4, 2), 0.5, "kv_head", 4, scores=scores)
+    assert result.allocation.assignment == duo.assignment
+
+
 class UnitCost:
     """Objective whose loss is the sum of per-unit costs of the SWA units: the best allocation is known."""
 

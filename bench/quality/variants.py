@@ -33,6 +33,12 @@ VARIANTS = {
     "distill-ret0": {"objective": "distill", "retrieval_ratio": 0.0},
     "lm-q4": {"objective": "lm", "retrieval_queries": 4},  # every key of a retrieval row asked: 4x the answers
     "distill-q4": {"objective": "distill", "retrieval_queries": 4},
+    # issue 25's follow-ups on the 28x8 testbed, on top of lm-q4: a joint refinement of the boundary units,
+    # larger batches, more retrieval rows, and a start from duo's order (duo led on loss there)
+    "q4-refine": {"objective": "lm", "retrieval_queries": 4, "refine_swaps": 4},
+    "q4-batch2": {"objective": "lm", "retrieval_queries": 4, "batch_size": 2},
+    "q4-ret50": {"objective": "lm", "retrieval_queries": 4, "retrieval_ratio": 0.5},
+    "q4-duo": {"objective": "lm", "retrieval_queries": 4, "warm_start": "duo", "warm_start_spread": 4.0},
 }
 
 # Bench-only variants of a baseline: retrieval-heads scored at the answers of retrieval rows (the

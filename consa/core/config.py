@@ -25,7 +25,7 @@ def setting(default=MISSING, help: str = "", **meta):
 # they implement exactly these. A new granularity, objective or scored baseline adds its name here.
 GRANULARITIES = ("layer", "kv_head")
 OBJECTIVES = ("lm", "distill", "distill-hidden", "lm+distill")
-WARM_STARTS = ("none", "heuristic-loss", "retrieval-heads")
+WARM_STARTS = ("none", "heuristic-loss", "retrieval-heads", "duo")
 BACKENDS = ("auto", "sdpa", "flex", "flash")
 
 

@@ -133,8 +133,8 @@ class Search:
         if config.warm_start != "none" and resume_from is None:
             self.gate.log_alpha.data.copy_(warm_start_logits(
                 config.warm_start, model, self.grid, self.rows, self.labels, window=config.window,
-                sink_tokens=config.sink_tokens, init=config.init_log_alpha, spread=config.warm_start_spread
-            ).to(self.device))
+                sink_tokens=config.sink_tokens, init=config.init_log_alpha, spread=config.warm_start_spread,
+                seed=config.seed).to(self.device))
         self.lagrangian = AugmentedLagrangian(config.sparsity, config.steps, config.warmup_frac, config.lambda_lr,
                                               lambda2=config.penalty_init)
         self.optimizer = torch.optim.AdamW(self.gate.parameters(), lr=config.lr, betas=(config.gate_momentum, 0.99),

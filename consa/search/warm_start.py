@@ -27,12 +27,13 @@ def calibration_of(rows: torch.Tensor, labels: torch.Tensor, count: int = CALIBR
 
 
 def warm_start_logits(name: str, model, grid, rows: torch.Tensor, labels: torch.Tensor, *, window: int,
-                      sink_tokens: int, init: float, spread: float) -> torch.Tensor:
-    """(grid.count,) initial log_alpha: ranked by baseline `name`'s scores on calibration rows."""
+                      sink_tokens: int, init: float, spread: float, seed: int = 0) -> torch.Tensor:
+    """(grid.count,) initial log_alpha: ranked by baseline `name`'s scores on calibration rows (duo: its
+    gates trained on the search's own rows, as the benchmark's duo baseline is)."""
     if name not in WARM_STARTS or name == "none":
         raise ValueError(f"unknown warm start {name!r}: expected one of {', '.join(WARM_STARTS[1:])}")
     scores = unit_scores(grid, baseline_scores(name, model, calibration_of(rows, labels), grid.name, window,
-                                               sink_tokens=sink_tokens))
+                                               sink_tokens=sink_tokens, dataset=(rows, labels), seed=seed))
     rank = torch.empty(grid.count)
     rank[scores.argsort(stable=True)] = torch.arange(grid.count, dtype=torch.float32)
     return init + spread * (rank / max(1, grid.count - 1) - 0.5)
