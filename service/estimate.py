@@ -100,15 +100,14 @@ def estimate(params: dict, device: str, *, baselines: int = 10, units_per_layer:
     T = S * B
     step_s = max(L * floor, (4 * P * T + 7 * L * T * S * A) / flops_per_s)
     row_s = max(L * floor * FORWARD_SHARE, (2 * P * S + 2 * L * S * S * A) / flops_per_s)
-    search_units = L * (shape["kv_heads"] if params.get("granularity", "kv_head") != "layer" else 1)
-    warm_rows = {"heuristic-loss": (search_units + 1) * WARM_START_ROWS, "retrieval-heads": WARM_START_ROWS,
+    granularity = params.get("granularity", "kv_head")
+    units = L * (units_per_layer or (shape["kv_heads"] if granularity != "layer" else 1))
+    warm_rows = {"heuristic-loss": (units + 1) * WARM_START_ROWS, "retrieval-heads": WARM_START_ROWS,
                  "duo": DUO_STEPS * 4}.get(params.get("warm_start") or "none", 0)
     out = {"object": "allocation.job.estimate", "device": device, "model_params": P, "size_class": size_class(P),
            "search_steps": steps, "step_s": round(step_s, 4), "search_s": round(steps * step_s + warm_rows * row_s, 1),
            "evaluation_units": 0, "evaluation_s": 0.0}
     if params.get("evaluate"):
-        granularity = params.get("granularity", "kv_head")
-        units = L * (units_per_layer or (shape["kv_heads"] if granularity != "layer" else 1))
         duo_steps = int(params.get("duo_steps") or steps)
         allocations = 2 + baselines
         ruler = params.get("ruler", True) is not False and S >= 1024

@@ -163,22 +163,21 @@ def job_scores(seed: int, granularities: list[str], names: list[str]) -> dict:
     out, seconds = {}, {}
     for name in names:
         t = time.time()
-        if name == "duo":  # per KV head whatever the granularity: train once, on the search data
-            cells = baseline_scores("duo", model, calibration, granularities[0], a.window, dataset=(rows, labels),
-                                    steps=a.steps, seed=seed)
-            out.update({(name, g): cells for g in granularities})
-        elif name == "retrieval-heads":
-            cells = baseline_scores(name, model, calibration, granularities[0], a.window)
-            out.update({(name, g): cells for g in granularities})
-        elif name == "retrieval-heads-answers":
-            from consa.evaluation.attention_scores import far_attention_scores
-
-            retrieval = (labels == data_mod.IGNORE).any(1)
-            cells = far_attention_scores(model, rows[retrieval][:16], a.window, labels=labels[retrieval][:16])
-            out.update({(name, g): cells for g in granularities})
-        else:
+        if name not in PER_HEAD_SCORES:
             for g in granularities:
                 out[(name, g)] = baseline_scores(name, model, calibration, g, a.window)
+        else:  # per KV head whatever the granularity: scored once, shared by every granularity
+            if name == "duo":  # trained on the search data
+                cells = baseline_scores("duo", model, calibration, granularities[0], a.window, dataset=(rows, labels),
+                                        steps=a.steps, seed=seed)
+            elif name == "retrieval-heads":
+                cells = baseline_scores(name, model, calibration, granularities[0], a.window)
+            else:  # retrieval-heads-answers
+                from consa.evaluation.attention_scores import far_attention_scores
+
+                retrieval = (labels == data_mod.IGNORE).any(1)
+                cells = far_attention_scores(model, rows[retrieval][:16], a.window, labels=labels[retrieval][:16])
+            out.update({(name, g): cells for g in granularities})
         seconds[name] = round(time.time() - t, 1)
     return {"scores": out, "seconds": seconds}
 
@@ -331,7 +330,6 @@ class Bench:
             self.submit("full attention", "job_full")
         names = [] if a.baselines == "none" else \
             [n for n in BASELINES if a.baselines == "all" or n in a.baselines.split(",")]
-        scored = [n for n in names if n in SCORED]
         first = a.seeds[0]  # the rules and random run once, with the first seed's job (and heatmaps)
         baseline_seeds = sorted({*a.seeds, *(a.screen_seeds if a.screen else [])})
         for seed in baseline_seeds:
